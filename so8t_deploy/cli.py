@@ -1,0 +1,107 @@
+"""The `so8t-deploy` command line: thin commands over library calls, one error boundary.
+
+Exit codes: 0 ok, 1 operational failure, 2 invalid input (see README).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import EXIT_OPERATIONAL, So8tError
+
+app = typer.Typer(
+    name="so8t-deploy",
+    help="Bake SO8T/LoRA adapters exactly, build GGUF quant ladders, and roll them out to Ollama.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+demo_app = typer.Typer(help="A self-contained offline demo.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+_state = {"verbose": False}
+
+ManifestArg = Annotated[Path, typer.Argument(help="Path to the manifest YAML.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
+) -> None:
+    _state["verbose"] = verbose
+
+
+@app.command()
+def validate(manifest: ManifestArg) -> None:
+    """Check a manifest against the schema; exit 2 with one line naming the field if it fails."""
+    from .manifest_loader import load_manifest
+
+    load_manifest(manifest)
+    typer.echo(f"{manifest}: ok")
+
+
+@app.command()
+def schema() -> None:
+    """Print the manifest's JSON Schema."""
+    from .console import print_json
+    from .manifest import Manifest
+
+    print_json(Manifest.model_json_schema(by_alias=True))
+
+
+@app.command()
+def plan(
+    manifest: ManifestArg,
+    offline: Annotated[bool, typer.Option("--offline", help="Do not contact any host.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List every variant with its tags and the artifacts it needs; changes nothing."""
+    from .console import print_build_plan
+    from .manifest_loader import load_manifest
+    from .plan import plan_builds
+
+    builds = plan_builds(load_manifest(manifest))
+    print_build_plan(builds, as_json=as_json)
+
+
+@demo_app.command("init")
+def demo_init(directory: Annotated[Path, typer.Argument(help="New directory to write the demo into.")]) -> None:
+    """Write a tiny Phi-3 model, a random SO8T adapter and a manifest, with no downloads."""
+    from .demo import init_demo
+
+    out = init_demo(directory)
+    typer.echo(f"demo written to {out}; try: so8t-deploy plan {out / 'manifest.yaml'} --offline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point and the single error boundary."""
+    command = typer.main.get_command(app)
+    try:
+        # Standalone mode lets click report its own usage errors (exit 2) and Ctrl-C (exit 1).
+        command.main(args=argv, prog_name="so8t-deploy", standalone_mode=True)
+    except So8tError as e:
+        if _state["verbose"]:
+            traceback.print_exc()
+        typer.echo(str(e).splitlines()[0] if str(e) else type(e).__name__, err=True)
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_OPERATIONAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Human and machine output for commands: rich tables on a terminal, JSON with --json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from .plan import VariantPlan
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def print_json(data: object) -> None:
+    console.out(json.dumps(data, indent=2, default=str), highlight=False)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    console.print(table)
+
+
+def print_build_plan(builds: Sequence[VariantPlan], *, as_json: bool) -> None:
+    if as_json:
+        print_json(
+            [
+                {**dataclasses.asdict(b), "scales": b.scales.as_dict(),
+                 "quants": [dataclasses.asdict(q) for q in b.quants]}
+                for b in builds
+            ]
+        )
+        return
+    rows = []
+    for build in builds:
+        scales = ", ".join(f"{k}={v:g}" for k, v in build.scales.as_dict().items())
+        rows.append((build.variant, "-", f"bake ({scales})", build.baked_dir))
+        rows.append((build.variant, "-", f"convert {build.convert_type}", build.convert_gguf))
+        for quant in build.quants:
+            source = "(converted)" if quant.quant == build.convert_type else f"quantize {quant.quant}"
+            rows.append((build.variant, quant.tag, source, quant.gguf))
+    print_table("Build plan (offline)", ["variant", "tag", "step", "artifact"], rows)

@@ -1,0 +1,56 @@
+"""The project's one error tree.
+
+Library code raises only these; third-party exceptions are wrapped where they enter
+(``raise AdapterError(...) from e``). The CLI is the single boundary that turns them
+into one line on stderr and a documented exit code.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_OPERATIONAL = 1
+EXIT_INVALID_INPUT = 2
+
+
+class So8tError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    exit_code = EXIT_OPERATIONAL
+
+
+class InvalidInputError(So8tError):
+    """The user handed us something we will not work with; nothing was changed."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+
+class ManifestError(InvalidInputError):
+    """The manifest file is unreadable, malformed, or fails validation."""
+
+
+class AdapterError(InvalidInputError):
+    """An adapter directory does not match its format or the base model."""
+
+
+class ModelError(InvalidInputError):
+    """A model directory is incomplete, truncated, or of an unsupported architecture."""
+
+
+class UsageError(InvalidInputError):
+    """Command-line arguments that parse but make no sense together."""
+
+
+class BuildError(So8tError):
+    """Bake, convert or quantize failed for an operational reason."""
+
+
+class VerifyError(So8tError):
+    """A baked model does not reproduce the adapter model within tolerance."""
+
+
+class HostError(So8tError):
+    """An Ollama host is unreachable or answered with an error."""
+
+
+class SmokeTestError(So8tError):
+    """A deployed variant failed its smoke test."""

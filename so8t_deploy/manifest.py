@@ -1,0 +1,364 @@
+"""Manifest v1: the declarative, user-facing contract (see README "Manifest").
+
+Every model here is frozen and forbids unknown keys, so a typo is an error instead of a
+silently ignored setting. Paths are resolved against the manifest's own directory, which
+validators receive through pydantic's validation context (``{"base_dir": Path}``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from .quant_types import lookup_quant_type
+
+API_VERSION = "so8t-deploy/v1"
+DEFAULT_VARIANT = "default"
+BUILTIN_TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+# Ollama's own limits: a model name is lowercase and short. Variant names use the same
+# alphabet, so '{variant}-{quant}' is always a valid Ollama tag (at most 128 characters).
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+IMAGE_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*(:[\w][\w.-]{0,127})?$")
+
+# Options the Ollama server knows (server 0.32.x), by the type it expects.
+OLLAMA_OPTION_TYPES: dict[str, type] = {
+    **dict.fromkeys(
+        ["num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
+         "main_gpu", "num_thread"],
+        int,
+    ),
+    **dict.fromkeys(
+        ["top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+         "frequency_penalty"],
+        float,
+    ),
+    "use_mmap": bool,
+    "stop": list,
+}
+DEFAULT_PARAMETERS = {"temperature": 0.7}
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir", "."))
+
+
+def _resolve_local(raw: str, info: ValidationInfo) -> Path:
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else (_base_dir(info) / path).resolve()
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AdapterRef(_Frozen):
+    kind: Literal["so8t", "lora"] = Field(description="Adapter format: an SO8T v1 directory or a PEFT LoRA.")
+    path: Path = Field(description="Adapter directory; relative paths resolve against the manifest's directory.")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and value.strip():
+            return _resolve_local(value, info)
+        raise ValueError("must be a non-empty path")
+
+
+class Source(_Frozen):
+    model: str = Field(
+        description="Base model: a local directory (relative to the manifest) or a Hugging Face hub repo id."
+    )
+    revision: str | None = Field(default=None, description="Commit or tag, for hub repo ids only.")
+    adapters: list[AdapterRef] = Field(
+        default_factory=list, description="Adapters folded into the base, in this order."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must name a local directory or a hub repo id")
+        looks_local = value.startswith(("/", "./", "../", "~")) or (_base_dir(info) / value).exists()
+        if looks_local or not HUB_ID_RE.match(value):
+            return str(_resolve_local(value, info))
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_needs_hub_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if value is not None and model is not None and Path(model).is_absolute():
+            raise ValueError("applies only to hub repo ids, not to a local directory")
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.model).is_absolute()
+
+
+class Scales(_Frozen):
+    """Bake scales per adapter group; 1.0 reproduces the trained adapter, 0 disables the group."""
+
+    rotation: float = Field(default=1.0, description="Scale of attn_in, attn_out and final maps.")
+    ffn: float = Field(default=1.0, description="Scale of mlp_in and mlp_out maps.")
+    triality: float = Field(default=1.0, description="Scale of the three triality maps.")
+
+    @field_validator("rotation", "ffn", "triality")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def as_dict(self) -> dict[str, float]:
+        return {"rotation": self.rotation, "ffn": self.ffn, "triality": self.triality}
+
+
+class Bake(_Frozen):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Output dtype of the baked model; auto keeps each tensor's source dtype."
+    )
+    variants: dict[str, Scales] = Field(
+        default_factory=lambda: {DEFAULT_VARIANT: Scales()},
+        description="Variant name -> bake scales. Absent means one variant called 'default' at scale 1.0.",
+    )
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _none_means_empty_scales(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {name: ({} if scales is None else scales) for name, scales in value.items()}
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _check_names(cls, value: dict[str, Scales]) -> dict[str, Scales]:
+        if not value:
+            raise ValueError("must name at least one variant (omit 'variants' for a single default one)")
+        for name in value:
+            if not SLUG_RE.match(name):
+                raise ValueError(f"variant name {name!r} must match [a-z0-9][a-z0-9._-]*, at most 64 characters")
+        return value
+
+
+class Modelfile(_Frozen):
+    template: str = Field(
+        default="phi3", description="Built-in template name (see templates/) or a path to a .j2 file."
+    )
+    system: str | None = Field(default=None, description="System prompt baked into every variant.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ollama options (temperature defaults to 0.7); the template supplies the stop tokens.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _resolve_template(cls, value: str, info: ValidationInfo) -> str:
+        if value.endswith(".j2"):
+            return str(_resolve_local(value, info))
+        if not (BUILTIN_TEMPLATE_DIR / f"{value}.j2").is_file():
+            known = sorted(p.stem for p in BUILTIN_TEMPLATE_DIR.glob("*.j2"))
+            raise ValueError(f"unknown built-in template {value!r} (known: {', '.join(known)}; or a .j2 path)")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, option in value.items():
+            expected = OLLAMA_OPTION_TYPES.get(key)
+            if expected is None:
+                raise ValueError(f"unknown Ollama option {key!r}")
+            if not _option_has_type(option, expected):
+                raise ValueError(f"option {key!r} must be of type {expected.__name__}, got {option!r}")
+        return value
+
+    @property
+    def effective_parameters(self) -> dict[str, Any]:
+        return {**DEFAULT_PARAMETERS, **self.parameters}
+
+
+def _option_has_type(value: Any, expected: type) -> bool:
+    if expected is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):
+        return expected is bool
+    if expected is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, expected)
+
+
+class Runtime(_Frozen):
+    backend: Literal["local", "docker"] = Field(
+        default="local", description="Where bake/convert/quantize run: in-process, or in a worker container."
+    )
+    image: str = Field(default="so8t-deploy-worker:latest", description="Worker image for the docker backend.")
+    gpus: Literal["none", "all"] | int = Field(
+        default="none", description="GPUs for the worker container: none, all, or a count."
+    )
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _check_gpus(cls, value: Any) -> Any:
+        if value in ("none", "all") or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"must be 'none', 'all' or a positive count, got {value!r}")
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str) -> str:
+        if not IMAGE_REF_RE.match(value):
+            raise ValueError(f"invalid image reference {value!r}")
+        return value
+
+
+def normalize_host_url(value: str) -> str:
+    """Return ``scheme://host[:port]`` or raise ValueError naming the URL."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # parses, and raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"invalid URL {value!r}: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid URL {value!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"invalid URL {value!r}: no host")
+    if parts.query or parts.fragment or parts.path not in ("", "/"):
+        raise ValueError(f"invalid URL {value!r}: expected scheme://host[:port] with no path")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+class Target(_Frozen):
+    name: str = Field(description="Short host name used in plans and reports.")
+    host: str = Field(description="Ollama server URL, http(s)://host[:port].")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Extra HTTP headers (e.g. Authorization); values are never printed."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not SLUG_RE.match(value):
+            raise ValueError(f"target name {value!r} must match [a-z0-9][a-z0-9._-]*")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return normalize_host_url(value.strip())
+
+    @field_validator("headers")
+    @classmethod
+    def _check_header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name in value:
+            if not re.match(r"^[A-Za-z0-9-]+$", name):
+                raise ValueError(f"invalid HTTP header name {name!r}")
+        return value
+
+
+class Rollout(_Frozen):
+    canary: int = Field(default=1, ge=0, description="How many targets (in order) are rolled out first.")
+    parallelism: int = Field(default=4, ge=1, description="Hosts worked on at once after the canaries.")
+    on_failure: Literal["rollback", "halt", "continue"] = Field(
+        default="rollback", description="What a failed smoke test does: restore the backup, stop, or go on."
+    )
+    prune: bool = Field(
+        default=False, description="Delete models in this name's namespace that the manifest no longer names."
+    )
+
+
+class SmokeTest(_Frozen):
+    prompt: str = Field(min_length=1, description="Prompt sent to every variant on every host.")
+    expect: str = Field(default=".", description="Regular expression the response must match (re.search).")
+    timeout_s: float = Field(default=120, gt=0, description="Seconds allowed for the whole generation.")
+    min_tokens_per_second: float = Field(default=0, ge=0, description="Minimum eval_count / eval_duration.")
+
+    @field_validator("expect")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {value!r}: {e}") from None
+        return value
+
+
+class Manifest(_Frozen):
+    api_version: Literal["so8t-deploy/v1"] = Field(alias="apiVersion", description="Always so8t-deploy/v1.")
+    name: str = Field(description="Ollama model name: lowercase [a-z0-9][a-z0-9._-]*, at most 64 characters.")
+    source: Source
+    bake: Bake = Field(default_factory=Bake)
+    quantize: list[str] = Field(description="llama.cpp quant types, case-insensitive, no duplicates.")
+    modelfile: Modelfile = Field(default_factory=Modelfile)
+    runtime: Runtime = Field(default_factory=Runtime)
+    targets: list[Target] = Field(default_factory=list, description="Ollama hosts; empty means build only.")
+    rollout: Rollout = Field(default_factory=Rollout)
+    smoke: list[SmokeTest] = Field(default_factory=list, description="Prompts every deployed variant must pass.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not MODEL_NAME_RE.match(value):
+            raise ValueError(f"model name {value!r} must match [a-z0-9][a-z0-9._-]*, at most 64 characters")
+        return value
+
+    @field_validator("quantize")
+    @classmethod
+    def _check_quantize(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one quant type")
+        names: list[str] = []
+        for raw in value:
+            try:
+                quant = lookup_quant_type(raw)
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
+            if quant.needs_imatrix:
+                raise ValueError(f"{quant.name} needs an importance matrix, which manifests do not provide")
+            if quant.name in names:
+                raise ValueError(f"duplicate quant type {quant.name!r}")
+            names.append(quant.name)
+        return names
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_target_names(cls, value: list[Target]) -> list[Target]:
+        seen: set[str] = set()
+        for target in value:
+            if target.name in seen:
+                raise ValueError(f"duplicate target name {target.name!r}")
+            seen.add(target.name)
+        return value
+
+    @field_validator("rollout")
+    @classmethod
+    def _canary_within_targets(cls, value: Rollout, info: ValidationInfo) -> Rollout:
+        targets = info.data.get("targets") or []
+        if targets and value.canary > len(targets):
+            raise ValueError(f"canary {value.canary} exceeds the number of targets ({len(targets)})")
+        return value
+
+    @property
+    def single_default_variant(self) -> bool:
+        return list(self.bake.variants) == [DEFAULT_VARIANT]
+
+    def tag(self, variant: str, quant: str) -> str:
+        """Ollama tag of one variant at one quant level."""
+        suffix = quant if self.single_default_variant else f"{variant}-{quant}"
+        return f"{self.name}:{suffix}"

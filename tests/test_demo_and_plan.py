@@ -1,0 +1,98 @@
+"""`demo init` writes a loadable model and a spec-shaped adapter; `plan --offline` lists tags."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from so8t_deploy.demo import init_demo
+
+    return init_demo(tmp_path_factory.mktemp("demo") / "d")
+
+
+def test_demo_model_loads_in_transformers(demo_dir):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    assert model.config.model_type == "phi3"
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (256, 2)
+    logits = model(torch.tensor([[1, 20, 30]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_dir / "model")
+    for token in ("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"):
+        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1, token
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+
+
+def test_demo_adapter_matches_the_v1_spec(demo_dir):
+    adapter = demo_dir / "adapters" / "so8t"
+    config = json.loads((adapter / "so8t_config.json").read_text())
+    assert config["format"] == "so8t" and config["format_version"] == 1 and config["block_size"] == 8
+    d = config["hidden_size"]
+    assert d == 256 and d % 8 == 0
+    expected_shapes = {
+        r"layers\.\d+\.(attn_in|attn_out|mlp_in|mlp_out)\.generator": (d // 8, 8, 8),
+        r"layers\.\d+\.(attn_in|attn_out|mlp_in|mlp_out)\.gate": (),
+        r"layers\.\d+\.triality\.(vector|spinor_plus|spinor_minus)\.projector": (8, d),
+        r"layers\.\d+\.triality\.(vector|spinor_plus|spinor_minus)\.generator": (8, 8),
+        r"layers\.\d+\.triality\.(vector|spinor_plus|spinor_minus)\.gate": (),
+        r"final\.generator": (d // 8, 8, 8),
+        r"final\.gate": (),
+    }
+    with safe_open(adapter / "so8t_adapter.safetensors", framework="pt") as f:
+        names = set(f.keys())
+        for name in names:
+            matches = [shape for pattern, shape in expected_shapes.items() if re.fullmatch(pattern, name)]
+            assert matches, f"tensor outside the spec: {name}"
+            tensor = f.get_tensor(name)
+            assert tuple(tensor.shape) == matches[0], name
+            assert tensor.dtype == torch.float32, name
+    # every layer carries every group, and groups are complete
+    for layer in range(2):
+        for site in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            assert {f"layers.{layer}.{site}.generator", f"layers.{layer}.{site}.gate"} <= names
+        for rep in ("vector", "spinor_plus", "spinor_minus"):
+            assert {f"layers.{layer}.triality.{rep}.{p}" for p in ("projector", "generator", "gate")} <= names
+    assert {"final.generator", "final.gate"} <= names
+
+
+def test_demo_refuses_a_non_empty_directory(run_cli, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("demo", "init", tmp_path)
+    assert result.code == 2
+    assert str(tmp_path) in result.err and "not empty" in result.err
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_offline_plan_lists_every_tag_and_artifact(run_cli, demo_dir):
+    result = run_cli("plan", demo_dir / "manifest.yaml", "--offline", "--json")
+    assert result.code == 0, result.err
+    plan = json.loads(result.out)
+    tags = [q["tag"] for variant in plan for q in variant["quants"]]
+    assert tags == ["so8t-demo:full-f16", "so8t-demo:full-q8_0", "so8t-demo:light-f16", "so8t-demo:light-q8_0"]
+    assert plan[1]["scales"] == {"rotation": 0.1, "ffn": 0.05, "triality": 0.02}
+    assert all(v["convert_type"] == "f16" for v in plan)
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed entry point itself: exit 2 and one line, no traceback, for a bad manifest."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: so8t-deploy/v1\nname: x\nsource: {model: m}\nquantize: [q9]\n")
+    proc = subprocess.run([sys.executable, "-m", "so8t_deploy", "validate", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(f"{bad}: quantize: ")
+    proc = subprocess.run([sys.executable, "-m", "so8t_deploy", "validate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Missing argument" in proc.stderr

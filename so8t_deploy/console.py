@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from .plan import VariantPlan
@@ -16,6 +19,18 @@ console = Console(highlight=False, soft_wrap=True)
 
 def print_json(data: object) -> None:
     console.out(json.dumps(data, indent=2, default=str), highlight=False)
+
+
+@contextmanager
+def byte_progress(label: str, total: int | None = None) -> Iterator[Callable[[int], None] | None]:
+    """A rich byte-progress bar on a terminal; nothing (None callback) when output is piped."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(f"[bold]{label}", *columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

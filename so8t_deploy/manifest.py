@@ -18,10 +18,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
+from .errors import UsageError
 from .quant_types import lookup_quant_type
 
 API_VERSION = "so8t-deploy/v1"
@@ -128,6 +130,22 @@ class Scales(_Frozen):
 
     def as_dict(self) -> dict[str, float]:
         return {"rotation": self.rotation, "ffn": self.ffn, "triality": self.triality}
+
+
+def parse_scales(text: str) -> Scales:
+    """Parse the CLI form 'rotation=0.1,ffn=0.05'; groups left out stay at 1.0."""
+    values: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--scales: expected group=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    try:
+        return Scales.model_validate(values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        message = "unknown group (use rotation, ffn, triality)" if error["type"] == "extra_forbidden" else error["msg"]
+        raise UsageError(f"--scales: {error['loc'][0]}: {message}") from None
 
 
 class Bake(_Frozen):

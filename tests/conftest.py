@@ -29,3 +29,32 @@ def run_cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Build (once per session) a tiny random model: tiny_model("phi3", num_kv_heads=2, ...)."""
+    from so8t_deploy.tiny_models import write_tiny_model
+
+    cache: dict[tuple, Path] = {}
+
+    def build(arch: str, **kwargs) -> Path:
+        kwargs.setdefault("hidden_size", 64)
+        key = (arch, *sorted(kwargs.items()))
+        if key not in cache:
+            name = "-".join([arch, *(f"{k}{v}" for k, v in sorted(kwargs.items()))])
+            cache[key] = write_tiny_model(tmp_path_factory.mktemp("models") / name, arch, **kwargs)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def so8t_adapter(tmp_path_factory):
+    """Build a random SO8T adapter: so8t_adapter(hidden, layers, **options)."""
+    from so8t_deploy.tiny_models import write_random_so8t_adapter
+
+    def build(hidden_size: int = 64, num_layers: int = 2, **kwargs) -> Path:
+        return write_random_so8t_adapter(tmp_path_factory.mktemp("so8t"), hidden_size, num_layers, **kwargs)
+
+    return build

@@ -1,0 +1,216 @@
+"""The streaming bake: fold adapters into a model directory, one tensor at a time.
+
+Memory stays bounded by a few tensors: each shard is written header-first, folded tensors
+are read, edited in float32 and cast back one by one, and untouched tensors are copied
+byte for byte by the kernel. Output appears atomically: everything is written into a
+staging directory, fsynced, stamped with `so8t_bake.json` (the completion marker and
+provenance) and only then renamed into place. A killed bake leaves only a staging
+directory, which is never trusted and is removed by the next bake into the same place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import UsageError
+from ..hashing import combined_digest, sha256_files
+from ..manifest import Scales
+from .adapters import Adapter, load_adapter
+from .edits import BakePlan, apply_edits, plan_bake
+from .layout import EMBED, LM_HEAD, layout_from_config
+from .model_dir import INDEX_FILE, ModelDirectory, open_model_dir
+from .safetensors_io import DTYPES, OutputTensor, ShardWriter, TensorEntry
+from .so8t_adapter import So8tAdapter
+
+PROVENANCE_FILE = "so8t_bake.json"
+DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    out_dir: Path
+    folded: int  # tensors that adapters changed
+    copied: int  # tensors copied byte for byte
+    provenance: dict
+
+
+def _output_dtype(source_dtype: str, dtype: str) -> str:
+    if dtype == "auto" or source_dtype not in ("F32", "F16", "BF16"):
+        return source_dtype
+    return DTYPE_NAMES[dtype]
+
+
+def _prepare_destination(out_dir: Path) -> Path:
+    """Refuse to clobber what is not ours; clear stale staging dirs; return a new staging dir."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / PROVENANCE_FILE).is_file():
+        raise UsageError(f"{out_dir}: exists and is not a bake output; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Swap the finished staging directory into place with renames only."""
+    _fsync_dir(staging)
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    _fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+ShardItems = list[tuple[OutputTensor, TensorEntry]]
+
+
+def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str, ShardItems]:
+    """Output tensors per shard file, in source byte order; an untied lm_head follows the embeddings."""
+    shards: dict[str, ShardItems] = {}
+    for shard in model.shards:
+        items = shards.setdefault(shard.path.name, [])
+        for entry in sorted(shard.tensors.values(), key=lambda e: e.start):
+            items.append((OutputTensor(entry.name, _output_dtype(entry.dtype, dtype), entry.shape), entry))
+            if entry.name == EMBED and plan.untie_lm_head:
+                items.append((OutputTensor(LM_HEAD, _output_dtype(entry.dtype, dtype), entry.shape), entry))
+    return shards
+
+
+def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Path,
+                  on_progress: ProgressCallback | None) -> tuple[dict[str, str], int, int, int]:
+    from safetensors import safe_open
+
+    weight_map: dict[str, str] = {}
+    folded = copied = total = 0
+    for file_name, items in _shard_layout(model, plan, dtype).items():
+        source = model.path / file_name
+        writer = ShardWriter(staging / file_name, [out for out, _ in items])
+        with safe_open(source, framework="pt") as reader:
+            for out, entry in items:
+                edits = plan.edits.get(out.name, [])
+                if not edits and out.dtype == entry.dtype:
+                    writer.copy_tensor(out.name, entry, source)
+                    copied += 1
+                else:
+                    tensor = reader.get_tensor(entry.name)
+                    if edits:
+                        tensor = apply_edits(tensor.to(torch.float32), edits)
+                        folded += 1
+                    writer.write_tensor(out.name, tensor.to(DTYPES[out.dtype][0]))
+                weight_map[out.name] = file_name
+                total += out.nbytes
+                if on_progress:
+                    on_progress(out.nbytes)
+        writer.close()
+    return weight_map, folded, copied, total
+
+
+def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict) -> None:
+    """Tokenizer, generation config and the rest, unchanged; config.json only where the spec says."""
+    for item in sorted(model.path.iterdir()):
+        if item.name in model.weight_files or item.name == PROVENANCE_FILE:
+            continue
+        if item.name == "config.json" and config_updates:
+            config = {**model.config, **config_updates}
+            (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        elif item.is_dir():
+            shutil.copytree(item, staging / item.name)
+        else:
+            shutil.copy2(item, staging / item.name)
+
+
+def _input_digests(model_dir: Path, adapters: Sequence[Adapter]) -> dict:
+    model_files = [p for p in model_dir.rglob("*") if p.is_file()]
+    adapter_entries = []
+    for adapter in adapters:
+        files = sha256_files(adapter.files, adapter.path)
+        kind = "so8t" if isinstance(adapter, So8tAdapter) else "lora"
+        adapter_entries.append({"kind": kind, "path": str(adapter.path), "digest": combined_digest(files),
+                                "files": files})
+    return {"model_files": sha256_files(model_files, model_dir), "adapters": adapter_entries}
+
+
+def load_adapters(adapter_dirs: Sequence[tuple[str | None, Path]], model: ModelDirectory) -> list[Adapter]:
+    layout = layout_from_config(model.config, str(model.path / "config.json"))
+    names = {model.path.name, str(model.config.get("_name_or_path", ""))}
+    adapters = [load_adapter(path, kind) for kind, path in adapter_dirs]
+    for adapter in adapters:
+        if isinstance(adapter, So8tAdapter):
+            adapter.check_base(layout.hidden_size, layout.num_layers, names)
+    return adapters
+
+
+def bake_model(model_dir: Path, adapter_dirs: Sequence[tuple[str | None, Path]], out_dir: Path,
+               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None) -> BakeResult:
+    """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir."""
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
+    model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
+    if out_dir == model_dir or model_dir in out_dir.parents:
+        raise UsageError(f"{out_dir}: the output must not be inside the source model directory")
+    model = open_model_dir(model_dir)
+    layout = layout_from_config(model.config, str(model_dir / "config.json"))
+    adapters = load_adapters(adapter_dirs, model)
+    shapes = {name: entry.shape for shard in model.shards for name, entry in shard.tensors.items()}
+    plan = plan_bake(layout, shapes, adapters, scales)
+
+    staging = _prepare_destination(out_dir)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="so8t-hash") as pool:
+            # Hash the inputs while folding: the hash thread and the fold share the page cache.
+            digests = pool.submit(_input_digests, model_dir, adapters)
+            weight_map, folded, copied, total = _write_shards(model, plan, dtype, staging, on_progress)
+            config_updates = {}
+            if plan.untie_lm_head:
+                config_updates["tie_word_embeddings"] = False
+            if dtype != "auto":
+                config_updates["dtype"] = dtype
+                if "torch_dtype" in model.config:
+                    config_updates["torch_dtype"] = dtype
+            _copy_other_files(model, staging, config_updates)
+            if model.index_metadata is not None:
+                index = {"metadata": {**model.index_metadata, "total_size": total},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            provenance = {
+                "format": "so8t-bake",
+                "format_version": 1,
+                "tool": {"name": "so8t-deploy", "version": __version__},
+                "source": str(model_dir),
+                "scales": scales.as_dict(),
+                "dtype": dtype,
+                "untied_lm_head": plan.untie_lm_head,
+                "tensors": {"folded": folded, "copied": copied},
+                **digests.result(),
+            }
+        # The provenance file is the completion marker: written last, then the rename publishes.
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BakeResult(out_dir, folded, copied, provenance)

@@ -1,0 +1,87 @@
+"""A Hugging Face model directory, validated before anything is read in bulk.
+
+Missing shards, truncated files and index entries that point nowhere are input errors
+(ModelError, exit 2), found up front rather than halfway through a bake.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError
+from .safetensors_io import ShardHeader, TensorEntry, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelDirectory:
+    path: Path
+    config: dict
+    shards: tuple[ShardHeader, ...]  # in file-name order
+    index_metadata: dict | None  # the index's "metadata", or None for a single-file model
+
+    def locate(self, name: str) -> tuple[ShardHeader, TensorEntry] | None:
+        for shard in self.shards:
+            if name in shard.tensors:
+                return shard, shard.tensors[name]
+        return None
+
+    @property
+    def tensor_names(self) -> set[str]:
+        return {name for shard in self.shards for name in shard.tensors}
+
+    @property
+    def weight_files(self) -> set[str]:
+        names = {shard.path.name for shard in self.shards}
+        return names | ({INDEX_FILE} if self.index_metadata is not None else set())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def open_model_dir(path: Path) -> ModelDirectory:
+    """Validate a model directory: config, index, every shard present and complete."""
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a model directory")
+    config = _read_json(path / "config.json")
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index_path}: no weight_map")
+        shard_names = sorted(set(weight_map.values()))
+        for name in shard_names:
+            if not (path / name).is_file():
+                raise ModelError(f"{path / name}: missing shard (listed in {INDEX_FILE})")
+        shards = tuple(read_header(path / name) for name in shard_names)
+        by_name = {s.path.name: s for s in shards}
+        for tensor, shard_name in weight_map.items():
+            if tensor not in by_name[shard_name].tensors:
+                raise ModelError(f"{path / shard_name}: tensor {tensor!r} listed in {INDEX_FILE} is missing")
+        listed = set(weight_map)
+        for shard in shards:
+            for tensor in shard.tensors:
+                if tensor not in listed:
+                    raise ModelError(f"{shard.path}: tensor {tensor!r} is not listed in {INDEX_FILE}")
+        metadata = index.get("metadata") or {}
+    elif (path / SINGLE_FILE).is_file():
+        shards = (read_header(path / SINGLE_FILE),)
+        metadata = None
+    else:
+        found = "pytorch_model.bin" if any(path.glob("*.bin")) else "no weights"
+        raise ModelError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} ({found}; only safetensors is supported)")
+    return ModelDirectory(path, config, shards, metadata)

@@ -1,0 +1,176 @@
+"""Streaming safetensors IO: validated headers, tensor-at-a-time reads, header-first writes.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header that maps each
+tensor to its dtype, shape and [start, end) byte range, then the data. Because the header
+fully describes the data, a writer that knows every output tensor's dtype and shape can
+emit the header first and then stream tensors one by one; untouched tensors are copied
+file-to-file by the kernel without ever becoming Python objects.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+# safetensors dtype names <-> torch dtypes and element sizes
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_MAX_HEADER = 100 * 1024 * 1024
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the first data byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and sanity-check a safetensors header; a truncated or corrupt file is a ModelError."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ModelError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ModelError(f"{path}: truncated or corrupt safetensors file (header length {header_len})")
+            raw = json.loads(f.read(header_len))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: corrupt safetensors header: {e}") from e
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: corrupt safetensors header")
+    data_start = 8 + header_len
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorEntry] = {}
+    data_end = data_start
+    for name, info in raw.items():
+        try:
+            dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+            _, itemsize = DTYPES[dtype]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{path}: tensor {name!r} has an invalid header entry") from e
+        if end - begin != math.prod(shape) * itemsize or begin < 0:
+            raise ModelError(f"{path}: tensor {name!r} has inconsistent offsets")
+        tensors[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+        data_end = max(data_end, data_start + end)
+    if data_end > size:
+        raise ModelError(f"{path}: truncated safetensors file ({size} bytes, header promises {data_end})")
+    return ShardHeader(path, tensors, metadata)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def _copy_range_in_kernel(src, dst, offset: int, count: int) -> None:
+    while count:
+        n = os.copy_file_range(src.fileno(), dst.fileno(), min(count, _COPY_CHUNK), offset)
+        if n == 0:
+            raise ModelError(f"{src.name}: truncated while copying")
+        offset, count = offset + n, count - n
+
+
+def _copy_range_in_userspace(src, dst, offset: int, count: int) -> None:
+    src.seek(offset)
+    while count:
+        chunk = src.read(min(count, _COPY_CHUNK))
+        if not chunk:
+            raise ModelError(f"{src.name}: truncated while copying")
+        dst.write(chunk)
+        count -= len(chunk)
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensor list is fixed up front, in that order."""
+
+    def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str] | None = None):
+        self.path = path
+        self._expected = [t.name for t in tensors]
+        self._by_name = {t.name: t for t in tensors}
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for t in tensors:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+        self.data_bytes = offset
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._next = 0
+
+    def _claim(self, name: str) -> OutputTensor:
+        if self._next >= len(self._expected) or self._expected[self._next] != name:
+            raise RuntimeError(f"{self.path}: tensor {name!r} written out of order")
+        self._next += 1
+        return self._by_name[name]
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._claim(name)
+        if TORCH_TO_SAFETENSORS[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, header says {spec}")
+        data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
+        self._file.write(memoryview(data))
+
+    def copy_tensor(self, name: str, entry: TensorEntry, source: Path) -> None:
+        """Copy a tensor's bytes unchanged, file to file, inside the kernel."""
+        spec = self._claim(name)
+        if (spec.dtype, spec.shape) != (entry.dtype, entry.shape):
+            raise RuntimeError(f"{name}: raw copy would change dtype or shape")
+        self._file.flush()
+        with open(source, "rb") as src:
+            try:
+                _copy_range_in_kernel(src, self._file, entry.start, entry.nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _copy_range_in_userspace(src, self._file, entry.start, entry.nbytes)
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            self._file.close()
+            raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors were never written")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()

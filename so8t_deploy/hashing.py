@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+import os
 from pathlib import Path
 
 _CHUNK = 8 * 1024 * 1024
@@ -17,14 +18,61 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_files(paths: Iterable[Path], root: Path) -> dict[str, str]:
-    """{relative path: sha256} for every file, sorted by path."""
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(paths)}
-
-
 def combined_digest(digests: dict[str, str]) -> str:
     """One digest over named digests, independent of dict order."""
     h = hashlib.sha256()
     for name in sorted(digests):
         h.update(f"{name}\0{digests[name]}\n".encode())
     return h.hexdigest()
+
+
+class DigestCache:
+    """sha256 of files, remembered by (path, size, mtime, inode) so unchanged inputs are hashed once.
+
+    Re-applying an unchanged manifest must be fast; rehashing a multi-GB model each time is not.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._entries: dict[str, list] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            self._entries = {}
+        self._dirty = False
+
+    @staticmethod
+    def _signature(path: Path) -> tuple[str, list[int]]:
+        stat = path.stat()
+        return str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+    def known(self, path: Path) -> str | None:
+        """The digest, if this exact file (same size, mtime and inode) was hashed before."""
+        key, signature = self._signature(path)
+        cached = self._entries.get(key)
+        return cached[3] if cached and cached[:3] == signature else None
+
+    def record(self, path: Path, digest: str) -> None:
+        key, signature = self._signature(path)
+        self._entries[key] = [*signature, digest]
+        self._dirty = True
+
+    def file(self, path: Path) -> str:
+        digest = self.known(path)
+        if digest is None:
+            digest = sha256_file(path)
+            self.record(path, digest)
+        return digest
+
+    def directory(self, root: Path) -> dict[str, str]:
+        """{relative path: sha256} of every file below root."""
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        return {str(p.relative_to(root)): self.file(p) for p in files}
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self._entries), encoding="utf-8")
+        tmp.replace(self.path)
+        self._dirty = False

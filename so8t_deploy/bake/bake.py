@@ -1,8 +1,9 @@
 """The streaming bake: fold adapters into a model directory, one tensor at a time.
 
-Memory stays bounded by a few tensors: each shard is written header-first, folded tensors
-are read, edited in float32 and cast back one by one, and untouched tensors are copied
-byte for byte by the kernel. Output appears atomically: everything is written into a
+Memory stays bounded by a few tensors: each shard is written header-first, tensors are read
+in file order one at a time (a thread reads ahead and hashes the file on the way), folded
+tensors are edited in float32 a few rows at a time and cast back, and untouched tensors are
+written byte for byte. Output appears atomically: everything is written into a
 staging directory, fsynced, stamped with `so8t_bake.json` (the completion marker and
 provenance) and only then renamed into place. A killed bake leaves only a staging
 directory, which is never trusted and is removed by the next bake into the same place.
@@ -15,21 +16,23 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import __version__
+from ..cache import DIGEST_FILE, default_cache_root
 from ..errors import UsageError
-from ..hashing import combined_digest, sha256_files
+from ..hashing import DigestCache, combined_digest
 from ..manifest import Scales
 from .adapters import Adapter, load_adapter
-from .edits import BakePlan, apply_edits, plan_bake
+from .edits import BakePlan, fold_in_chunks, plan_bake
 from .layout import EMBED, LM_HEAD, layout_from_config
 from .model_dir import INDEX_FILE, ModelDirectory, open_model_dir
 from .safetensors_io import DTYPES, OutputTensor, ShardWriter, TensorEntry
 from .so8t_adapter import So8tAdapter
+from .stream import ShardReader, read_ahead
 
 PROVENANCE_FILE = "so8t_bake.json"
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -88,6 +91,15 @@ def _fsync_dir(path: Path) -> None:
 ShardItems = list[tuple[OutputTensor, TensorEntry]]
 
 
+@dataclass
+class _ShardResults:
+    weight_map: dict[str, str] = field(default_factory=dict)
+    shard_digests: dict[str, str] = field(default_factory=dict)
+    folded: int = 0
+    copied: int = 0
+    total_bytes: int = 0
+
+
 def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str, ShardItems]:
     """Output tensors per shard file, in source byte order; an untied lm_head follows the embeddings."""
     shards: dict[str, ShardItems] = {}
@@ -100,33 +112,44 @@ def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str
     return shards
 
 
-def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Path,
-                  on_progress: ProgressCallback | None) -> tuple[dict[str, str], int, int, int]:
-    from safetensors import safe_open
+def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Path, digests: DigestCache,
+                  on_progress: ProgressCallback | None) -> _ShardResults:
+    results = _ShardResults()
+    # Parallelise over row chunks with our own threads, one torch thread each: torch's OpenMP
+    # workers spin-wait, and beside the read-ahead thread that cost a third of the wall time.
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="so8t-fold") as folders:
+            for file_name, items in _shard_layout(model, plan, dtype).items():
+                source = model.path / file_name
+                reader = ShardReader(source, items, known_sha256=digests.known(source))
+                _write_shard(reader, staging / file_name, plan, folders, results, on_progress)
+                digests.record(source, reader.sha256)
+    finally:
+        torch.set_num_threads(torch_threads)
+    return results
 
-    weight_map: dict[str, str] = {}
-    folded = copied = total = 0
-    for file_name, items in _shard_layout(model, plan, dtype).items():
-        source = model.path / file_name
-        writer = ShardWriter(staging / file_name, [out for out, _ in items])
-        with safe_open(source, framework="pt") as reader:
-            for out, entry in items:
-                edits = plan.edits.get(out.name, [])
-                if not edits and out.dtype == entry.dtype:
-                    writer.copy_tensor(out.name, entry, source)
-                    copied += 1
-                else:
-                    tensor = reader.get_tensor(entry.name)
-                    if edits:
-                        tensor = apply_edits(tensor.to(torch.float32), edits)
-                        folded += 1
-                    writer.write_tensor(out.name, tensor.to(DTYPES[out.dtype][0]))
-                weight_map[out.name] = file_name
-                total += out.nbytes
-                if on_progress:
-                    on_progress(out.nbytes)
-        writer.close()
-    return weight_map, folded, copied, total
+
+def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: ThreadPoolExecutor,
+                 results: _ShardResults, on_progress: ProgressCallback | None) -> None:
+    writer = ShardWriter(target, [out for out, _ in reader.items])
+    for tensor in read_ahead(reader):
+        out, entry = tensor.out, tensor.entry
+        edits = plan.edits.get(out.name, [])
+        if not edits and out.dtype == entry.dtype:
+            writer.write(out.name, [tensor.data])  # byte for byte
+            results.copied += 1
+        else:
+            weight = tensor.data.view(DTYPES[entry.dtype][0]).reshape(entry.shape)
+            writer.write(out.name, fold_in_chunks(weight, edits, DTYPES[out.dtype][0], executor=folders))
+            results.folded += bool(edits)
+        results.weight_map[out.name] = target.name
+        results.total_bytes += out.nbytes
+        if on_progress:
+            on_progress(out.nbytes)
+    writer.close()
+    results.shard_digests[target.name] = reader.sha256
 
 
 def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict) -> None:
@@ -143,15 +166,19 @@ def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict
             shutil.copy2(item, staging / item.name)
 
 
-def _input_digests(model_dir: Path, adapters: Sequence[Adapter]) -> dict:
-    model_files = [p for p in model_dir.rglob("*") if p.is_file()]
+def _input_digests(model: ModelDirectory, adapters: Sequence[Adapter], shard_digests: dict[str, str],
+                   digests: DigestCache) -> dict:
+    """sha256 of every input file; the shards' digests were taken while reading them."""
+    model_files = {str(p.relative_to(model.path)): digests.file(p) for p in sorted(model.path.rglob("*"))
+                   if p.is_file() and str(p.relative_to(model.path)) not in shard_digests}
+    model_files.update(shard_digests)
     adapter_entries = []
     for adapter in adapters:
-        files = sha256_files(adapter.files, adapter.path)
+        files = {p.name: digests.file(p) for p in adapter.files}
         kind = "so8t" if isinstance(adapter, So8tAdapter) else "lora"
         adapter_entries.append({"kind": kind, "path": str(adapter.path), "digest": combined_digest(files),
                                 "files": files})
-    return {"model_files": sha256_files(model_files, model_dir), "adapters": adapter_entries}
+    return {"model_files": dict(sorted(model_files.items())), "adapters": adapter_entries}
 
 
 def load_adapters(adapter_dirs: Sequence[tuple[str | None, Path]], model: ModelDirectory) -> list[Adapter]:
@@ -165,8 +192,14 @@ def load_adapters(adapter_dirs: Sequence[tuple[str | None, Path]], model: ModelD
 
 
 def bake_model(model_dir: Path, adapter_dirs: Sequence[tuple[str | None, Path]], out_dir: Path,
-               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None) -> BakeResult:
-    """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir."""
+               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
+               digests: DigestCache | None = None) -> BakeResult:
+    """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir.
+
+    `digests` remembers the sha256 of input files by (size, mtime, inode); a shard it already
+    knows is not hashed again (baking several variants of one base model hashes it once).
+    """
+    digests = digests if digests is not None else DigestCache(default_cache_root() / DIGEST_FILE)
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
     model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
@@ -180,37 +213,35 @@ def bake_model(model_dir: Path, adapter_dirs: Sequence[tuple[str | None, Path]],
 
     staging = _prepare_destination(out_dir)
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="so8t-hash") as pool:
-            # Hash the inputs while folding: the hash thread and the fold share the page cache.
-            digests = pool.submit(_input_digests, model_dir, adapters)
-            weight_map, folded, copied, total = _write_shards(model, plan, dtype, staging, on_progress)
-            config_updates = {}
-            if plan.untie_lm_head:
-                config_updates["tie_word_embeddings"] = False
-            if dtype != "auto":
-                config_updates["dtype"] = dtype
-                if "torch_dtype" in model.config:
-                    config_updates["torch_dtype"] = dtype
-            _copy_other_files(model, staging, config_updates)
-            if model.index_metadata is not None:
-                index = {"metadata": {**model.index_metadata, "total_size": total},
-                         "weight_map": dict(sorted(weight_map.items()))}
-                (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            provenance = {
-                "format": "so8t-bake",
-                "format_version": 1,
-                "tool": {"name": "so8t-deploy", "version": __version__},
-                "source": str(model_dir),
-                "scales": scales.as_dict(),
-                "dtype": dtype,
-                "untied_lm_head": plan.untie_lm_head,
-                "tensors": {"folded": folded, "copied": copied},
-                **digests.result(),
-            }
+        shards = _write_shards(model, plan, dtype, staging, digests, on_progress)
+        config_updates = {}
+        if plan.untie_lm_head:
+            config_updates["tie_word_embeddings"] = False
+        if dtype != "auto":
+            config_updates["dtype"] = dtype
+            if "torch_dtype" in model.config:
+                config_updates["torch_dtype"] = dtype
+        _copy_other_files(model, staging, config_updates)
+        if model.index_metadata is not None:
+            index = {"metadata": {**model.index_metadata, "total_size": shards.total_bytes},
+                     "weight_map": dict(sorted(shards.weight_map.items()))}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        provenance = {
+            "format": "so8t-bake",
+            "format_version": 1,
+            "tool": {"name": "so8t-deploy", "version": __version__},
+            "source": str(model_dir),
+            "scales": scales.as_dict(),
+            "dtype": dtype,
+            "untied_lm_head": plan.untie_lm_head,
+            "tensors": {"folded": shards.folded, "copied": shards.copied},
+            **_input_digests(model, adapters, shards.shard_digests, digests),
+        }
         # The provenance file is the completion marker: written last, then the rename publishes.
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         _publish(staging, out_dir)
+        digests.save()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return BakeResult(out_dir, folded, copied, provenance)
+    return BakeResult(out_dir, shards.folded, shards.copied, provenance)

@@ -47,10 +47,6 @@ class LoraModule:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
 
-    def delta(self, scaling: float) -> torch.Tensor:
-        """scaling * B A as an [out, in] float32 matrix."""
-        return scaling * (self.b.float() @ self.a.float())
-
 
 @dataclass(frozen=True)
 class LoraAdapter:

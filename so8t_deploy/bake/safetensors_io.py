@@ -9,11 +9,12 @@ file-to-file by the kernel without ever becoming Python objects.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
+import mmap
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,6 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _MAX_HEADER = 100 * 1024 * 1024
-_COPY_CHUNK = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,22 +102,35 @@ class OutputTensor:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
-def _copy_range_in_kernel(src, dst, offset: int, count: int) -> None:
-    while count:
-        n = os.copy_file_range(src.fileno(), dst.fileno(), min(count, _COPY_CHUNK), offset)
+def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
+    """Map bytes [offset, offset + nbytes) of an open file as a uint8 tensor, without copying.
+
+    The mapping is private to this tensor and lives only as long as it does, so resident
+    memory holds one tensor's pages at a time rather than the whole shard, as a map of the
+    whole file (safe_open) would.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, nbytes + offset - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapping, dtype=torch.uint8, offset=offset - aligned, count=nbytes)
+
+
+def read_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
+    """Read bytes [offset, offset + nbytes) of an open file into a new uint8 tensor.
+
+    Plain reads rather than a memory map: mapped file pages would count towards the
+    process's resident memory for as long as the mapping lives, i.e. the whole shard.
+    """
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()).cast("B")
+    filled = 0
+    while filled < nbytes:
+        n = os.preadv(fd, [view[filled:]], offset + filled)
         if n == 0:
-            raise ModelError(f"{src.name}: truncated while copying")
-        offset, count = offset + n, count - n
-
-
-def _copy_range_in_userspace(src, dst, offset: int, count: int) -> None:
-    src.seek(offset)
-    while count:
-        chunk = src.read(min(count, _COPY_CHUNK))
-        if not chunk:
-            raise ModelError(f"{src.name}: truncated while copying")
-        dst.write(chunk)
-        count -= len(chunk)
+            raise ModelError(f"file descriptor {fd}: unexpected end of file at byte {offset + filled}")
+        filled += n
+    return buffer
 
 
 class ShardWriter:
@@ -134,38 +147,25 @@ class ShardWriter:
             offset += t.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-        self.data_bytes = offset
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._file.write(struct.pack("<Q", len(encoded)) + encoded)
         self._next = 0
 
-    def _claim(self, name: str) -> OutputTensor:
+    def write(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write the next tensor from one or more contiguous pieces (e.g. row chunks) of the header's dtype."""
         if self._next >= len(self._expected) or self._expected[self._next] != name:
             raise RuntimeError(f"{self.path}: tensor {name!r} written out of order")
+        spec = self._by_name[name]
         self._next += 1
-        return self._by_name[name]
-
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self._claim(name)
-        if TORCH_TO_SAFETENSORS[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, header says {spec}")
-        data = tensor.contiguous().view(torch.uint8).numpy() if tensor.numel() else b""
-        self._file.write(memoryview(data))
-
-    def copy_tensor(self, name: str, entry: TensorEntry, source: Path) -> None:
-        """Copy a tensor's bytes unchanged, file to file, inside the kernel."""
-        spec = self._claim(name)
-        if (spec.dtype, spec.shape) != (entry.dtype, entry.shape):
-            raise RuntimeError(f"{name}: raw copy would change dtype or shape")
-        self._file.flush()
-        with open(source, "rb") as src:
-            try:
-                _copy_range_in_kernel(src, self._file, entry.start, entry.nbytes)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                _copy_range_in_userspace(src, self._file, entry.start, entry.nbytes)
-        self._file.seek(0, os.SEEK_END)
+        written = 0
+        for part in parts:
+            if part.dtype != torch.uint8 and TORCH_TO_SAFETENSORS[part.dtype] != spec.dtype:
+                raise RuntimeError(f"{name}: produced {part.dtype}, header says {spec.dtype}")
+            data = part.contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(memoryview(data.numpy()))
+            written += data.numel()
+        if written != spec.nbytes:
+            raise RuntimeError(f"{name}: wrote {written} bytes, header says {spec.nbytes}")
 
     def close(self) -> None:
         if self._next != len(self._expected):

@@ -1,0 +1,109 @@
+"""Read a shard's tensors in file order on a background thread, hashing the file on the way.
+
+Every byte of a source shard passes through here exactly once: the header, each tensor,
+and any padding. Feeding them to sha256 in file order yields the shard's digest for the
+provenance file without reading it a second time, and the read-ahead thread keeps the
+disk busy while the main thread folds the previous tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+from .safetensors_io import OutputTensor, TensorEntry, map_range, read_range
+
+T = TypeVar("T")
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    out: OutputTensor
+    entry: TensorEntry
+    data: torch.Tensor  # the entry's raw bytes, uint8
+
+
+class ShardReader:
+    def __init__(self, path: Path, items: list[tuple[OutputTensor, TensorEntry]], known_sha256: str | None = None):
+        self.path, self.items = path, items
+        # A digest already known for this exact file is trusted; else it is taken on the way.
+        self.sha256: str | None = known_sha256
+        self._hash = known_sha256 is None
+
+    def __iter__(self) -> Iterator[SourceTensor]:
+        if not self._hash:
+            yield from self._read_only()
+            return
+        digest = hashlib.sha256()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            position = 0  # every byte before this one has been hashed
+            for out, entry in self.items:
+                if entry.start < position:  # a second output from the same bytes (an untied lm_head)
+                    yield SourceTensor(out, entry, map_range(fd, entry.start, entry.nbytes))
+                    continue
+                if entry.start > position:  # the header, or padding between tensors
+                    digest.update(memoryview(read_range(fd, position, entry.start - position).numpy()))
+                data = map_range(fd, entry.start, entry.nbytes)
+                digest.update(memoryview(data.numpy()))
+                position = entry.end
+                yield SourceTensor(out, entry, data)
+            if size > position:
+                digest.update(memoryview(read_range(fd, position, size - position).numpy()))
+            self.sha256 = digest.hexdigest()
+        finally:
+            os.close(fd)
+
+
+    def _read_only(self) -> Iterator[SourceTensor]:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for out, entry in self.items:
+                yield SourceTensor(out, entry, map_range(fd, entry.start, entry.nbytes))
+        finally:
+            os.close(fd)
+
+
+def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `items` on a background thread, at most `depth` items ahead of the consumer."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            buffer.put(e)
+
+    thread = threading.Thread(target=produce, name="so8t-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,80 @@
+"""A content-addressed artifact cache with atomic publication.
+
+An artifact lives in ``ROOT/STAGE/KEY/`` where KEY hashes every input that affects its
+bytes. It is produced in a hidden staging directory, fsynced, stamped with
+``artifact.json`` (the completion marker) and renamed into place, so a directory that
+exists is complete, and a killed producer leaves only a staging directory that nobody
+trusts and the next producer of the same key removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MARKER = "artifact.json"
+DIGEST_FILE = "digests.json"  # a DigestCache beside the artifacts: input hashes by file identity
+
+
+def default_cache_root() -> Path:
+    """Per-user cache for the converter and input digests ($SO8T_CACHE_DIR overrides)."""
+    return Path(os.environ.get("SO8T_CACHE_DIR") or Path.home() / ".cache" / "so8t-deploy")
+
+
+def cache_key(**inputs: object) -> str:
+    """A stable digest of JSON-serialisable inputs."""
+    encoded = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+class ArtifactCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> dict | None:
+        """The artifact's recorded info if it is complete, else None."""
+        marker = self.path(stage, key) / MARKER
+        try:
+            return json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @contextmanager
+    def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict]]:
+        """Yield (staging dir, info dict); on success the info becomes the marker and the dir is published."""
+        final = self.path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{key}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = final.parent / f".{key}.partial-{os.getpid()}"
+        staging.mkdir()
+        info: dict = {}
+        try:
+            yield staging, info
+            (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            _fsync_tree(staging)
+            if final.exists():  # an incomplete leftover (no marker): replace it
+                shutil.rmtree(final)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        if path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,7 +1,7 @@
 # Every target installs what it needs into .venv on first use.
-#   make test                       the test suite (CPU torch pinned, as CI runs it)
-#   make demo                       offline demo: tiny Phi-3 + SO8T adapter, planned end to end
-#   make lint                       ruff
+#   make test       the test suite (CPU torch pinned, as CI runs it)
+#   make demo       offline demo: tiny Phi-3 + SO8T adapter, built into a GGUF quant ladder
+#   make lint       ruff
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,11 +11,32 @@ TORCH_SPEC ?= torch
 TEST_TORCH_SPEC := torch==2.13.0
 DEMO_DIR := .so8t/demo
 
+# llama.cpp comes pinned inside llama-cpp-python. A native build enables CPU kernels (AMX) that
+# crash on quantized models in some VMs, so it is always built portable, once, into a wheel.
+LLAMA_VERSION := $(shell sed -n 's/^LLAMA_CPP_PYTHON_VERSION = "\(.*\)"/\1/p' so8t_deploy/external/llamacpp.py)
+LLAMA_SDIST := .cache/sdist/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+LLAMA_WHEEL_DIR := .cache/wheels
+LLAMA_WHEEL_STAMP := $(LLAMA_WHEEL_DIR)/.llama-cpp-python-$(LLAMA_VERSION).built
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# The converter is extracted from the same sdist; the cache keeps it (and hashes) between runs.
+export SO8T_LLAMA_CPP_SDIST := $(abspath $(LLAMA_SDIST))
+export SO8T_CACHE_DIR ?= $(abspath .cache/so8t)
+
 .PHONY: test lint demo clean
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(LLAMA_SDIST): | $(VENV)/bin/python
+	$(PIP) download -q --no-deps --no-binary :all: -d $(@D) llama-cpp-python==$(LLAMA_VERSION)
+
+$(LLAMA_WHEEL_STAMP): $(LLAMA_SDIST)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel -q --no-deps --no-cache-dir -w $(LLAMA_WHEEL_DIR) $(LLAMA_SDIST)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
 	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install -q -e ".[bake,dev]"
 	touch $@
 
@@ -32,7 +53,7 @@ $(DEMO_DIR)/manifest.yaml: | $(VENV)/.installed
 
 demo: $(DEMO_DIR)/manifest.yaml
 	$(VENV)/bin/so8t-deploy validate manifests/demo.yaml
-	$(VENV)/bin/so8t-deploy plan manifests/demo.yaml --offline
+	$(VENV)/bin/so8t-deploy build manifests/demo.yaml
 
 clean:
 	rm -rf $(VENV) .so8t .pytest_cache .ruff_cache

@@ -128,6 +128,61 @@ def verify(
         raise VerifyError(f"{baked}: not equivalent: max |Δlogit| {report.max_abs_diff:.3e} > {report.tolerance:.1e}")
 
 
+@app.command()
+def convert(
+    baked: Annotated[Path, typer.Argument(help="Hugging Face model directory (e.g. a bake output).")],
+    out: Annotated[Path, typer.Option("--out", help="GGUF file to write.")],
+    outtype: Annotated[str, typer.Option("--outtype", help="f32 | f16 | bf16 | q8_0")] = "f16",
+) -> None:
+    """Convert a model directory to GGUF with llama.cpp's own converter (pinned)."""
+    from .convert import convert_model_dir
+
+    converter = convert_model_dir(baked, out, outtype)
+    typer.echo(f"{out}: written by {converter.version}")
+
+
+@app.command()
+def quantize(
+    source: Annotated[Path, typer.Argument(help="GGUF file to quantize (f32, f16 or bf16).")],
+    out: Annotated[Path, typer.Option("--out", help="GGUF file to write.")],
+    type_: Annotated[str, typer.Option("--type", help="llama.cpp type, e.g. q4_k_m (case-insensitive).")],
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="Importance matrix (for IQ1/IQ2, Q2_K_S).")] = None,
+    allow_requantize: Annotated[
+        bool, typer.Option("--allow-requantize", help="Quantize an already quantized file anyway.")
+    ] = False,
+) -> None:
+    """Quantize a GGUF with llama.cpp's quantizer (every llama.cpp type)."""
+    from .errors import UsageError
+    from .external.llamacpp import quantize_gguf
+    from .quant_types import lookup_quant_type
+
+    try:
+        quant = lookup_quant_type(type_)
+    except KeyError as e:
+        raise UsageError(f"--type: {e.args[0]}") from None
+    quantize_gguf(source, out, quant, imatrix=imatrix, allow_requantize=allow_requantize)
+    typer.echo(f"{out}: {quant.name}")
+
+
+@app.command()
+def build(
+    manifest: ManifestArg,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Content-addressed artifact cache.")] = Path(
+        ".so8t/cache"
+    ),
+    as_json: JsonOpt = False,
+) -> None:
+    """Bake, convert and quantize every variant of a manifest; reuse what is already built."""
+    from .build import build as run_build
+    from .console import print_build_report, step_logger
+    from .manifest_loader import load_manifest
+    from .runner import runner_for
+
+    loaded = load_manifest(manifest)
+    report = run_build(loaded, cache_dir, runner_for(loaded, cache_dir), log=step_logger())
+    print_build_report(report, as_json=as_json)
+
+
 @demo_app.command("init")
 def demo_init(directory: Annotated[Path, typer.Argument(help="New directory to write the demo into.")]) -> None:
     """Write a tiny Phi-3 model, a random SO8T adapter and a manifest, with no downloads."""

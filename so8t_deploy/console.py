@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
@@ -14,7 +15,11 @@ from rich.table import Table
 
 from .plan import VariantPlan
 
-console = Console(highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from .build import BuildReport
+
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def print_json(data: object) -> None:
@@ -61,3 +66,31 @@ def print_build_plan(builds: Sequence[VariantPlan], *, as_json: bool) -> None:
             source = "(converted)" if quant.quant == build.convert_type else f"quantize {quant.quant}"
             rows.append((build.variant, quant.tag, source, quant.gguf))
     print_table("Build plan (offline)", ["variant", "tag", "step", "artifact"], rows)
+
+
+def step_logger() -> Callable[[str], None]:
+    """Progress lines for long steps, on stderr so --json output stays clean."""
+    err = Console(stderr=True, highlight=False)
+    return lambda message: err.print(f"[bold]>[/bold] {message}")
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return str(size)
+
+
+def print_build_report(report: BuildReport, *, as_json: bool) -> None:
+    if as_json:
+        print_json({"built": report.built, "reused": report.reused,
+                    "artifacts": [{**dataclasses.asdict(a), "path": str(a.path)} for a in report.artifacts]})
+        return
+    rows = [(a.tag, a.path, _human_size(a.size), f"{a.bits_per_weight:.2f}", a.sha256[:16])
+            for a in report.artifacts]
+    print_table("Build", ["tag", "file", "size", "bpw", "sha256"], rows)
+    if report.built == 0:
+        console.print(f"nothing to rebuild: all {report.reused} steps are up to date")
+    else:
+        console.print(f"built {report.built} steps, reused {report.reused}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,29 @@ import pytest
 from so8t_deploy.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Same locations the Makefile exports, so a bare `pytest` reuses the converter and the sdist.
+os.environ.setdefault("SO8T_CACHE_DIR", str(REPO / ".cache" / "so8t"))
+_SDIST = REPO / ".cache" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+if _SDIST.is_file():
+    os.environ.setdefault("SO8T_LLAMA_CPP_SDIST", str(_SDIST))
+
+
+def require(component: str, available: bool, how: str) -> None:
+    """Skip a test whose component is missing, except under CI=true, where that is a failure."""
+    if available:
+        return
+    message = f"{component} is not available ({how})"
+    if IN_CI:
+        pytest.fail(f"CI=true: {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _components(request):
+    if request.node.get_closest_marker("llamacpp"):
+        require("llama-cpp-python", importlib.util.find_spec("llama_cpp") is not None, "run `make test`")
 
 
 @dataclass

@@ -1,0 +1,228 @@
+"""llama.cpp at one pinned version: its converter (a subprocess) and its quantizer (the library).
+
+The pin is the llama-cpp-python release below. Its sdist vendors llama.cpp, whose
+`convert_hf_to_gguf.py`, `conversion/` and `gguf-py/` are extracted once into a cache
+directory; its compiled library provides `llama_model_quantize` and inference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from ..cache import default_cache_root
+from ..errors import BuildError, ModelError, UsageError
+from ..quant_types import QuantType
+from .imatrix import load_imatrix
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+FLOAT_FILE_TYPES = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16: what quantize may start from
+_RUNNER = Path(__file__).with_name("convert_runner.py")
+_MARKER = ".so8t-converter.json"
+
+
+@dataclass(frozen=True)
+class Converter:
+    root: Path  # holds convert_hf_to_gguf.py, conversion/ and gguf-py/
+    version: str
+
+    @property
+    def script(self) -> Path:
+        return self.root / "convert_hf_to_gguf.py"
+
+
+def library_version() -> str:
+    """The installed llama-cpp-python, which must be the pinned release."""
+    try:
+        installed = importlib_metadata.version("llama-cpp-python")
+    except importlib_metadata.PackageNotFoundError:
+        raise BuildError(
+            f"llama-cpp-python is not installed; install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
+            "(see README: build with CMAKE_ARGS='-DGGML_NATIVE=OFF')"
+        ) from None
+    if installed != LLAMA_CPP_PYTHON_VERSION:
+        raise BuildError(
+            f"llama-cpp-python {installed} is installed; so8t-deploy is pinned to {LLAMA_CPP_PYTHON_VERSION}"
+        )
+    return f"llama-cpp-python {installed}"
+
+
+def locate_converter(cache_root: Path | None = None) -> Converter:
+    """The pinned converter: $SO8T_LLAMA_CPP_DIR if set, else extracted once into the cache."""
+    override = os.environ.get("SO8T_LLAMA_CPP_DIR")
+    if override:
+        root = Path(override)
+        if not (root / "convert_hf_to_gguf.py").is_file():
+            raise UsageError(f"SO8T_LLAMA_CPP_DIR={root}: no convert_hf_to_gguf.py there")
+        return Converter(root, f"llama.cpp at {root}")
+    root = (cache_root or default_cache_root()) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    if not (root / _MARKER).is_file():
+        _extract_converter(root)
+    return Converter(root, f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (vendored llama.cpp)")
+
+
+def _find_or_download_sdist(workdir: Path) -> Path:
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    local = os.environ.get("SO8T_LLAMA_CPP_SDIST")
+    if local:
+        return Path(local)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+               "--disable-pip-version-check", "-d", str(workdir), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0 or not (workdir / name).is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BuildError(f"cannot fetch the llama.cpp converter ({name}): {tail[0]}; set SO8T_LLAMA_CPP_SDIST")
+    return workdir / name
+
+
+def _extract_converter(root: Path) -> None:
+    """Extract only the converter's files from the pinned sdist, atomically."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".converter-") as tmp:
+        sdist = _find_or_download_sdist(Path(tmp))
+        staging = Path(tmp) / "converter"
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as archive:
+            members = [m for m in archive.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].split("/")[0] in CONVERTER_FILES]
+            if not any(m.name.endswith("convert_hf_to_gguf.py") for m in members):
+                raise BuildError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
+            for member in members:
+                member.name = member.name[len(prefix):]
+            archive.extractall(staging, members=members, filter="data")
+        (staging / _MARKER).write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_PYTHON_VERSION}) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+
+
+def _last_lines(text: str, n: int = 5) -> str:
+    return " | ".join(deque((line.strip() for line in text.splitlines() if line.strip()), maxlen=n))
+
+
+def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Run the pinned converter; the GGUF appears at out_file only if it fully succeeded."""
+    if outtype not in CONVERT_OUTTYPES:
+        raise UsageError(f"--outtype: must be one of {', '.join(CONVERT_OUTTYPES)}, got {outtype!r}")
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a model directory (no config.json)")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as meta:
+        json.dump(metadata or {}, meta)
+    try:
+        command = [sys.executable, str(_RUNNER), str(converter.root), meta.name, "--",
+                   str(model_dir), "--outfile", str(staging), "--outtype", outtype]
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": "1"})
+        if proc.returncode != 0:
+            log = proc.stderr + proc.stdout
+            if "is not supported" in log:
+                raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
+                                 f"({_last_lines(log, 1)})")
+            raise BuildError(f"{model_dir}: conversion failed (exit {proc.returncode}): {_last_lines(log)}")
+        _fsync_file(staging)
+        staging.replace(out_file)
+    finally:
+        os.unlink(meta.name)
+        staging.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def gguf_file_type(path: Path) -> int | None:
+    from .gguf_info import read_gguf_info
+
+    return read_gguf_info(path).file_type
+
+
+def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: Path | None = None,
+                  allow_requantize: bool = False, threads: int | None = None) -> None:
+    """llama.cpp's quantizer through the pinned library; out_file appears only on success."""
+    if quant.needs_imatrix and imatrix is None:
+        raise UsageError(f"--type {quant.name}: needs an importance matrix; pass --imatrix FILE")
+    file_type = gguf_file_type(in_file)
+    if file_type not in FLOAT_FILE_TYPES and not allow_requantize:
+        raise UsageError(f"{in_file}: already quantized (file type {file_type}); "
+                         "requantizing loses quality, pass --allow-requantize to do it anyway")
+    library_version()
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant.ftype
+    params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
+    keepalive = None
+    if imatrix is not None:
+        keepalive = _imatrix_array(load_imatrix(imatrix))
+        params.imatrix = ctypes.cast(keepalive[0], type(params.imatrix))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
+    try:
+        _silence_llama_log()
+        rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
+        if rc != 0 or not staging.is_file():
+            raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (code {rc})")
+        _fsync_file(staging)
+        staging.replace(out_file)
+    finally:
+        staging.unlink(missing_ok=True)
+        del keepalive
+
+
+def _imatrix_array(entries: dict[str, list[float]]):
+    """A NULL-terminated llama_model_imatrix_data[] plus the buffers it points into."""
+    import llama_cpp
+
+    struct = llama_cpp.llama_model_imatrix_data
+    array = (struct * (len(entries) + 1))()
+    buffers = []
+    for i, (name, values) in enumerate(entries.items()):
+        data = (ctypes.c_float * len(values))(*values)
+        encoded = name.encode()
+        buffers.append((data, encoded))
+        array[i].name, array[i].data, array[i].size = encoded, data, len(values)
+    return array, buffers
+
+
+def _silence_llama_log() -> None:
+    """llama-cpp-python forwards llama.cpp's log to this logger; keep only errors (one line per tensor otherwise)."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+def gguf_logits(path: Path, token_ids: list[int], n_ctx: int = 512):
+    """Logits for every position of token_ids, from llama.cpp itself, as a numpy array.
+
+    The KV cache is kept in f32: llama.cpp's default f16 cache alone moves logits by ~1e-3,
+    which would hide what a comparison with the reference is meant to find.
+    """
+    import numpy as np
+
+    library_version()
+    import llama_cpp
+
+    _silence_llama_log()
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(path), n_ctx=max(n_ctx, len(token_ids)), logits_all=True, verbose=False,
+                          type_k=f32, type_v=f32, n_threads=os.cpu_count() or 1)
+    try:
+        llm.eval(token_ids)
+        return np.array(llm.scores[: len(token_ids)], dtype=np.float64)
+    finally:
+        llm.close()

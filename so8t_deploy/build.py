@@ -57,44 +57,64 @@ class _Builder:
         self.cache = ArtifactCache(cache_dir / "objects")
         self.digests = DigestCache(cache_dir / DIGEST_FILE)
         self.cache_dir = cache_dir
+        self.source_dir: Path = Path()
+        self.adapters: list[tuple[str, Path]] = []
         self.built = self.reused = 0
 
-    def _step(self, stage: str, key: str, label: str, produce: Callable[[Path, dict], None]) -> tuple[Path, dict]:
-        info = self.cache.lookup(stage, key)
-        if info is not None:
+    def _step(self, stage: str, key: str | Callable[[], str], label: str,
+              produce: Callable[[Path, dict], None]) -> tuple[Path, dict]:
+        if isinstance(key, str) and (info := self.cache.lookup(stage, key)) is not None:
             self.reused += 1
             return self.cache.path(stage, key), info
         self.log(f"{label} ...")
         with self.cache.produce(stage, key) as (staging, record):
             produce(staging, record)
         self.built += 1
-        return self.cache.path(stage, key), record
+        return self.cache.path(stage, record["key"]), record
+
+    def _input_digests(self) -> dict:
+        """Digests of the source model and each adapter (hashing what the digest cache lacks)."""
+        adapters = [{"kind": kind, "digest": combined_digest(self.digests.directory(path))}
+                    for kind, path in self.adapters]
+        return {"model": combined_digest(self.digests.directory(self.source_dir)), "adapters": adapters}
+
+    def _inputs_known(self) -> bool:
+        return all(self.digests.knows_directory(p) for p in (self.source_dir, *(p for _, p in self.adapters)))
 
     def run(self) -> BuildReport:
-        source_dir = resolve_source(self.manifest.source, self.cache_dir)
-        model_digest = combined_digest(self.digests.directory(source_dir))
-        adapters = [(a.kind, a.path) for a in self.manifest.source.adapters]
-        adapter_digests = [{"kind": kind, "digest": combined_digest(self.digests.directory(path))}
-                           for kind, path in adapters]
-        self.digests.save()
+        self.source_dir = resolve_source(self.manifest.source, self.cache_dir)
+        self.adapters = [(a.kind, a.path) for a in self.manifest.source.adapters]
         llama_version = self.runner.llama_cpp_version()
         artifacts = []
-        for plan in plan_builds(self.manifest):
-            artifacts += self._build_variant(plan, source_dir, adapters, model_digest, adapter_digests, llama_version)
+        try:
+            for plan in plan_builds(self.manifest):
+                artifacts += self._build_variant(plan, llama_version)
+        finally:
+            self.digests.save()  # what was hashed stays hashed, even when a later step fails
         return BuildReport(tuple(artifacts), self.built, self.reused)
 
-    def _build_variant(self, plan: VariantPlan, source_dir, adapters, model_digest, adapter_digests,
-                       llama_version) -> list[BuiltArtifact]:
-        m = self.manifest
-        scales, dtype = plan.scales.as_dict(), m.bake.dtype
-        bake_key = cache_key(stage="bake", tool=__version__, model=model_digest, adapters=adapter_digests,
-                             scales=scales, dtype=dtype)
+    def _bake(self, plan: VariantPlan) -> tuple[str, Path, list]:
+        scales, dtype = plan.scales.as_dict(), self.manifest.bake.dtype
+
+        def bake_key() -> str:
+            self.digests.reload()  # the runner recorded the digests it took while reading
+            inputs = self._input_digests()
+            return cache_key(stage="bake", tool=__version__, **inputs, scales=scales, dtype=dtype)
 
         def bake(staging: Path, record: dict) -> None:
-            self.runner.bake(source_dir, adapters, staging / "model", plan.scales, dtype)
+            self.runner.bake(self.source_dir, self.adapters, staging / "model", plan.scales, dtype)
             record.update(variant=plan.variant, scales=scales)
 
-        bake_dir, _ = self._step("bake", bake_key, f"bake {plan.variant}", bake)
+        # New inputs are hashed by the bake itself as it streams them (no separate pass over
+        # a multi-GB model); the step's key is known once it finished.
+        key = bake_key() if self._inputs_known() else bake_key
+        bake_dir, record = self._step("bake", key, f"bake {plan.variant}", bake)
+        return record["key"], bake_dir, self._input_digests()["adapters"]
+
+    def _build_variant(self, plan: VariantPlan, llama_version: str) -> list[BuiltArtifact]:
+        m = self.manifest
+        scales = plan.scales.as_dict()
+        bake_key, bake_dir, adapter_digests = self._bake(plan)
 
         metadata = {
             "so8t.source_model": m.source.model + (f"@{m.source.revision}" if m.source.revision else ""),

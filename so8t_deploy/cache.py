@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,17 +48,28 @@ class ArtifactCache:
             return None
 
     @contextmanager
-    def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict]]:
-        """Yield (staging dir, info dict); on success the info becomes the marker and the dir is published."""
-        final = self.path(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{key}.partial-*"):
+    def produce(self, stage: str, key: str | Callable[[], str]) -> Iterator[tuple[Path, dict]]:
+        """Yield (staging dir, info dict); on success the info becomes the marker and the dir is published.
+
+        `key` may be a callable, resolved only after the body ran: a step whose inputs are hashed
+        while it runs (the bake) learns its own key at the end, like a VCS writing an object.
+        The resolved key is recorded in the info as "key".
+        """
+        parent = self.root / stage
+        parent.mkdir(parents=True, exist_ok=True)
+        name = key if isinstance(key, str) else "unkeyed"
+        for stale in parent.glob(f".{name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        staging = final.parent / f".{key}.partial-{os.getpid()}"
+        staging = parent / f".{name}.partial-{os.getpid()}"
         staging.mkdir()
         info: dict = {}
         try:
             yield staging, info
+            info["key"] = key if isinstance(key, str) else key()
+            final = self.path(stage, info["key"])
+            if (final / MARKER).is_file():  # built meanwhile, or the unkeyed step was not new after all
+                shutil.rmtree(staging)
+                return
             (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             _fsync_tree(staging)
             if final.exists():  # an incomplete leftover (no marker): replace it

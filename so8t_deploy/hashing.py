@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _CHUNK = 8 * 1024 * 1024
@@ -64,9 +66,19 @@ class DigestCache:
         return digest
 
     def directory(self, root: Path) -> dict[str, str]:
-        """{relative path: sha256} of every file below root."""
+        """{relative path: sha256} of every file below root; unknown files are hashed in parallel."""
         files = sorted(p for p in root.rglob("*") if p.is_file())
-        return {str(p.relative_to(root)): self.file(p) for p in files}
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashlib releases the GIL
+            digests = list(pool.map(self.file, files))
+        return {str(p.relative_to(root)): d for p, d in zip(files, digests, strict=True)}
+
+    def knows_directory(self, root: Path) -> bool:
+        return all(self.known(p) for p in root.rglob("*") if p.is_file())
+
+    def reload(self) -> None:
+        """Merge entries another process (a runner) saved meanwhile."""
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            self._entries.update(json.loads(self.path.read_text(encoding="utf-8")))
 
     def save(self) -> None:
         if not self._dirty:

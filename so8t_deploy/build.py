@@ -39,6 +39,11 @@ class BuildReport:
     artifacts: tuple[BuiltArtifact, ...]
     built: int  # steps that ran
     reused: int  # steps found complete in the cache
+    unbuilt: tuple[str, ...] = ()  # with dry_run: tags whose artifacts are not in the cache yet
+
+
+class _NotBuilt(Exception):
+    """dry_run met a step that is not in the cache."""
 
 
 def _gguf_record(path: Path) -> dict:
@@ -52,7 +57,8 @@ def _gguf_record(path: Path) -> dict:
 
 
 class _Builder:
-    def __init__(self, manifest: Manifest, cache_dir: Path, runner: Runner, log: Log):
+    def __init__(self, manifest: Manifest, cache_dir: Path, runner: Runner, log: Log, dry_run: bool = False):
+        self.dry_run = dry_run
         self.manifest, self.runner, self.log = manifest, runner, log
         self.cache = ArtifactCache(cache_dir / "objects")
         self.digests = DigestCache(cache_dir / DIGEST_FILE)
@@ -66,6 +72,8 @@ class _Builder:
         if isinstance(key, str) and (info := self.cache.lookup(stage, key)) is not None:
             self.reused += 1
             return self.cache.path(stage, key), info
+        if self.dry_run:
+            raise _NotBuilt(label)
         self.log(f"{label} ...")
         with self.cache.produce(stage, key) as (staging, record):
             produce(staging, record)
@@ -85,13 +93,16 @@ class _Builder:
         self.source_dir = resolve_source(self.manifest.source, self.cache_dir)
         self.adapters = [(a.kind, a.path) for a in self.manifest.source.adapters]
         llama_version = self.runner.llama_cpp_version()
-        artifacts = []
+        artifacts, unbuilt = [], []
         try:
             for plan in plan_builds(self.manifest):
-                artifacts += self._build_variant(plan, llama_version)
+                try:
+                    artifacts += self._build_variant(plan, llama_version)
+                except _NotBuilt:
+                    unbuilt += [q.tag for q in plan.quants]
         finally:
             self.digests.save()  # what was hashed stays hashed, even when a later step fails
-        return BuildReport(tuple(artifacts), self.built, self.reused)
+        return BuildReport(tuple(artifacts), self.built, self.reused, tuple(unbuilt))
 
     def _bake(self, plan: VariantPlan) -> tuple[str, Path, list]:
         scales, dtype = plan.scales.as_dict(), self.manifest.bake.dtype
@@ -123,6 +134,10 @@ class _Builder:
             "so8t.variant": plan.variant,
             "so8t.manifest_name": m.name,
             "so8t.tool_version": __version__,
+            # With general.file_type, these two identify a GGUF's bytes: a host's copy can be
+            # recognised from /api/show alone, without the local record of what was uploaded.
+            "so8t.bake_key": bake_key,
+            "so8t.llama_cpp": llama_version,
         }
         convert_key = cache_key(stage="convert", bake=bake_key, outtype=plan.convert_type, llama=llama_version,
                                 metadata=metadata)
@@ -155,7 +170,8 @@ class _Builder:
         return built
 
 
-def build(manifest: Manifest, cache_dir: Path, runner: Runner | None = None, log: Log = lambda _: None) -> BuildReport:
-    """Build every tag's GGUF; reuse whatever the cache already holds."""
+def build(manifest: Manifest, cache_dir: Path, runner: Runner | None = None, log: Log = lambda _: None,
+          dry_run: bool = False) -> BuildReport:
+    """Build every tag's GGUF; reuse whatever the cache already holds (with dry_run, only that)."""
     runner = runner or LocalRunner(digest_file=cache_dir / DIGEST_FILE)
-    return _Builder(manifest, cache_dir, runner, log).run()
+    return _Builder(manifest, cache_dir, runner, log, dry_run).run()

@@ -63,19 +63,67 @@ def schema() -> None:
     print_json(Manifest.model_json_schema(by_alias=True))
 
 
+CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="Content-addressed artifact cache.")]
+DEFAULT_CACHE = Path(".so8t/cache")
+
+
 @app.command()
 def plan(
     manifest: ManifestArg,
-    offline: Annotated[bool, typer.Option("--offline", help="Do not contact any host.")] = False,
+    offline: Annotated[bool, typer.Option("--offline", help="Only list variants, tags and artifacts.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Exit 3 when any host differs from the manifest.")] = False,
+    cache_dir: CacheOpt = DEFAULT_CACHE,
     as_json: JsonOpt = False,
 ) -> None:
-    """List every variant with its tags and the artifacts it needs; changes nothing."""
-    from .console import print_build_plan
+    """Show what apply would do on each host (upload, create, unchanged, backup, delete); changes nothing."""
+    from .console import print_build_plan, print_host_plans
+    from .errors import DriftError
     from .manifest_loader import load_manifest
-    from .plan import plan_builds
 
-    builds = plan_builds(load_manifest(manifest))
-    print_build_plan(builds, as_json=as_json)
+    loaded = load_manifest(manifest)
+    if offline:
+        from .plan import plan_builds
+
+        print_build_plan(plan_builds(loaded), as_json=as_json)
+        return
+    from .deploy import plan_online
+
+    plans = plan_online(loaded, cache_dir)
+    print_host_plans(plans, as_json=as_json)
+    drifted = [p.target for p in plans if p.drift]
+    if check and drifted:
+        raise DriftError(f"{manifest}: drift on {', '.join(drifted)}")
+
+
+@app.command()
+def apply(manifest: ManifestArg, cache_dir: CacheOpt = DEFAULT_CACHE, as_json: JsonOpt = False) -> None:
+    """Build, register, smoke-test and roll out every tag: canary first, rollback on failure, prune."""
+    from .console import print_apply_result, step_logger
+    from .deploy import apply_manifest
+    from .errors import RolloutError
+    from .manifest_loader import load_manifest
+
+    result = apply_manifest(load_manifest(manifest), cache_dir, step_logger())
+    print_apply_result(result, as_json=as_json)
+    if result.failed:
+        summary = "; ".join(f"{h.target}: {h.status} ({h.error})" for h in result.failed)
+        raise RolloutError(f"apply: {len(result.failed)} of {len(result.hosts)} hosts failed: {summary}")
+
+
+@app.command()
+def smoke(manifest: ManifestArg, cache_dir: CacheOpt = DEFAULT_CACHE, as_json: JsonOpt = False) -> None:
+    """Run the manifest's smoke tests against every tag on every host."""
+    from .console import print_smoke_results
+    from .deploy import smoke_manifest
+    from .errors import SmokeTestError
+    from .manifest_loader import load_manifest
+
+    results = smoke_manifest(load_manifest(manifest), cache_dir)
+    print_smoke_results(results, as_json=as_json)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise SmokeTestError(f"smoke: {len(failed)} of {len(results)} checks failed "
+                             f"(first: {failed[0].host} {failed[0].tag}: {failed[0].reason})")
 
 
 AdapterOpt = Annotated[
@@ -167,9 +215,7 @@ def quantize(
 @app.command()
 def build(
     manifest: ManifestArg,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Content-addressed artifact cache.")] = Path(
-        ".so8t/cache"
-    ),
+    cache_dir: CacheOpt = DEFAULT_CACHE,
     as_json: JsonOpt = False,
 ) -> None:
     """Bake, convert and quantize every variant of a manifest; reuse what is already built."""

@@ -17,6 +17,9 @@ from .plan import VariantPlan
 
 if TYPE_CHECKING:
     from .build import BuildReport
+    from .deploy import ApplyResult
+    from .rollout import HostPlan
+    from .smoke import SmokeResult
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -94,3 +97,40 @@ def print_build_report(report: BuildReport, *, as_json: bool) -> None:
         console.print(f"nothing to rebuild: all {report.reused} steps are up to date")
     else:
         console.print(f"built {report.built} steps, reused {report.reused}")
+
+
+def print_host_plans(plans: Sequence[HostPlan], *, as_json: bool) -> None:
+    if as_json:
+        print_json([dataclasses.asdict(p) | {"drift": p.drift} for p in plans])
+        return
+    for plan in plans:
+        if plan.error:
+            console.print(f"[bold]{plan.target}[/bold] ({plan.url}): [red]{plan.error}[/red]")
+            continue
+        rows = [(a.kind, a.tag, a.detail, _human_size(a.bytes) if a.bytes else "") for a in plan.actions]
+        print_table(f"{plan.target} ({plan.url})", ["action", "tag", "detail", "bytes"], rows)
+
+
+def print_smoke_results(results: Sequence[SmokeResult], *, as_json: bool) -> None:
+    if as_json:
+        print_json([dataclasses.asdict(r) for r in results])
+        return
+    rows = [(r.host, r.tag, "pass" if r.passed else "FAIL", r.reason, f"{r.tokens_per_second:.1f}",
+             f"{r.seconds:.2f}") for r in results]
+    print_table("Smoke tests", ["host", "tag", "result", "reason", "tokens/s", "seconds"], rows)
+
+
+def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
+    if as_json:
+        print_json({"build": {"built": result.build.built, "reused": result.build.reused},
+                    "hosts": [dataclasses.asdict(h) for h in result.hosts]})
+        return
+    if result.build.built:
+        console.print(f"build: built {result.build.built} steps, reused {result.build.reused}")
+    smoke = [r for h in result.hosts for r in h.smoke]
+    if smoke:
+        print_smoke_results(smoke, as_json=False)
+    rows = [(h.target, h.status, _human_size(h.uploaded_bytes), len(h.created), len(h.unchanged), len(h.deleted),
+             ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
+    print_table("Rollout", ["host", "status", "uploaded", "created", "unchanged", "deleted", "rolled back", "error"],
+                rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_OPERATIONAL = 1
 EXIT_INVALID_INPUT = 2
+EXIT_DRIFT = 3  # plan --check only: the hosts differ from the manifest
 
 
 class So8tError(Exception):
@@ -54,3 +55,13 @@ class HostError(So8tError):
 
 class SmokeTestError(So8tError):
     """A deployed variant failed its smoke test."""
+
+
+class RolloutError(So8tError):
+    """apply finished, but at least one host failed (the summary says which and why)."""
+
+
+class DriftError(So8tError):
+    """plan --check found hosts that differ from the manifest."""
+
+    exit_code = EXIT_DRIFT

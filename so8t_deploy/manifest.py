@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .errors import UsageError
+from .modelfile import ModelfileSyntaxError, quote
 from .quant_types import lookup_quant_type
 
 API_VERSION = "so8t-deploy/v1"
@@ -193,6 +194,16 @@ class Modelfile(_Frozen):
         if not (BUILTIN_TEMPLATE_DIR / f"{value}.j2").is_file():
             known = sorted(p.stem for p in BUILTIN_TEMPLATE_DIR.glob("*.j2"))
             raise ValueError(f"unknown built-in template {value!r} (known: {', '.join(known)}; or a .j2 path)")
+        return value
+
+    @field_validator("system")
+    @classmethod
+    def _writable_in_a_modelfile(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                quote(value)
+            except ModelfileSyntaxError as e:
+                raise ValueError(str(e)) from None
         return value
 
     @field_validator("parameters")

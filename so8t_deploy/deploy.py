@@ -1,0 +1,68 @@
+"""The online commands: plan, apply and smoke, composed from build, render and rollout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .build import BuildReport, Log, build
+from .desired import DesiredModel, desired_models
+from .errors import HostError
+from .manifest import Manifest
+from .rollout import HostPlan, HostReport, apply_rollout, connect, plan_host
+from .runner import runner_for
+from .smoke import SmokeResult, run_smoke_tests
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    build: BuildReport
+    hosts: list[HostReport]
+
+    @property
+    def failed(self) -> list[HostReport]:
+        return [h for h in self.hosts if h.status != "ok"]
+
+
+def _state_dir(cache_dir: Path) -> Path:
+    return cache_dir / "hosts"
+
+
+def _releases(cache_dir: Path) -> Path:
+    return cache_dir.parent / "releases"
+
+
+def plan_online(manifest: Manifest, cache_dir: Path) -> list[HostPlan]:
+    """Per host, what apply would do; builds nothing and changes nothing on any host."""
+    report = build(manifest, cache_dir, runner_for(manifest, cache_dir), dry_run=True)
+    desired = desired_models(manifest, report, releases=None)
+    return [plan_host(manifest, target, desired, _state_dir(cache_dir), report.unbuilt)
+            for target in manifest.targets]
+
+
+def apply_manifest(manifest: Manifest, cache_dir: Path, log: Log) -> ApplyResult:
+    report = build(manifest, cache_dir, runner_for(manifest, cache_dir), log=log)
+    desired = desired_models(manifest, report, releases=_releases(cache_dir))
+    return ApplyResult(report, apply_rollout(manifest, desired, _state_dir(cache_dir)))
+
+
+def smoke_manifest(manifest: Manifest, cache_dir: Path) -> list[SmokeResult]:
+    """Run the smoke tests against every tag on every host, as deployed now."""
+    tags = _tags(manifest)
+    results: list[SmokeResult] = []
+    for target in manifest.targets:
+        host = connect(target)
+        try:
+            results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
+        except HostError as e:
+            results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
+        finally:
+            host.close()
+    return results
+
+
+def _tags(manifest: Manifest) -> list[str]:
+    return [manifest.tag(variant, quant) for variant in manifest.bake.variants for quant in manifest.quantize]
+
+
+__all__ = ["ApplyResult", "DesiredModel", "apply_manifest", "plan_online", "smoke_manifest"]

@@ -1,0 +1,84 @@
+"""Modelfile rendering: Ollama's quoting rules, the built-in Phi-3 template, custom templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from so8t_deploy.errors import ManifestError
+from so8t_deploy.manifest import Modelfile
+from so8t_deploy.modelfile import ModelfileSyntaxError, parse_modelfile, quote
+from so8t_deploy.render import render_modelfile
+
+PHI3_TEMPLATE = ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n"
+                 "{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>")
+
+
+@pytest.mark.parametrize("value", [
+    "0.7", "plain words", "multi\nline\ntext", ' leading space', 'say "hi" now', 'Use """triple""" quotes',
+    'ends with "', '"quoted"', "tab\there", "<|end|>", "unicode ✓ text",
+])
+def test_quote_round_trips_through_ollamas_parser(value):
+    parsed = parse_modelfile(f"FROM ./m.gguf\nSYSTEM {quote(value)}\n")
+    assert parsed[1].args == value
+
+
+def test_unwritable_values_are_refused_not_rendered_broken():
+    with pytest.raises(ModelfileSyntaxError):
+        quote('a line ending in """\nthen more')
+
+
+def test_parser_follows_ollama_rules():
+    commands = parse_modelfile('# comment\nFROM ./m.gguf\nPARAMETER stop <|end|>\nPARAMETER temperature 0.7\n'
+                               'MESSAGE user "hello there"\nLICENSE """MIT\nlicense"""\n')
+    assert [(c.name, c.args) for c in commands] == [
+        ("model", "./m.gguf"), ("stop", "<|end|>"), ("temperature", "0.7"), ("message", "user: hello there"),
+        ("license", "MIT\nlicense")]
+    bad_modelfiles = ("PARAMETER\n", "FROM x\nBOGUS y\n", "SYSTEM hi\n", 'FROM x\nSYSTEM """open\n',
+                      "FROM x\nMESSAGE robot hi\n")
+    for bad in bad_modelfiles:
+        with pytest.raises(ModelfileSyntaxError):
+            parse_modelfile(bad)
+
+
+def test_builtin_phi3_template_renders_ollamas_format():
+    rendered = render_modelfile(Modelfile(system="You are a helpful assistant.", parameters={"num_ctx": 4096}),
+                                Path("/cache/x/phi35-q4_k_m.gguf"))
+    assert rendered.text.startswith("FROM ./phi35-q4_k_m.gguf\n")
+    assert rendered.template == PHI3_TEMPLATE
+    assert rendered.system == "You are a helpful assistant."
+    assert rendered.parameters == {"num_ctx": 4096, "temperature": 0.7,
+                                   "stop": ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]}
+
+
+def test_system_prompt_with_triple_quotes_round_trips():
+    system = 'Answer in """fenced""" blocks.\nUse "quotes" freely.'
+    rendered = render_modelfile(Modelfile(system=system), Path("m.gguf"))
+    assert rendered.system == system
+    assert parse_modelfile(rendered.text)[2].args == system
+
+
+def test_manifest_refuses_a_system_prompt_no_modelfile_can_hold(tmp_path, run_cli):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text('apiVersion: so8t-deploy/v1\nname: x\nsource: {model: ./m}\nquantize: [q8_0]\n'
+                        'modelfile:\n  system: "ends the line with \\"\\"\\"\\nthen more"\n')
+    result = run_cli("validate", manifest)
+    assert result.code == 2 and "modelfile.system: " in result.err and "cannot be written" in result.err
+
+
+def test_custom_template_is_sandboxed_and_strict(tmp_path):
+    template = tmp_path / "mine.j2"
+    template.write_text("FROM ./{{ gguf_file }}\nTEMPLATE {{ quote('{{ .Prompt }}') }}\n{{ undefined_name }}\n")
+    with pytest.raises(ManifestError, match="mine.j2: template error: 'undefined_name' is undefined"):
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+    template.write_text("FROM ./{{ gguf_file }}\n{{ ''.__class__.__mro__ }}\n")
+    with pytest.raises(ManifestError, match="template error"):
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+    template.write_text("FROM ./{{ gguf_file }}\nPARAMETER temperature 0.1\n")
+    with pytest.raises(ManifestError, match="no TEMPLATE"):
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+    template.write_text("FROM ./{{ gguf_file }}\nTEMPLATE {{ quote('[INST] {{ .Prompt }} [/INST]') }}\n"
+                        "{% for k, v in parameters %}PARAMETER {{ k }} {{ quote(v) }}\n{% endfor %}")
+    rendered = render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+    assert rendered.template == "[INST] {{ .Prompt }} [/INST]" and rendered.parameters == {"temperature": 0.7}

@@ -1,6 +1,8 @@
 # Every target installs what it needs into .venv on first use.
+#   make deploy MANIFEST=manifests/phi35.yaml   build, register, smoke-test and roll out a manifest
+#   make demo       the same, offline: a tiny Phi-3 + SO8T adapter deployed to two local
+#                   Ollama-compatible test servers (there is no Ollama binary on these machines)
 #   make test       the test suite (CPU torch pinned, as CI runs it)
-#   make demo       offline demo: tiny Phi-3 + SO8T adapter, built into a GGUF quant ladder
 #   make lint       ruff
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +12,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch
 TEST_TORCH_SPEC := torch==2.13.0
 DEMO_DIR := .so8t/demo
+CACHE_DIR ?= .so8t/cache
 
 # llama.cpp comes pinned inside llama-cpp-python. A native build enables CPU kernels (AMX) that
 # crash on quantized models in some VMs, so it is always built portable, once, into a wheel.
@@ -22,7 +25,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export SO8T_LLAMA_CPP_SDIST := $(abspath $(LLAMA_SDIST))
 export SO8T_CACHE_DIR ?= $(abspath .cache/so8t)
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo deploy clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +54,12 @@ $(DEMO_DIR)/manifest.yaml: | $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/so8t-deploy demo init $(DEMO_DIR)
 
+deploy: $(VENV)/.installed
+	@test -n "$(MANIFEST)" || { echo "usage: make deploy MANIFEST=path/to/manifest.yaml" >&2; exit 2; }
+	$(VENV)/bin/so8t-deploy apply "$(MANIFEST)" --cache-dir "$(CACHE_DIR)"
+
 demo: $(DEMO_DIR)/manifest.yaml
-	$(VENV)/bin/so8t-deploy validate manifests/demo.yaml
-	$(VENV)/bin/so8t-deploy build manifests/demo.yaml
+	$(PY) -m tests.demo_hosts $(VENV)/bin/so8t-deploy apply manifests/demo.yaml --cache-dir "$(CACHE_DIR)"
 
 clean:
 	rm -rf $(VENV) .so8t .pytest_cache .ruff_cache

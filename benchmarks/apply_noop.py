@@ -1,0 +1,90 @@
+"""Re-applying an unchanged manifest: 3 variants x 3 hosts, the second apply must upload nothing.
+
+Starts three Ollama-compatible test servers on loopback (tests/ollama_server.py, each running the
+GGUFs with llama.cpp), applies a demo manifest with three variants once (build, upload, create,
+smoke), then times `so8t-deploy apply` again, in a fresh process as CI would run it. It prints the
+no-op time (target: under 2 s in total), the time per host, and what the re-run uploaded and created.
+
+    .venv/bin/python benchmarks/apply_noop.py [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.ollama_server import ServerPool  # noqa: E402 - the repository's own test server
+
+MANIFEST = """\
+apiVersion: so8t-deploy/v1
+name: noop-bench
+source:
+  model: {demo}/model
+  adapters: [{{kind: so8t, path: {demo}/adapters/so8t}}]
+bake:
+  variants:
+    full: {{}}
+    half: {{rotation: 0.5, ffn: 0.5, triality: 0.5}}
+    light: {{rotation: 0.1, ffn: 0.05, triality: 0.02}}
+quantize: [q8_0]
+modelfile: {{system: "You are a helpful assistant.", parameters: {{num_ctx: 512}}}}
+targets:
+{targets}
+rollout: {{canary: 1, parallelism: 3}}
+smoke:
+  - {{prompt: "Say hello.", expect: ".", timeout_s: 60}}
+"""
+
+
+def apply(manifest: Path, cache: Path) -> tuple[float, dict]:
+    cli = str(Path(sys.executable).with_name("so8t-deploy"))
+    started = time.perf_counter()
+    proc = subprocess.run([cli, "apply", str(manifest), "--cache-dir", str(cache), "--json"],
+                          capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"apply failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return elapsed, json.loads(proc.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/so8t-bench-apply"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    from so8t_deploy.demo import init_demo
+
+    demo = init_demo(args.workdir / "demo")
+    pool = ServerPool(args.workdir / "hosts")
+    try:
+        urls = pool.start(3)
+        targets = "\n".join(f"  - {{name: host-{i}, host: '{url}'}}" for i, url in enumerate(urls))
+        manifest = args.workdir / "manifest.yaml"
+        manifest.write_text(MANIFEST.format(demo=demo, targets=targets))
+        cache = args.workdir / "cache"
+        first, _ = apply(manifest, cache)
+        noop, report = apply(manifest, cache)
+    finally:
+        pool.stop_all()
+    uploaded = sum(h["uploaded_bytes"] for h in report["hosts"])
+    created = sum(len(h["created"]) for h in report["hosts"])
+    unchanged = sum(len(h["unchanged"]) for h in report["hosts"])
+    print(json.dumps({"first_apply_s": round(first, 2), "noop_apply_s": round(noop, 3),
+                      "noop_per_host_s": round(noop / len(urls), 3), "noop_uploaded_bytes": uploaded,
+                      "noop_created": created, "noop_unchanged": unchanged}, indent=2))
+    verdict = "PASS" if noop < 2.0 and uploaded == 0 and created == 0 else "MISS"
+    print(f"no-op apply of 3 variants x 3 hosts: {noop:.2f} s (target < 2 s), "
+          f"{uploaded} bytes uploaded, {created} created, {unchanged} unchanged: {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,6 @@ rejected by name rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, ModelError
+from ..jsonfile import read_json_object
 from .safetensors_io import FLOAT_DTYPES, read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -68,14 +68,7 @@ class LoraAdapter:
 
 def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{config_path}: missing (is {path} a PEFT LoRA adapter?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{config_path}: unreadable JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, AdapterError, f"missing (is {path} a PEFT LoRA adapter?)")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_path}: peft_type: only LORA is supported, got {config.get('peft_type')!r}")
     for key, feature in _UNSUPPORTED.items():

@@ -6,11 +6,11 @@ Missing shards, truncated files and index entries that point nowhere are input e
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
+from ..jsonfile import read_json_object
 from .safetensors_io import ShardHeader, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,26 +40,14 @@ class ModelDirectory:
         return names | ({INDEX_FILE} if self.index_metadata is not None else set())
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: unreadable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
-
-
 def open_model_dir(path: Path) -> ModelDirectory:
     """Validate a model directory: config, index, every shard present and complete."""
     if not path.is_dir():
         raise ModelError(f"{path}: not a model directory")
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json", ModelError)
     index_path = path / INDEX_FILE
     if index_path.exists():
-        index = _read_json(index_path)
+        index = read_json_object(index_path, ModelError)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index_path}: no weight_map")

@@ -7,7 +7,6 @@ Anything else is an AdapterError that names the tensor or key.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError, ModelError
+from ..jsonfile import read_json_object
 from .safetensors_io import read_header
 
 CONFIG_FILE = "so8t_config.json"
@@ -81,14 +81,7 @@ def _same_model(base_model: str, model_names: set[str]) -> bool:
 
 def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{config_path}: missing (is {path} an SO8T adapter?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{config_path}: unreadable JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, AdapterError, f"missing (is {path} an SO8T adapter?)")
     expected = {"format": "so8t", "format_version": 1, "block_size": 8}
     for key, value in expected.items():
         if key not in config:

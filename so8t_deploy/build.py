@@ -40,6 +40,7 @@ class BuildReport:
     built: int  # steps that ran
     reused: int  # steps found complete in the cache
     unbuilt: tuple[str, ...] = ()  # with dry_run: tags whose artifacts are not in the cache yet
+    references: tuple[BuiltArtifact, ...] = ()  # each variant's converted (float) GGUF, deployed or not
 
 
 class _NotBuilt(Exception):
@@ -64,6 +65,7 @@ class _Builder:
         self.digests = DigestCache(cache_dir / DIGEST_FILE)
         self.cache_dir = cache_dir
         self.source_dir: Path = Path()
+        self.references: list[BuiltArtifact] = []
         self.adapters: list[tuple[str, Path]] = []
         self.built = self.reused = 0
 
@@ -102,7 +104,7 @@ class _Builder:
                     unbuilt += [q.tag for q in plan.quants]
         finally:
             self.digests.save()  # what was hashed stays hashed, even when a later step fails
-        return BuildReport(tuple(artifacts), self.built, self.reused, tuple(unbuilt))
+        return BuildReport(tuple(artifacts), self.built, self.reused, tuple(unbuilt), tuple(self.references))
 
     def _bake(self, plan: VariantPlan) -> tuple[str, Path, list]:
         scales, dtype = plan.scales.as_dict(), self.manifest.bake.dtype
@@ -151,6 +153,9 @@ class _Builder:
         convert_dir, convert_record = self._step("convert", convert_key, f"convert {plan.variant} -> "
                                                  f"{plan.convert_type}", convert)
         converted = convert_dir / convert_record["file"]
+        self.references.append(BuiltArtifact(plan.variant, m.tag(plan.variant, plan.convert_type), plan.convert_type,
+                                             converted, convert_record["size"], convert_record["bits_per_weight"],
+                                             convert_record["sha256"]))
         built = []
         for quant in plan.quants:
             if quant.quant == plan.convert_type:

@@ -96,18 +96,26 @@ def plan(
 
 
 @app.command()
-def apply(manifest: ManifestArg, cache_dir: CacheOpt = DEFAULT_CACHE, as_json: JsonOpt = False) -> None:
+def apply(
+    manifest: ManifestArg,
+    cache_dir: CacheOpt = DEFAULT_CACHE,
+    force: Annotated[bool, typer.Option("--force", help="Roll out tags that fail the quality gate.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
     """Build, register, smoke-test and roll out every tag: canary first, rollback on failure, prune."""
     from .console import print_apply_result, step_logger
     from .deploy import apply_manifest
     from .errors import RolloutError
     from .manifest_loader import load_manifest
 
-    result = apply_manifest(load_manifest(manifest), cache_dir, step_logger())
+    result = apply_manifest(load_manifest(manifest), cache_dir, step_logger(), force=force)
     print_apply_result(result, as_json=as_json)
     if result.failed:
         summary = "; ".join(f"{h.target}: {h.status} ({h.error})" for h in result.failed)
         raise RolloutError(f"apply: {len(result.failed)} of {len(result.hosts)} hosts failed: {summary}")
+    if result.gated:
+        raise RolloutError(f"apply: the quality gate held back {', '.join(result.gated)} "
+                           "(see `so8t-deploy eval`; --force rolls them out anyway)")
 
 
 @app.command()
@@ -227,6 +235,30 @@ def build(
     loaded = load_manifest(manifest)
     report = run_build(loaded, cache_dir, runner_for(loaded, cache_dir), log=step_logger())
     print_build_report(report, as_json=as_json)
+
+
+@app.command("eval")
+def eval_quality(
+    manifest: ManifestArg,
+    report: Annotated[Path | None, typer.Option("--report", help="Write quality.md, .json and .png here.")] = None,
+    cache_dir: CacheOpt = DEFAULT_CACHE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure each quant level against its variant's float GGUF: KL divergence, top-1, perplexity, speed."""
+    from .build import build as run_build
+    from .console import print_quality, step_logger
+    from .manifest_loader import load_manifest
+    from .quality import evaluate
+    from .quality_report import write_report
+    from .runner import runner_for
+
+    loaded = load_manifest(manifest)
+    built = run_build(loaded, cache_dir, runner_for(loaded, cache_dir), log=step_logger())
+    results = evaluate(loaded, built, cache_dir)
+    print_quality(results, loaded, as_json=as_json)
+    if report is not None:
+        paths = write_report(results, report, loaded.name)
+        typer.echo(f"report: {', '.join(str(p) for p in paths)}", err=True)
 
 
 @demo_app.command("init")

@@ -18,6 +18,8 @@ from .plan import VariantPlan
 if TYPE_CHECKING:
     from .build import BuildReport
     from .deploy import ApplyResult
+    from .manifest import Manifest
+    from .quality import QuantQuality
     from .rollout import HostPlan
     from .smoke import SmokeResult
 
@@ -123,14 +125,32 @@ def print_smoke_results(results: Sequence[SmokeResult], *, as_json: bool) -> Non
 def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
     if as_json:
         print_json({"build": {"built": result.build.built, "reused": result.build.reused},
+                    "gated": result.gated, "forced": result.forced,
                     "hosts": [dataclasses.asdict(h) for h in result.hosts]})
         return
     if result.build.built:
         console.print(f"build: built {result.build.built} steps, reused {result.build.reused}")
+    for tag, reasons in result.gated.items():
+        console.print(f"[bold red]quality gate[/bold red]: {tag} is not rolled out: {'; '.join(reasons)}")
+    for tag, reasons in result.forced.items():
+        console.print(f"[bold red]--force[/bold red]: rolling out {tag} although it fails the quality gate: "
+                      f"{'; '.join(reasons)}")
     smoke = [r for h in result.hosts for r in h.smoke]
     if smoke:
         print_smoke_results(smoke, as_json=False)
     rows = [(h.target, h.status, _human_size(h.uploaded_bytes), len(h.created), len(h.unchanged), len(h.deleted),
              ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
     print_table("Rollout", ["host", "status", "uploaded", "created", "unchanged", "deleted", "rolled back", "error"],
+                rows)
+
+
+def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_json: bool) -> None:
+    if as_json:
+        print_json([dataclasses.asdict(r) | {"gate": r.gate_failures(manifest)} for r in results])
+        return
+    rows = [(r.tag, r.reference, f"{r.mean_kl:.5f}", f"{r.p99_kl:.5f}", f"{r.top1:.3f}", f"{r.perplexity:.2f}",
+             _human_size(r.size), f"{r.bits_per_weight:.2f}", f"{r.tokens_per_second:.0f}",
+             "; ".join(r.gate_failures(manifest)) or ("pass" if manifest.quality.gated else "-"))
+            for r in results]
+    print_table("Quality", ["tag", "vs", "mean KL", "p99 KL", "top-1", "ppl", "size", "bpw", "tokens/s", "gate"],
                 rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build import BuildReport, Log, build
@@ -18,6 +18,8 @@ from .smoke import SmokeResult, run_smoke_tests
 class ApplyResult:
     build: BuildReport
     hosts: list[HostReport]
+    gated: dict[str, list[str]] = field(default_factory=dict)  # tag -> why the quality gate held it back
+    forced: dict[str, list[str]] = field(default_factory=dict)  # failing tags rolled out anyway (--force)
 
     @property
     def failed(self) -> list[HostReport]:
@@ -40,15 +42,29 @@ def plan_online(manifest: Manifest, cache_dir: Path) -> list[HostPlan]:
             for target in manifest.targets]
 
 
-def apply_manifest(manifest: Manifest, cache_dir: Path, log: Log) -> ApplyResult:
+def quality_gate(manifest: Manifest, report: BuildReport, cache_dir: Path) -> dict[str, list[str]]:
+    """Tags that fail the manifest's quality thresholds, with the reasons; empty when there is no gate."""
+    if not manifest.quality.gated:
+        return {}
+    from .quality import evaluate
+
+    failures = {r.tag: r.gate_failures(manifest) for r in evaluate(manifest, report, cache_dir)}
+    return {tag: reasons for tag, reasons in failures.items() if reasons}
+
+
+def apply_manifest(manifest: Manifest, cache_dir: Path, log: Log, force: bool = False) -> ApplyResult:
     report = build(manifest, cache_dir, runner_for(manifest, cache_dir), log=log)
+    failing = quality_gate(manifest, report, cache_dir)
     desired = desired_models(manifest, report, releases=_releases(cache_dir))
-    return ApplyResult(report, apply_rollout(manifest, desired, _state_dir(cache_dir)))
+    if not force:
+        desired = [m for m in desired if m.tag not in failing]
+    hosts = apply_rollout(manifest, desired, _state_dir(cache_dir))
+    return ApplyResult(report, hosts, gated={} if force else failing, forced=failing if force else {})
 
 
 def smoke_manifest(manifest: Manifest, cache_dir: Path) -> list[SmokeResult]:
     """Run the smoke tests against every tag on every host, as deployed now."""
-    tags = _tags(manifest)
+    tags = manifest.tags()
     results: list[SmokeResult] = []
     for target in manifest.targets:
         host = connect(target)
@@ -59,10 +75,6 @@ def smoke_manifest(manifest: Manifest, cache_dir: Path) -> list[SmokeResult]:
         finally:
             host.close()
     return results
-
-
-def _tags(manifest: Manifest) -> list[str]:
-    return [manifest.tag(variant, quant) for variant in manifest.bake.variants for quant in manifest.quantize]
 
 
 __all__ = ["ApplyResult", "DesiredModel", "apply_manifest", "plan_online", "smoke_manifest"]

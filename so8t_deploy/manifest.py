@@ -328,6 +328,28 @@ class SmokeTest(_Frozen):
         return value
 
 
+class Quality(_Frozen):
+    """The quant quality gate: each quant level against its variant's float GGUF (`so8t-deploy eval`)."""
+
+    eval_text: Path | None = Field(default=None, description="Text to evaluate on; default: a short text shipped "
+                                   "with so8t-deploy. Relative to the manifest's directory.")
+    windows: int = Field(default=4, ge=1, le=256, description="How many token windows of the text to evaluate.")
+    context: int = Field(default=128, ge=16, le=8192, description="Tokens per window.")
+    max_mean_kl: float | None = Field(default=None, gt=0, description="Gate: a tag whose mean KL divergence "
+                                      "from the reference exceeds this is not rolled out.")
+    min_top1: float | None = Field(default=None, ge=0, le=1, description="Gate: a tag whose top-1 agreement "
+                                   "with the reference is below this is not rolled out.")
+
+    @field_validator("eval_text", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_local(value, info) if isinstance(value, str) and value.strip() else value
+
+    @property
+    def gated(self) -> bool:
+        return self.max_mean_kl is not None or self.min_top1 is not None
+
+
 class Manifest(_Frozen):
     api_version: Literal["so8t-deploy/v1"] = Field(alias="apiVersion", description="Always so8t-deploy/v1.")
     name: str = Field(description="Ollama model name: lowercase [a-z0-9][a-z0-9._-]*, at most 64 characters.")
@@ -339,6 +361,7 @@ class Manifest(_Frozen):
     targets: list[Target] = Field(default_factory=list, description="Ollama hosts; empty means build only.")
     rollout: Rollout = Field(default_factory=Rollout)
     smoke: list[SmokeTest] = Field(default_factory=list, description="Prompts every deployed variant must pass.")
+    quality: Quality = Field(default_factory=Quality, description="Quant quality evaluation and gate.")
 
     @field_validator("name")
     @classmethod
@@ -386,6 +409,10 @@ class Manifest(_Frozen):
     @property
     def single_default_variant(self) -> bool:
         return list(self.bake.variants) == [DEFAULT_VARIANT]
+
+    def tags(self) -> list[str]:
+        """Every tag the manifest names, variant by variant."""
+        return [self.tag(variant, quant) for variant in self.bake.variants for quant in self.quantize]
 
     def tag(self, variant: str, quant: str) -> str:
         """Ollama tag of one variant at one quant level."""

@@ -128,9 +128,10 @@ def _matches_host_copy(host: OllamaHost, model: DesiredModel) -> bool:
             and all(info.get(k) == v for k, v in model.identity.items()) and len(model.identity) == 3)
 
 
-def _namespace_extras(manifest: Manifest, tags: dict[str, str], desired: list[DesiredModel]) -> list[str]:
+def _namespace_extras(manifest: Manifest, tags: dict[str, str]) -> list[str]:
     """Models in this manifest's name that it no longer names (backups of named tags are kept)."""
-    wanted = {m.tag for m in desired} | {m.backup_tag for m in desired}
+    named = manifest.tags()
+    wanted = set(named) | {tag + BACKUP_SUFFIX for tag in named}
     prefix = re.escape(manifest.name) + ":"
     return sorted(t for t in tags if re.match(prefix, t) and t not in wanted)
 
@@ -160,7 +161,7 @@ def plan_host(manifest: Manifest, target: Target, desired: list[DesiredModel], s
                 plan.actions.append(Action("backup", model.tag, f"copy to {model.backup_tag}"))
             plan.actions.append(Action("create", model.tag, model.digest[:19]))
         if manifest.rollout.prune:
-            plan.actions += [Action("delete", tag, "pruned") for tag in _namespace_extras(manifest, tags, desired)]
+            plan.actions += [Action("delete", tag, "pruned") for tag in _namespace_extras(manifest, tags)]
     except HostError as e:
         plan.error = str(e)
     finally:
@@ -222,7 +223,7 @@ class _HostRollout:
                 self._roll_back(host, records, changed, backed_up)
             return
         if self.manifest.rollout.prune:
-            for tag in _namespace_extras(self.manifest, host.tags(), self.desired):
+            for tag in _namespace_extras(self.manifest, host.tags()):
                 if host.delete(tag):
                     self.report.deleted.append(tag)
         self.report.status = "ok"

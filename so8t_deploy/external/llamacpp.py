@@ -206,23 +206,66 @@ def _silence_llama_log() -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def gguf_logits(path: Path, token_ids: list[int], n_ctx: int = 512):
-    """Logits for every position of token_ids, from llama.cpp itself, as a numpy array.
-
-    The KV cache is kept in f32: llama.cpp's default f16 cache alone moves logits by ~1e-3,
-    which would hide what a comparison with the reference is meant to find.
-    """
-    import numpy as np
-
+def _open_for_logits(path: Path, n_ctx: int):
     library_version()
     import llama_cpp
 
     _silence_llama_log()
     f32 = 0  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(str(path), n_ctx=max(n_ctx, len(token_ids)), logits_all=True, verbose=False,
-                          type_k=f32, type_v=f32, n_threads=os.cpu_count() or 1)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, type_k=f32, type_v=f32,
+                           n_threads=os.cpu_count() or 1)
+
+
+def gguf_window_logits(path: Path, windows: list[list[int]]) -> list:
+    """Logits for every position of each token window, from llama.cpp itself (numpy arrays).
+
+    The model is loaded once. The KV cache is kept in f32: llama.cpp's default f16 cache alone
+    moves logits by ~1e-3, which would hide what a comparison with a reference is meant to find.
+    """
+    import numpy as np
+
+    llm = _open_for_logits(path, max(512, *(len(w) for w in windows)))
     try:
-        llm.eval(token_ids)
-        return np.array(llm.scores[: len(token_ids)], dtype=np.float64)
+        out = []
+        for window in windows:
+            llm.reset()
+            llm.eval(window)
+            out.append(np.array(llm.scores[: len(window)], dtype=np.float64))
+        return out
+    finally:
+        llm.close()
+
+
+def gguf_logits(path: Path, token_ids: list[int]):
+    """Logits for every position of token_ids (see gguf_window_logits)."""
+    return gguf_window_logits(path, [token_ids])[0]
+
+
+def gguf_tokenize(path: Path, text: str) -> list[int]:
+    """The GGUF's own tokenizer (vocab only: no weights are loaded)."""
+    library_version()
+    import llama_cpp
+
+    _silence_llama_log()
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False)
+    finally:
+        llm.close()
+
+
+def gguf_generation_speed(path: Path, prompt_tokens: list[int], n_tokens: int = 64, warmup: int = 4) -> float:
+    """Greedy generation speed on this machine, in tokens per second (after a few warm-up tokens)."""
+    import time
+
+    llm = _open_for_logits(path, 512)
+    try:
+        llm.eval(prompt_tokens)
+        started = None
+        for step in range(warmup + n_tokens):
+            if step == warmup:
+                started = time.perf_counter()
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        return n_tokens / (time.perf_counter() - started)
     finally:
         llm.close()

@@ -3,6 +3,8 @@
 #   make demo       the same, offline: a tiny Phi-3 + SO8T adapter deployed to two local
 #                   Ollama-compatible test servers (there is no Ollama binary on these machines)
 #   make test       the test suite (CPU torch pinned, as CI runs it)
+#   make image      the worker image for runtime.backend: docker, built here without any registry
+#                   (a debootstrapped Debian base, the host's wheelhouse, CPU torch): what CI tests
 #   make lint       ruff
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +27,11 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export SO8T_LLAMA_CPP_SDIST := $(abspath $(LLAMA_SDIST))
 export SO8T_CACHE_DIR ?= $(abspath .cache/so8t)
 
-.PHONY: test lint demo deploy clean
+WHEELHOUSE := .cache/wheelhouse
+BASE_IMAGE := so8t-base:bookworm
+TEST_IMAGE := so8t-deploy-worker:test
+
+.PHONY: test lint demo deploy wheelhouse image clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +52,23 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
 test: TORCH_SPEC := $(TEST_TORCH_SPEC)
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Every wheel the worker image needs, at the versions installed here (so both backends produce
+# the same bytes), plus the llama.cpp sdist the converter is extracted from.
+wheelhouse: TORCH_SPEC := $(TEST_TORCH_SPEC)
+wheelhouse: $(VENV)/.installed
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PIP) freeze --exclude-editable > .cache/constraints.txt
+	$(PIP) wheel -q -w $(WHEELHOUSE) --find-links $(LLAMA_WHEEL_DIR) -c .cache/constraints.txt \
+		"$(TEST_TORCH_SPEC)" ".[bake]"
+	cp $(LLAMA_SDIST) $(WHEELHOUSE)/
+
+image: TORCH_SPEC := $(TEST_TORCH_SPEC)
+image: wheelhouse
+	docker/make-base-image.sh $(BASE_IMAGE)
+	$(VENV)/bin/so8t-deploy image build --tag $(TEST_IMAGE) --wheelhouse $(WHEELHOUSE) \
+		--build-arg BUILD_IMAGE=$(BASE_IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+		--build-arg TORCH_SPEC=$(TEST_TORCH_SPEC) --build-arg OFFLINE=1
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check so8t_deploy tests benchmarks

@@ -24,6 +24,11 @@ app = typer.Typer(
 )
 demo_app = typer.Typer(help="A self-contained offline demo.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+image_app = typer.Typer(help="The worker image for runtime.backend: docker.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+worker_app = typer.Typer(help="Steps run inside the worker container (its entry point).", no_args_is_help=True,
+                         hidden=True)
+app.add_typer(worker_app, name="worker")
 
 _state = {"verbose": False}
 
@@ -259,6 +264,80 @@ def eval_quality(
     if report is not None:
         paths = write_report(results, report, loaded.name)
         typer.echo(f"report: {', '.join(str(p) for p in paths)}", err=True)
+
+
+@image_app.command("build")
+def image_build(
+    manifest: Annotated[Path | None, typer.Argument(help="Take the image tag from runtime.image.")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Image tag (default: the manifest's runtime.image).")] = None,
+    wheelhouse: Annotated[Path, typer.Option("--wheelhouse", help="Wheels for the image (make wheelhouse).")] = Path(
+        ".cache/wheelhouse"),
+    build_arg: Annotated[list[str], typer.Option("--build-arg", help="KEY=VALUE for docker/Dockerfile.")] = [],  # noqa: B006
+) -> None:
+    """Build the worker image with the docker SDK (build args, streamed log)."""
+    from .errors import UsageError
+    from .external.docker_engine import build_image
+    from .manifest_loader import load_manifest
+
+    image = tag or (load_manifest(manifest).runtime.image if manifest else "so8t-deploy-worker:latest")
+    args = {}
+    for item in build_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--build-arg: expected KEY=VALUE, got {item!r}")
+        args[key] = value
+    build_image(image, wheelhouse, args)
+    typer.echo(f"built {image}")
+
+
+@worker_app.command("bake")
+def worker_bake(
+    model: Annotated[Path, typer.Option("--model")],
+    out: Annotated[Path, typer.Option("--out")],
+    digests: Annotated[Path, typer.Option("--digests")],
+    adapter: Annotated[list[str], typer.Option("--adapter", help="KIND:PATH")] = [],  # noqa: B006
+    scales: ScalesOpt = "",
+    dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+) -> None:
+    from .bake.bake import bake_model
+    from .hashing import DigestCache
+    from .manifest import parse_scales
+
+    adapters = [(kind, Path(path)) for kind, _, path in (a.partition(":") for a in adapter)]
+    bake_model(model, adapters, out, parse_scales(scales), dtype, digests=DigestCache(digests))
+
+
+@worker_app.command("convert")
+def worker_convert(
+    baked: Annotated[Path, typer.Argument()],
+    out: Annotated[Path, typer.Option("--out")],
+    outtype: Annotated[str, typer.Option("--outtype")],
+    metadata_json: Annotated[str, typer.Option("--metadata-json")] = "{}",
+) -> None:
+    import json
+
+    from .external.llamacpp import convert_to_gguf, locate_converter
+
+    convert_to_gguf(locate_converter(), baked, out, outtype, json.loads(metadata_json))
+
+
+@worker_app.command("quantize")
+def worker_quantize(
+    source: Annotated[Path, typer.Argument()],
+    out: Annotated[Path, typer.Option("--out")],
+    type_: Annotated[str, typer.Option("--type")],
+) -> None:
+    from .external.llamacpp import quantize_gguf
+    from .quant_types import lookup_quant_type
+
+    quantize_gguf(source, out, lookup_quant_type(type_))
+
+
+@worker_app.command("version")
+def worker_version() -> None:
+    from .runner import LocalRunner
+
+    typer.echo(LocalRunner().llama_cpp_version())
 
 
 @demo_app.command("init")

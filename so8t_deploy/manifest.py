@@ -240,6 +240,7 @@ class Runtime(_Frozen):
     gpus: Literal["none", "all"] | int = Field(
         default="none", description="GPUs for the worker container: none, all, or a count."
     )
+    timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest a worker container may run, in seconds.")
 
     @field_validator("gpus", mode="before")
     @classmethod

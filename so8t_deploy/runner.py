@@ -31,9 +31,7 @@ class Runner(Protocol):
 def runner_for(manifest: Manifest, cache_dir: Path) -> Runner:
     """The runner that the manifest's runtime.backend names."""
     if manifest.runtime.backend == "docker":
-        from .errors import UsageError
-
-        raise UsageError("runtime.backend: docker is not available in this build; use backend: local")
+        return DockerRunner(manifest.runtime.image, manifest.runtime.gpus, manifest.runtime.timeout_s, cache_dir)
     return LocalRunner(digest_file=cache_dir / DIGEST_FILE)
 
 
@@ -69,3 +67,45 @@ class LocalRunner:
 
         library_version()
         return locate_converter().version
+
+
+class DockerRunner:
+    """Each step in a fresh worker container (docker/Dockerfile), driven through the docker SDK."""
+
+    name = "docker"
+
+    def __init__(self, image: str, gpus: str | int, timeout_s: float, cache_dir: Path):
+        self.image, self.gpus, self.timeout_s = image, gpus, timeout_s
+        self.cache_dir = cache_dir.resolve()
+        self._version: str | None = None
+
+    def _run(self, label: str, args: list[str], read_only=()) -> list[str]:
+        from .external.docker_engine import ContainerStep
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        step = ContainerStep(self.image, self.gpus, self.timeout_s, label)
+        return step.run(args, read_only=[Path(p).resolve() for p in read_only], read_write=[self.cache_dir])
+
+    def bake(self, model_dir, adapters, out_dir, scales, dtype) -> None:
+        scale_arg = ",".join(f"{k}={v!r}" for k, v in scales.as_dict().items())
+        args = ["bake", "--model", str(model_dir.resolve()), "--out", str(out_dir.resolve()), "--scales", scale_arg,
+                "--dtype", dtype, "--digests", str(self.cache_dir / DIGEST_FILE)]
+        for kind, path in adapters:
+            args += ["--adapter", f"{kind}:{Path(path).resolve()}"]
+        self._run("bake", args, read_only=[model_dir, *(p for _, p in adapters)])
+
+    def convert(self, baked_dir, out_file, outtype, metadata) -> None:
+        import json
+
+        self._run("convert", ["convert", str(baked_dir.resolve()), "--out", str(out_file.resolve()),
+                              "--outtype", outtype, "--metadata-json", json.dumps(metadata)])
+
+    def quantize(self, in_file, out_file, quant) -> None:
+        self._run("quantize", ["quantize", str(in_file.resolve()), "--out", str(out_file.resolve()),
+                               "--type", quant.name])
+
+    def llama_cpp_version(self) -> str:
+        if self._version is None:
+            lines = [line for line in self._run("version", ["version"]) if line.strip()]
+            self._version = lines[-1]
+        return self._version

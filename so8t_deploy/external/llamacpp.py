@@ -102,7 +102,9 @@ def _extract_converter(root: Path) -> None:
                 raise BuildError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
             for member in members:
                 member.name = member.name[len(prefix):]
-            archive.extractall(staging, members=members, filter="data")
+                if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
+                    raise BuildError(f"{sdist}: unexpected archive member {member.name!r}")
+            archive.extractall(staging, members=members)  # regular files and dirs only, checked above
         (staging / _MARKER).write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_PYTHON_VERSION}) + "\n")
         if root.exists():
             shutil.rmtree(root)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, ModelError
+from ..errors import AdapterError
 from ..jsonfile import read_json_object
 from .safetensors_io import FLOAT_DTYPES, read_header
 
@@ -89,10 +89,7 @@ def load_lora_adapter(path: Path) -> LoraAdapter:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing (only safetensors adapters are supported)")
-    try:
-        header = read_header(weights)
-    except ModelError as e:
-        raise AdapterError(str(e)) from e
+    header = read_header(weights, AdapterError)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     from safetensors import safe_open
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import InvalidInputError, ModelError
 
 # safetensors dtype names <-> torch dtypes and element sizes
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -53,24 +53,24 @@ class ShardHeader:
     metadata: dict[str, str]
 
 
-def read_header(path: Path) -> ShardHeader:
-    """Parse and sanity-check a safetensors header; a truncated or corrupt file is a ModelError."""
+def read_header(path: Path, error: type[InvalidInputError] = ModelError) -> ShardHeader:
+    """Parse and sanity-check a safetensors header; a truncated or corrupt file raises `error`."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise ModelError(f"{path}: truncated safetensors file (no header)")
+                raise error(f"{path}: truncated safetensors file (no header)")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise ModelError(f"{path}: truncated or corrupt safetensors file (header length {header_len})")
+                raise error(f"{path}: truncated or corrupt safetensors file (header length {header_len})")
             raw = json.loads(f.read(header_len))
     except OSError as e:
-        raise ModelError(f"{path}: cannot read: {e.strerror}") from e
+        raise error(f"{path}: cannot read: {e.strerror}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: corrupt safetensors header: {e}") from e
+        raise error(f"{path}: corrupt safetensors header: {e}") from e
     if not isinstance(raw, dict):
-        raise ModelError(f"{path}: corrupt safetensors header")
+        raise error(f"{path}: corrupt safetensors header")
     data_start = 8 + header_len
     metadata = raw.pop("__metadata__", None) or {}
     tensors: dict[str, TensorEntry] = {}
@@ -81,13 +81,13 @@ def read_header(path: Path) -> ShardHeader:
             begin, end = (int(n) for n in info["data_offsets"])
             _, itemsize = DTYPES[dtype]
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"{path}: tensor {name!r} has an invalid header entry") from e
+            raise error(f"{path}: tensor {name!r} has an invalid header entry") from e
         if end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise ModelError(f"{path}: tensor {name!r} has inconsistent offsets")
+            raise error(f"{path}: tensor {name!r} has inconsistent offsets")
         tensors[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
         data_end = max(data_end, data_start + end)
     if data_end > size:
-        raise ModelError(f"{path}: truncated safetensors file ({size} bytes, header promises {data_end})")
+        raise error(f"{path}: truncated safetensors file ({size} bytes, header promises {data_end})")
     return ShardHeader(path, tensors, metadata)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError, ModelError
+from ..errors import AdapterError
 from ..jsonfile import read_json_object
 from .safetensors_io import read_header
 
@@ -121,10 +121,7 @@ def load_so8t_adapter(path: Path) -> So8tAdapter:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing")
-    try:
-        header = read_header(weights)
-    except ModelError as e:
-        raise AdapterError(str(e)) from e
+    header = read_header(weights, AdapterError)
     tensors: dict[str, torch.Tensor] = {}
     from safetensors import safe_open
 

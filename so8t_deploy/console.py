@@ -43,6 +43,28 @@ def byte_progress(label: str, total: int | None = None) -> Iterator[Callable[[in
         yield lambda n: progress.advance(task, n)
 
 
+TransferProgress = Callable[[str, int], Callable[[int], None]]
+
+
+@contextmanager
+def transfer_progress() -> Iterator[TransferProgress | None]:
+    """One live display shared by concurrent uploads (rich allows one per console); None when piped.
+
+    Yields a factory: start(label, total_bytes) -> advance(n_bytes), callable from any thread.
+    """
+    if not sys.stderr.isatty():
+        yield None
+        return
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("{task.description}", *columns, console=Console(stderr=True)) as progress:
+
+        def start(label: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(label, total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield start
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title, title_justify="left")
     for column in columns:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build import BuildReport, Log, build
+from .console import transfer_progress
 from .desired import DesiredModel, desired_models
 from .errors import HostError
 from .manifest import Manifest
@@ -58,7 +59,8 @@ def apply_manifest(manifest: Manifest, cache_dir: Path, log: Log, force: bool = 
     desired = desired_models(manifest, report, releases=_releases(cache_dir))
     if not force:
         desired = [m for m in desired if m.tag not in failing]
-    hosts = apply_rollout(manifest, desired, _state_dir(cache_dir))
+    with transfer_progress() as progress:
+        hosts = apply_rollout(manifest, desired, _state_dir(cache_dir), progress)
     return ApplyResult(report, hosts, gated={} if force else failing, forced=failing if force else {})
 
 

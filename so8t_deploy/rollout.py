@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .console import TransferProgress
 from .desired import BACKUP_SUFFIX, DesiredModel
 from .errors import HostError
 from .external.ollama_host import OllamaHost
@@ -175,10 +176,15 @@ def connect(target: Target) -> OllamaHost:
 
 
 class _HostRollout:
-    def __init__(self, manifest: Manifest, target: Target, desired: list[DesiredModel], state_dir: Path):
+    def __init__(self, manifest: Manifest, target: Target, desired: list[DesiredModel], state_dir: Path,
+                 progress: TransferProgress | None):
         self.manifest, self.target, self.desired = manifest, target, desired
         self.report = HostReport(target.name, target.host)
-        self.state_dir = state_dir
+        self.state_dir, self.progress = state_dir, progress
+
+    def _upload(self, host: OllamaHost, model: DesiredModel) -> None:
+        advance = self.progress(f"upload {model.gguf.name} to {host.name}", model.size) if self.progress else None
+        self.report.uploaded_bytes += host.upload_blob(model.gguf, model.digest, advance)
 
     def run(self) -> HostReport:
         host = connect(self.target)
@@ -201,10 +207,10 @@ class _HostRollout:
                 self.report.unchanged.append(model.tag)
                 continue
             if not host.has_blob(model.digest):
-                self.report.uploaded_bytes += host.upload_blob(model.gguf, model.digest)
+                self._upload(host, model)
             # Blobs no model references vanish when a server restarts: check again right before create.
             if not host.has_blob(model.digest):
-                self.report.uploaded_bytes += host.upload_blob(model.gguf, model.digest)
+                self._upload(host, model)
             if model.tag in tags:
                 host.copy(model.tag, model.backup_tag)
                 backed_up.add(model.tag)
@@ -247,14 +253,15 @@ class _HostRollout:
         records.save()
 
 
-def apply_rollout(manifest: Manifest, desired: list[DesiredModel], state_dir: Path) -> list[HostReport]:
+def apply_rollout(manifest: Manifest, desired: list[DesiredModel], state_dir: Path,
+                  progress: TransferProgress | None = None) -> list[HostReport]:
     """Canary hosts in order, then the rest `parallelism` at a time; honours `on_failure`."""
     policy = manifest.rollout.on_failure
     canaries, rest = manifest.targets[:manifest.rollout.canary], manifest.targets[manifest.rollout.canary:]
     reports: dict[str, HostReport] = {}
 
     def roll(target: Target) -> HostReport:
-        return _HostRollout(manifest, target, desired, state_dir).run()
+        return _HostRollout(manifest, target, desired, state_dir, progress).run()
 
     stop = False
     for target in canaries:

@@ -236,3 +236,15 @@ def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
     results = json.loads(result.out)
     assert sorted(r["tag"] for r in results) == sorted(TAGS)
     assert all(r["passed"] and r["tokens_per_second"] > 0 for r in results)
+
+
+def test_header_values_are_sent_but_never_printed(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
+    text = manifest.read_text().replace(f"host: '{url}'}}", f"host: '{url}', headers: {{X-Api-Token: sekrit-123}}}}")
+    manifest.write_text(text)
+    hosts.server(url).faults(version="0.5.4")  # an error path: the message names the host, not the header
+    for args in (("apply", manifest), ("plan", manifest, "--json"), ("-v", "apply", manifest)):
+        result = run_cli(*args, "--cache-dir", cache)
+        assert "sekrit-123" not in result.out + result.err

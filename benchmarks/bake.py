@@ -46,6 +46,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from so8t_deploy.fsutil import fsync_tree
+
 # Phi-3.5-mini-instruct's shapes.
 HIDDEN = 3072
 INTERMEDIATE = 8192
@@ -201,20 +203,6 @@ def write_adapter(workdir: Path, layers: int) -> Path:
 
 def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        _fsync(path)
-    _fsync(root)
 
 
 def tree_bytes(root: Path) -> int:

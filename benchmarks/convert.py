@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from so8t_deploy.fsutil import fsync_path
 
 LADDER = ["f16", "q8_0", "q4_k_m"]
 
@@ -52,11 +53,6 @@ def prepare(workdir: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     return model, adapter
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def direct(model: Path, adapter: Path, out: Path) -> None:
     import ctypes
 
@@ -74,14 +70,14 @@ def direct(model: Path, adapter: Path, out: Path) -> None:
     command = [sys.executable, str(converter.script), str(out / "baked"), "--outfile", str(out / "f16.gguf"),
                "--outtype", "f16"]
     subprocess.run(command, check=True, capture_output=True)
-    _fsync(out / "f16.gguf")
+    fsync_path(out / "f16.gguf")
     for quant in LADDER[1:]:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = lookup_quant_type(quant).ftype
         rc = llama_cpp.llama_model_quantize(str(out / "f16.gguf").encode(), str(out / f"{quant}.gguf").encode(),
                                             ctypes.byref(params))
         assert rc == 0, quant
-        _fsync(out / f"{quant}.gguf")
+        fsync_path(out / f"{quant}.gguf")
 
 
 def main() -> None:

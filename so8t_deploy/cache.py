@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .fsutil import fsync_tree
+
 MARKER = "artifact.json"
 DIGEST_FILE = "digests.json"  # a DigestCache beside the artifacts: input hashes by file identity
 
@@ -71,7 +73,7 @@ class ArtifactCache:
                 shutil.rmtree(staging)
                 return
             (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _fsync_tree(staging)
+            fsync_tree(staging)
             if final.exists():  # an incomplete leftover (no marker): replace it
                 shutil.rmtree(final)
             staging.rename(final)
@@ -79,13 +81,3 @@ class ArtifactCache:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        if path.is_symlink():
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..cache import DIGEST_FILE, default_cache_root
 from ..errors import UsageError
+from ..fsutil import fsync_path
 from ..hashing import DigestCache, combined_digest
 from ..manifest import Scales
 from .adapters import Adapter, load_adapter
@@ -69,23 +70,16 @@ def _prepare_destination(out_dir: Path) -> Path:
 
 def _publish(staging: Path, out_dir: Path) -> None:
     """Swap the finished staging directory into place with renames only."""
-    _fsync_dir(staging)
+    fsync_path(staging)
     old = None
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
         out_dir.rename(old)
     staging.rename(out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_path(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 ShardItems = list[tuple[OutputTensor, TensorEntry]]

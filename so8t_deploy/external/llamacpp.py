@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..cache import default_cache_root
 from ..errors import BuildError, ModelError, UsageError
+from ..fsutil import fsync_path
 from ..quant_types import QuantType
 from .imatrix import load_imatrix
 
@@ -136,16 +137,11 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
                 raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
                                  f"({_last_lines(log, 1)})")
             raise BuildError(f"{model_dir}: conversion failed (exit {proc.returncode}): {_last_lines(log)}")
-        _fsync_file(staging)
+        fsync_path(staging)
         staging.replace(out_file)
     finally:
         os.unlink(meta.name)
         staging.unlink(missing_ok=True)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def gguf_file_type(path: Path) -> int | None:
@@ -181,7 +177,7 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
         rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
         if rc != 0 or not staging.is_file():
             raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (code {rc})")
-        _fsync_file(staging)
+        fsync_path(staging)
         staging.replace(out_file)
     finally:
         staging.unlink(missing_ok=True)

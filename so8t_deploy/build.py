@@ -66,6 +66,7 @@ class _Builder:
         self.cache_dir = cache_dir
         self.source_dir: Path = Path()
         self.references: list[BuiltArtifact] = []
+        self._inputs: dict | None = None
         self.adapters: list[tuple[str, Path]] = []
         self.built = self.reused = 0
 
@@ -83,13 +84,18 @@ class _Builder:
         return self.cache.path(stage, record["key"]), record
 
     def _input_digests(self) -> dict:
-        """Digests of the source model and each adapter (hashing what the digest cache lacks)."""
-        adapters = [{"kind": kind, "digest": combined_digest(self.digests.directory(path))}
-                    for kind, path in self.adapters]
-        return {"model": combined_digest(self.digests.directory(self.source_dir)), "adapters": adapters}
+        """Digests of the source model and each adapter, taken once per build (hashing what the
+        digest cache lacks, after picking up what a runner recorded while reading them)."""
+        if self._inputs is None:
+            self.digests.reload()
+            adapters = [{"kind": kind, "digest": combined_digest(self.digests.directory(path))}
+                        for kind, path in self.adapters]
+            self._inputs = {"model": combined_digest(self.digests.directory(self.source_dir)), "adapters": adapters}
+        return self._inputs
 
     def _inputs_known(self) -> bool:
-        return all(self.digests.knows_directory(p) for p in (self.source_dir, *(p for _, p in self.adapters)))
+        return self._inputs is not None or all(
+            self.digests.knows_directory(p) for p in (self.source_dir, *(p for _, p in self.adapters)))
 
     def run(self) -> BuildReport:
         self.source_dir = resolve_source(self.manifest.source, self.cache_dir)
@@ -110,9 +116,7 @@ class _Builder:
         scales, dtype = plan.scales.as_dict(), self.manifest.bake.dtype
 
         def bake_key() -> str:
-            self.digests.reload()  # the runner recorded the digests it took while reading
-            inputs = self._input_digests()
-            return cache_key(stage="bake", tool=__version__, **inputs, scales=scales, dtype=dtype)
+            return cache_key(stage="bake", tool=__version__, **self._input_digests(), scales=scales, dtype=dtype)
 
         def bake(staging: Path, record: dict) -> None:
             self.runner.bake(self.source_dir, self.adapters, staging / "model", plan.scales, dtype)

@@ -1,0 +1,3 @@
+module so8t.test/gotemplate
+
+go 1.19

@@ -1,0 +1,48 @@
+"""An Ollama-compatible HTTP server for tests that really runs the uploaded GGUF with llama.cpp.
+
+Run it as its own process from the repository root:
+
+    python -m tests.ollama_server --port 0 --data DIR [--version 0.32.15] [--host 127.0.0.1]
+                                  [--seed -1] [--prune-grace 3600]
+
+It prints one line, ``listening on http://HOST:PORT``, once it accepts connections. Model templates are Go
+text/template, so it needs Go: tests/gotemplate is built on first use (`apt-get install golang-go`).
+
+Modules: names (model names), ggufinfo (GGUF headers), store (blobs, manifests, pruning), create (the create
+worker), faults (test faults), generation (llama.cpp), api (endpoints), handler (HTTP, `main`), launch
+(OllamaTestServer, ServerPool).
+
+It follows Ollama 0.32 (server/create.go, server/routes.go, manifest/, template/ of ollama/ollama):
+- The store is Ollama's: blobs/sha256-<hex> and manifests/<host>/<namespace>/<model>/<tag>, the manifest JSON
+  as Go writes it. /api/tags `digest` is the sha256 of that file, `modified_at` its mtime.
+- A GGUF import is validated by llama.cpp's quantizer in COPY mode and stored as a new layer with a new digest:
+  `parsing GGUF`, `validating GGUF model` (progress), `verifying conversion`, then silence while the result is
+  copied and hashed, then one `creating new layer …`/`using existing layer …` per layer, `writing manifest`,
+  `success`. The uploaded blob is left unreferenced. `quantize` (Q4_K_S, Q4_K_M, Q8_0 from F16/BF16/F32)
+  replaces the COPY with `quantizing F16 model to Q8_0` lines.
+- The create runs in a worker that hands every line to the request handler and waits until the handler took
+  it (Go's unbuffered channel). A streaming client that goes away leaves the worker stuck before its next line:
+  the manifest is never written. With "stream": false the handler drains the worker and the create completes.
+- An error before the first line is a plain HTTP error; a later one an NDJSON {"error"} line under HTTP 200
+  (a bad TEMPLATE, parsed after the rewrite, is "template error: …"; a GGUF llama.cpp refuses is "failed to
+  validate GGUF with llama-quantize …").
+- At start, blobs that no manifest references are pruned once older than an hour (OLLAMA_NOPRUNE: never);
+  a create removes the layers only the replaced manifest used.
+- Prompts are rendered by Go's text/template with Ollama's rules; /api/show `parameters` are Go's %#v lines in
+  random order; sampling defaults are api.DefaultOptions (seed -1, temperature 0.8, top_k 40, top_p 0.9,
+  repeat_penalty 1.0, num_predict -1); num_ctx as sent, else OLLAMA_CONTEXT_LENGTH or 4096 (the CPU tier);
+  keep_alive 5m (OLLAMA_KEEP_ALIVE), 0 unloads after the request, negative keeps the model loaded.
+
+Test-only, not Ollama:
+- POST/GET /_test/faults (faults.py: FAULT_DEFAULTS, CreateRules), GET /_test/stats, GET/DELETE /_test/requests
+  (handler.py), --seed (a default for requests without one), --prune-grace (seconds; 0 prunes young blobs at
+  start), and `OllamaTestServer` / `ServerPool` (launch.py) to start servers from tests.
+- One GGUF per create (no safetensors, adapters, drafts, split GGUFs), no template autodetection from the
+  GGUF's chat template, no tools, images or thinking; a prompt longer than num_ctx is an error instead of being
+  truncated, generation stops at the end of the context instead of shifting it; two threads per model.
+"""
+
+from .common import REPO
+from .launch import OllamaTestServer, ServerPool
+
+__all__ = ["REPO", "OllamaTestServer", "ServerPool"]

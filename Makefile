@@ -31,7 +31,7 @@ WHEELHOUSE := .cache/wheelhouse
 BASE_IMAGE := so8t-base:bookworm
 TEST_IMAGE := so8t-deploy-worker:test
 
-.PHONY: test lint demo deploy wheelhouse image clean
+.PHONY: test lint demo deploy wheelhouse image clean go-toolchain
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,15 @@ $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL_STAMP)
 	$(PIP) install -q -e ".[bake,dev]"
 	touch $@
 
+# The Ollama test server renders templates with Go's own text/template (tests/gotemplate).
+go-toolchain:
+	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null; }; }; } \
+	  || { echo "the Ollama test server needs Go: install Debian's golang-go" >&2; exit 1; }
+
 test: TORCH_SPEC := $(TEST_TORCH_SPEC)
-test: $(VENV)/.installed
+test: $(VENV)/.installed go-toolchain
 	$(PY) -m pytest
 
 # Every wheel the worker image needs, at the versions installed here (so both backends produce
@@ -81,7 +88,7 @@ deploy: $(VENV)/.installed
 	@test -n "$(MANIFEST)" || { echo "usage: make deploy MANIFEST=path/to/manifest.yaml" >&2; exit 2; }
 	$(VENV)/bin/so8t-deploy apply "$(MANIFEST)" --cache-dir "$(CACHE_DIR)"
 
-demo: $(DEMO_DIR)/manifest.yaml
+demo: $(DEMO_DIR)/manifest.yaml go-toolchain
 	$(PY) -m tests.demo_hosts $(VENV)/bin/so8t-deploy apply manifests/demo.yaml --cache-dir "$(CACHE_DIR)"
 
 clean:

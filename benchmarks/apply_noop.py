@@ -1,6 +1,6 @@
 """Re-applying an unchanged manifest: 3 variants x 3 hosts, the second apply must upload nothing.
 
-Starts three Ollama-compatible test servers on loopback (tests/ollama_server.py, each running the
+Starts three Ollama-compatible test servers on loopback (tests/ollama_server/, each running the
 GGUFs with llama.cpp), applies a demo manifest with three variants once (build, upload, create,
 smoke), then times `so8t-deploy apply` again, in a fresh process as CI would run it. It prints the
 no-op time (target: under 2 s in total), the time per host, and what the re-run uploaded and created.

@@ -5,15 +5,22 @@ Exit codes: 0 ok, 1 operational failure, 2 invalid input (see README).
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import __version__
-from .errors import EXIT_OPERATIONAL, So8tError
+from .errors import EXIT_INTERRUPTED, EXIT_OPERATIONAL, So8tError
+
+if TYPE_CHECKING:
+    from .cancel import CancelToken
 
 app = typer.Typer(
     name="so8t-deploy",
@@ -107,31 +114,59 @@ def apply(
     force: Annotated[bool, typer.Option("--force", help="Roll out tags that fail the quality gate.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build, register, smoke-test and roll out every tag: canary first, rollback on failure, prune."""
-    from .console import print_apply_result, step_logger
+    """Build, register, smoke-test and roll out every tag: canary first, all or nothing per host, prune."""
+    from .cancel import CancelToken
+    from .console import ConsoleProgress, print_apply_result
     from .deploy import apply_manifest
-    from .errors import RolloutError
+    from .errors import Interrupted, RolloutError
     from .manifest_loader import load_manifest
 
-    result = apply_manifest(load_manifest(manifest), cache_dir, step_logger(), force=force)
+    loaded, cancel = load_manifest(manifest), CancelToken()
+    with _interrupts_ask(cancel), ConsoleProgress() as progress:
+        result = apply_manifest(loaded, cache_dir, progress, force=force, cancel=cancel)
     print_apply_result(result, as_json=as_json)
+    states = "; ".join(f"{h.target}: {h.status} ({h.outcome})" for h in result.hosts)
+    if cancel.cancelled:
+        raise Interrupted(f"apply: interrupted; {states}")
     if result.failed:
-        summary = "; ".join(f"{h.target}: {h.status} ({h.error})" for h in result.failed)
-        raise RolloutError(f"apply: {len(result.failed)} of {len(result.hosts)} hosts failed: {summary}")
+        raise RolloutError(f"apply: {len(result.failed)} of {len(result.hosts)} hosts failed: "
+                           + "; ".join(f"{h.target}: {h.status}, {h.outcome} ({h.error})" for h in result.failed))
     if result.gated:
         raise RolloutError(f"apply: the quality gate held back {', '.join(result.gated)} "
                            "(see `so8t-deploy eval`; --force rolls them out anyway)")
 
 
+@contextmanager
+def _interrupts_ask(cancel: CancelToken) -> Iterator[None]:
+    """Ctrl-C / SIGTERM during a rollout: finish the step in flight, roll back, exit 130; twice: stop now."""
+
+    def handler(signum: int, frame: object) -> None:
+        if cancel.cancelled or not cancel.cooperative_now:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        typer.echo("interrupted: finishing the step in flight, then rolling back (interrupt again to stop at once)",
+                   err=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @app.command()
-def smoke(manifest: ManifestArg, cache_dir: CacheOpt = DEFAULT_CACHE, as_json: JsonOpt = False) -> None:
+def smoke(manifest: ManifestArg, as_json: JsonOpt = False) -> None:
     """Run the manifest's smoke tests against every tag on every host."""
     from .console import print_smoke_results
     from .deploy import smoke_manifest
     from .errors import SmokeTestError
     from .manifest_loader import load_manifest
 
-    results = smoke_manifest(load_manifest(manifest), cache_dir)
+    results = smoke_manifest(load_manifest(manifest))
     print_smoke_results(results, as_json=as_json)
     failed = [r for r in results if not r.passed]
     if failed:
@@ -353,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point and the single error boundary."""
     command = typer.main.get_command(app)
     try:
-        # Standalone mode lets click report its own usage errors (exit 2) and Ctrl-C (exit 1).
+        # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
         command.main(args=argv, prog_name="so8t-deploy", standalone_mode=True)
     except So8tError as e:
         if _state["verbose"]:
@@ -361,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(str(e).splitlines()[0] if str(e) else type(e).__name__, err=True)
         return e.exit_code
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_OPERATIONAL
+        code = e.code if isinstance(e.code, int) else EXIT_OPERATIONAL
+        if code == EXIT_INTERRUPTED:
+            typer.echo("interrupted", err=True)
+        return code
     return 0
 
 

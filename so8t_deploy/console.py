@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -43,26 +44,39 @@ def byte_progress(label: str, total: int | None = None) -> Iterator[Callable[[in
         yield lambda n: progress.advance(task, n)
 
 
-TransferProgress = Callable[[str, int], Callable[[int], None]]
+class ConsoleProgress:
+    """The CLI's `Progress`: step lines and warnings on stderr, byte bars on a terminal.
 
-
-@contextmanager
-def transfer_progress() -> Iterator[TransferProgress | None]:
-    """One live display shared by concurrent uploads (rich allows one per console); None when piped.
-
-    Yields a factory: start(label, total_bytes) -> advance(n_bytes), callable from any thread.
+    Concurrent uploads share one live display (rich allows one per console); piped output gets
+    the lines only, so --json on stdout stays clean.
     """
-    if not sys.stderr.isatty():
-        yield None
-        return
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress("{task.description}", *columns, console=Console(stderr=True)) as progress:
 
-        def start(label: str, total: int) -> Callable[[int], None]:
-            task = progress.add_task(label, total=total)
-            return lambda n: progress.advance(task, n)
+    def __init__(self) -> None:
+        self._err = Console(stderr=True, highlight=False)
+        self._bars: Progress | None = None
 
-        yield start
+    def __enter__(self) -> ConsoleProgress:
+        if sys.stderr.isatty():
+            columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self._bars = Progress("{task.description}", *columns, console=self._err)
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+    def step(self, message: str) -> None:
+        self._err.print(f"[bold]>[/bold] {escape(message)}")
+
+    def warning(self, message: str) -> None:
+        self._err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
+
+    def transfer(self, label: str, total: int) -> Callable[[int], None] | None:
+        if self._bars is None:
+            return None
+        bars, task = self._bars, self._bars.add_task(label, total=total)
+        return lambda n: bars.advance(task, n)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -98,7 +112,7 @@ def print_build_plan(builds: Sequence[VariantPlan], *, as_json: bool) -> None:
 def step_logger() -> Callable[[str], None]:
     """Progress lines for long steps, on stderr so --json output stays clean."""
     err = Console(stderr=True, highlight=False)
-    return lambda message: err.print(f"[bold]>[/bold] {message}")
+    return lambda message: err.print(f"[bold]>[/bold] {escape(message)}")
 
 
 def _human_size(size: int) -> str:
@@ -123,13 +137,19 @@ def print_build_report(report: BuildReport, *, as_json: bool) -> None:
         console.print(f"built {report.built} steps, reused {report.reused}")
 
 
+def host_plan_json(plan: HostPlan) -> dict:
+    return {"target": plan.target, "url": plan.url, "error": plan.error, "warnings": plan.warnings,
+            "drift": plan.drift, "upload_bytes": plan.upload_bytes,
+            "actions": [dataclasses.asdict(a) for a in plan.actions]}
+
+
 def print_host_plans(plans: Sequence[HostPlan], *, as_json: bool) -> None:
     if as_json:
-        print_json([dataclasses.asdict(p) | {"drift": p.drift} for p in plans])
+        print_json([host_plan_json(p) for p in plans])
         return
     for plan in plans:
         if plan.error:
-            console.print(f"[bold]{plan.target}[/bold] ({plan.url}): [red]{plan.error}[/red]")
+            console.print(f"[bold]{plan.target}[/bold] ({plan.url}): [red]{escape(plan.error)}[/red]")
             continue
         rows = [(a.kind, a.tag, a.detail, _human_size(a.bytes) if a.bytes else "") for a in plan.actions]
         print_table(f"{plan.target} ({plan.url})", ["action", "tag", "detail", "bytes"], rows)
@@ -148,7 +168,7 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
     if as_json:
         print_json({"build": {"built": result.build.built, "reused": result.build.reused},
                     "gated": result.gated, "forced": result.forced,
-                    "hosts": [dataclasses.asdict(h) for h in result.hosts]})
+                    "hosts": [dataclasses.asdict(h) | {"outcome": h.outcome} for h in result.hosts]})
         return
     if result.build.built:
         console.print(f"build: built {result.build.built} steps, reused {result.build.reused}")
@@ -160,10 +180,10 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
     smoke = [r for h in result.hosts for r in h.smoke]
     if smoke:
         print_smoke_results(smoke, as_json=False)
-    rows = [(h.target, h.status, _human_size(h.uploaded_bytes), len(h.created), len(h.unchanged), len(h.deleted),
-             ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
-    print_table("Rollout", ["host", "status", "uploaded", "created", "unchanged", "deleted", "rolled back", "error"],
-                rows)
+    rows = [(h.target, h.status, h.outcome, _human_size(h.uploaded_bytes), len(h.created), len(h.unchanged),
+             len(h.deleted), ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
+    print_table("Rollout", ["host", "status", "host state", "uploaded", "created", "unchanged", "deleted",
+                            "rolled back", "error"], rows)
 
 
 def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_json: bool) -> None:

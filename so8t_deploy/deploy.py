@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import BuildReport, Log, build
-from .console import transfer_progress
-from .desired import DesiredModel, desired_models
+from .build import BuildReport, build
+from .cancel import CancelToken
+from .desired import desired_models
 from .errors import HostError
 from .manifest import Manifest
-from .rollout import HostPlan, HostReport, apply_rollout, connect, plan_host
+from .progress import SILENT, Progress
+from .rollout import HostPlan, HostReport, HostStatus, apply_rollout, connect, plan_hosts
 from .runner import runner_for
 from .smoke import SmokeResult, run_smoke_tests
 
@@ -24,7 +25,7 @@ class ApplyResult:
 
     @property
     def failed(self) -> list[HostReport]:
-        return [h for h in self.hosts if h.status != "ok"]
+        return [h for h in self.hosts if h.status is not HostStatus.OK]
 
 
 def _state_dir(cache_dir: Path) -> Path:
@@ -39,8 +40,7 @@ def plan_online(manifest: Manifest, cache_dir: Path) -> list[HostPlan]:
     """Per host, what apply would do; builds nothing and changes nothing on any host."""
     report = build(manifest, cache_dir, runner_for(manifest, cache_dir), dry_run=True)
     desired = desired_models(manifest, report, releases=None)
-    return [plan_host(manifest, target, desired, _state_dir(cache_dir), report.unbuilt)
-            for target in manifest.targets]
+    return plan_hosts(manifest, desired, _state_dir(cache_dir), report.unbuilt)
 
 
 def quality_gate(manifest: Manifest, report: BuildReport, cache_dir: Path) -> dict[str, list[str]]:
@@ -53,30 +53,26 @@ def quality_gate(manifest: Manifest, report: BuildReport, cache_dir: Path) -> di
     return {tag: reasons for tag, reasons in failures.items() if reasons}
 
 
-def apply_manifest(manifest: Manifest, cache_dir: Path, log: Log, force: bool = False) -> ApplyResult:
-    report = build(manifest, cache_dir, runner_for(manifest, cache_dir), log=log)
+def apply_manifest(manifest: Manifest, cache_dir: Path, progress: Progress = SILENT, force: bool = False,
+                   cancel: CancelToken | None = None) -> ApplyResult:
+    cancel = cancel or CancelToken()
+    report = build(manifest, cache_dir, runner_for(manifest, cache_dir), log=progress.step)
     failing = quality_gate(manifest, report, cache_dir)
     desired = desired_models(manifest, report, releases=_releases(cache_dir))
     if not force:
         desired = [m for m in desired if m.tag not in failing]
-    with transfer_progress() as progress:
-        hosts = apply_rollout(manifest, desired, _state_dir(cache_dir), progress)
+    hosts = apply_rollout(manifest, desired, _state_dir(cache_dir), progress, cancel)
     return ApplyResult(report, hosts, gated={} if force else failing, forced=failing if force else {})
 
 
-def smoke_manifest(manifest: Manifest, cache_dir: Path) -> list[SmokeResult]:
-    """Run the smoke tests against every tag on every host, as deployed now."""
+def smoke_manifest(manifest: Manifest) -> list[SmokeResult]:
+    """Run the smoke tests against every tag on every host, as deployed now; a down host is one row."""
     tags = manifest.tags()
     results: list[SmokeResult] = []
     for target in manifest.targets:
-        host = connect(target)
-        try:
-            results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
-        except HostError as e:
-            results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
-        finally:
-            host.close()
+        with connect(target) as host:
+            try:
+                results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
+            except HostError as e:
+                results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
     return results
-
-
-__all__ = ["ApplyResult", "DesiredModel", "apply_manifest", "plan_online", "smoke_manifest"]

@@ -13,7 +13,9 @@ from .build import BuildReport
 from .manifest import Manifest
 from .render import render_modelfile
 
-BACKUP_SUFFIX = "-prev"  # no quant level ends like this, so a backup tag never shadows a real one
+# No quant level ends like these, so a backup tag never shadows a real one (manifest.TAG_SUFFIXES).
+BACKUP_SUFFIX = "-prev"  # the tag's previous verified model, kept after a rollout converged
+ROLLBACK_SUFFIX = "-rollback"  # the tag's model while this run replaces it, until the host converged
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class DesiredModel:
     @property
     def backup_tag(self) -> str:
         return self.tag + BACKUP_SUFFIX
+
+    @property
+    def rollback_tag(self) -> str:
+        return self.tag + ROLLBACK_SUFFIX
 
     @property
     def spec_digest(self) -> str:

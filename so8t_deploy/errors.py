@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_OPERATIONAL = 1
 EXIT_INVALID_INPUT = 2
 EXIT_DRIFT = 3  # plan --check only: the hosts differ from the manifest
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: what was in flight was finished or undone
 
 
 class So8tError(Exception):
@@ -53,6 +54,10 @@ class HostError(So8tError):
     """An Ollama host is unreachable or answered with an error."""
 
 
+class HostUnreachableError(HostError):
+    """An Ollama host did not answer at all (refused, timed out, name not found)."""
+
+
 class SmokeTestError(So8tError):
     """A deployed variant failed its smoke test."""
 
@@ -65,3 +70,9 @@ class DriftError(So8tError):
     """plan --check found hosts that differ from the manifest."""
 
     exit_code = EXIT_DRIFT
+
+
+class Interrupted(So8tError):
+    """Ctrl-C or SIGTERM: the run stopped after finishing or undoing what was in flight."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .errors import UsageError
@@ -54,6 +55,13 @@ OLLAMA_OPTION_TYPES: dict[str, type] = {
     "stop": list,
 }
 DEFAULT_PARAMETERS = {"temperature": 0.7}
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo, and an infinite one a hang
+DEFAULT_SMOKE_SEED = 42
+GO_DURATION_RE = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+(\.\d+)?$")
+# Ollama's limit on each part of a model name (namespace, model, tag), and the longest suffix this
+# tool appends to a tag: `-rollback` holds the tag being replaced until the host has converged.
+OLLAMA_NAME_PART_MAX = 80
+TAG_SUFFIXES = ("-prev", "-rollback")  # desired.BACKUP_SUFFIX, desired.ROLLBACK_SUFFIX
 
 
 def _base_dir(info: ValidationInfo) -> Path:
@@ -215,6 +223,11 @@ class Modelfile(_Frozen):
                 raise ValueError(f"unknown Ollama option {key!r}")
             if not _option_has_type(option, expected):
                 raise ValueError(f"option {key!r} must be of type {expected.__name__}, got {option!r}")
+            for text in (option if isinstance(option, list) else [option]):
+                try:
+                    quote(text)
+                except ModelfileSyntaxError as e:
+                    raise ValueError(f"option {key!r}: {e}") from None
         return value
 
     @property
@@ -240,7 +253,8 @@ class Runtime(_Frozen):
     gpus: Literal["none", "all"] | int = Field(
         default="none", description="GPUs for the worker container: none, all, or a count."
     )
-    timeout_s: float = Field(default=6 * 3600, gt=0, description="Longest a worker container may run, in seconds.")
+    timeout_s: float = Field(default=6 * 3600, gt=0, le=MAX_TIMEOUT_S,
+                             description="Longest a worker container may run, in seconds.")
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -280,6 +294,11 @@ class Target(_Frozen):
     headers: dict[str, SecretStr] = Field(
         default_factory=dict, description="Extra HTTP headers (e.g. Authorization); values are never printed."
     )
+    timeout_s: float = Field(
+        default=30, gt=0, le=MAX_TIMEOUT_S,
+        description="Read timeout of every call to this host but create, upload and smoke generation. A create "
+        "waits 10 minutes plus 1 s per 8 MiB of GGUF: Ollama rewrites the file silently.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -316,8 +335,26 @@ class Rollout(_Frozen):
 class SmokeTest(_Frozen):
     prompt: str = Field(min_length=1, description="Prompt sent to every variant on every host.")
     expect: str = Field(default=".", description="Regular expression the response must match (re.search).")
-    timeout_s: float = Field(default=120, gt=0, description="Seconds allowed for the whole generation.")
-    min_tokens_per_second: float = Field(default=0, ge=0, description="Minimum eval_count / eval_duration.")
+    timeout_s: float = Field(default=120, gt=0, le=MAX_TIMEOUT_S,
+                             description="Seconds allowed for the whole generation.")
+    min_tokens_per_second: float = Field(default=0, ge=0, le=1e9, description="Minimum eval_count / eval_duration.")
+    seed: int = Field(default=DEFAULT_SMOKE_SEED, ge=-1, le=2**31 - 1,
+                      description="Sampling seed sent with the prompt, so a smoke test means the same on every "
+                      "host (-1: random).")
+    temperature: float = Field(default=0.0, ge=0, le=100, description="Sampling temperature; 0 is greedy.")
+    keep_alive: float | str = Field(
+        default=0, description="How long the host keeps the model loaded after the test: seconds or a Go "
+        "duration ('5m'); 0 unloads it at once, so a rollout never evicts the models serving production.",
+    )
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _check_keep_alive(cls, value: float | str) -> float | str:
+        if isinstance(value, str) and not GO_DURATION_RE.match(value):
+            raise ValueError(f"must be seconds or a Go duration such as '5m', got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
+        return value
 
     @field_validator("expect")
     @classmethod
@@ -406,6 +443,18 @@ class Manifest(_Frozen):
         if targets and value.canary > len(targets):
             raise ValueError(f"canary {value.canary} exceeds the number of targets ({len(targets)})")
         return value
+
+    @model_validator(mode="after")
+    def _tags_fit_ollama(self) -> Manifest:
+        longest_suffix = max(map(len, TAG_SUFFIXES))
+        for variant in self.bake.variants:
+            for quant in self.quantize:
+                tag = self.tag(variant, quant).split(":", 1)[1]
+                if len(tag) + longest_suffix > OLLAMA_NAME_PART_MAX:
+                    raise ValueError(f"bake.variants.{variant}: the tag {tag!r} plus its backup suffix "
+                                     f"{TAG_SUFFIXES[-1]!r} is longer than Ollama's {OLLAMA_NAME_PART_MAX} "
+                                     "characters; shorten the variant name")
+        return self
 
     @property
     def single_default_variant(self) -> bool:

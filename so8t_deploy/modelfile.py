@@ -1,7 +1,8 @@
 """Ollama's Modelfile syntax: quoting that survives Ollama's parser, and a parser that behaves like it.
 
 Ollama reads a value rune by rune and ends it at the first newline after which the text so
-far (trimmed) is balanced: bare text, "...", or \"\"\"...\"\"\". There are no escapes, so some
+far (trimmed) is balanced: bare text, "...", or \"\"\"...\"\"\"; runes Go does not call printable
+(strconv.IsPrint) are dropped on the way. There are no escapes, so some
 strings (one with a \"\"\" right before a line break, say) cannot be written at all. Instead of trusting a
 quoting rule, `quote` tries the candidate forms and keeps the first one that this parser,
 which mirrors Ollama's state machine, reads back unchanged.
@@ -9,6 +10,7 @@ which mirrors Ollama's state machine, reads back unchanged.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
@@ -34,16 +36,29 @@ def _unquote(text: str) -> tuple[str, bool]:
     return text, True
 
 
+def is_go_printable(ch: str) -> bool:
+    """Go's strconv.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space."""
+    return ch == " " or unicodedata.category(ch)[0] in "LMNPS"
+
+
 def _read_value(text: str, i: int) -> tuple[str, int]:
-    """Read a value starting at text[i]; return it and the index after it."""
-    start = i
+    """Read a value starting at text[i]; return it and the index after it.
+
+    Like Ollama, a line break ends the value only once the text so far is balanced, and a rune
+    that Go does not call printable is dropped (spaces, tabs and line breaks inside are kept).
+    """
+    kept: list[str] = []
     while i < len(text):
-        if text[i] in "\r\n":
-            value, ok = _unquote(text[start:i].strip())
+        ch = text[i]
+        if ch in "\r\n":
+            value, ok = _unquote("".join(kept).strip())
             if ok:
                 return value, i
+            kept.append(ch)
+        elif ch in " \t" or is_go_printable(ch):
+            kept.append(ch)
         i += 1
-    value, ok = _unquote(text[start:].strip())
+    value, ok = _unquote("".join(kept).strip())
     if not ok:
         raise ModelfileSyntaxError("unterminated quoted value")
     return value, i
@@ -92,6 +107,11 @@ def parse_modelfile(text: str) -> list[Command]:
 def quote(value: object) -> str:
     """Render a value so that Ollama's parser reads back exactly `value`, or raise ModelfileSyntaxError."""
     text = str(value).lower() if isinstance(value, bool) else str(value)
+    dropped = next((ch for ch in text if ch not in " \t\r\n" and not is_go_printable(ch)), None)
+    if dropped is not None:
+        name = unicodedata.name(dropped, "a control character")
+        raise ModelfileSyntaxError(f"contains U+{ord(dropped):04X} ({name}), which Ollama's Modelfile parser "
+                                   "drops: `ollama create -f` would store a different text than the API")
     for candidate in (text, f'"""{text}"""', f'"{text}"'):
         try:
             parsed = parse_modelfile(f"FROM x\nSYSTEM {candidate}\n")

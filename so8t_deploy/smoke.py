@@ -1,13 +1,19 @@
-"""Smoke tests: every deployed tag must answer each prompt, in time, fast enough, matching `expect`."""
+"""Smoke tests: every deployed tag must answer each prompt, in time, fast enough, matching `expect`.
+
+A smoke test must mean the same on every host, so it fixes what Ollama would otherwise draw or
+take from the model: the seed (Ollama's default is random), the temperature (0 unless the entry
+says otherwise), the shipped num_ctx (Phi-3.5's longrope depends on it) and keep_alive (0 by
+default, so testing new tags never evicts the models serving production).
+"""
 
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from .errors import HostError
-from .external.ollama_host import OllamaHost
+from .external.ollama_host import GenerateFailed, GenerateTimedOut, OllamaHost
 from .manifest import SmokeTest
 
 # Bounds the reply (a smoke prompt needs a few words); the manifest's own num_predict wins.
@@ -26,35 +32,48 @@ class SmokeResult:
     response: str
 
 
-def smoke_options(parameters: dict) -> dict:
-    """The options a smoke test runs with: the shipped num_ctx (Phi-3.5's longrope depends on it)."""
-    options = {"num_predict": parameters.get("num_predict", DEFAULT_NUM_PREDICT)}
+def smoke_options(test: SmokeTest, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The options one smoke generation runs with."""
+    options: dict[str, Any] = {"num_predict": parameters.get("num_predict", DEFAULT_NUM_PREDICT),
+                               "seed": test.seed, "temperature": test.temperature}
     if "num_ctx" in parameters:
         options["num_ctx"] = parameters["num_ctx"]
     return options
 
 
-def run_smoke_test(host: OllamaHost, tag: str, test: SmokeTest, options: dict) -> SmokeResult:
+def _judge(test: SmokeTest, text: str, rate: float, seconds: float) -> str:
+    """Why a reply fails the test, or "" when it passes."""
+    if not text.strip():
+        return "empty reply"
+    if not re.search(test.expect, text):
+        return f"no match: the reply does not match {test.expect!r}"
+    if rate < test.min_tokens_per_second:
+        return f"too slow: {rate:.1f} tokens/s is below {test.min_tokens_per_second:g}"
+    if seconds > test.timeout_s:
+        return f"too slow: took {seconds:.1f} s, over {test.timeout_s:g} s"
+    return ""
+
+
+def run_smoke_test(host: OllamaHost, tag: str, test: SmokeTest, parameters: dict[str, Any]) -> SmokeResult:
+    """One prompt against one tag. A host that stops answering raises HostUnreachableError."""
     started = time.monotonic()
     try:
-        reply = host.generate(tag, test.prompt, options, timeout=test.timeout_s)
-    except HostError as e:
-        return SmokeResult(host.name, tag, test.prompt, False, str(e).split(": ", 1)[-1], 0.0,
+        reply = host.generate(tag, test.prompt, smoke_options(test, parameters), test.keep_alive, test.timeout_s)
+    except GenerateTimedOut:
+        seconds = time.monotonic() - started
+        return SmokeResult(host.name, tag, test.prompt, False, f"too slow: no reply within {test.timeout_s:g} s",
+                           0.0, seconds, "")
+    except GenerateFailed as e:
+        message = str(e).split(": ", 2)[-1]
+        return SmokeResult(host.name, tag, test.prompt, False, f"load error: {message}", 0.0,
                            time.monotonic() - started, "")
     seconds = time.monotonic() - started
     text = reply.response or ""
     rate = (reply.eval_count or 0) / reply.eval_duration * 1e9 if reply.eval_duration else 0.0
-    if not re.search(test.expect, text):
-        reason = f"reply does not match {test.expect!r}"
-    elif rate < test.min_tokens_per_second:
-        reason = f"{rate:.1f} tokens/s is below {test.min_tokens_per_second:g}"
-    elif seconds > test.timeout_s:
-        reason = f"took {seconds:.1f} s, over {test.timeout_s:g} s"
-    else:
-        reason = ""
+    reason = _judge(test, text, rate, seconds)
     return SmokeResult(host.name, tag, test.prompt, not reason, reason or "ok", rate, seconds, text[:200])
 
 
-def run_smoke_tests(host: OllamaHost, tags: list[str], tests: list[SmokeTest], parameters: dict) -> list[SmokeResult]:
-    options = smoke_options(parameters)
-    return [run_smoke_test(host, tag, test, options) for tag in tags for test in tests]
+def run_smoke_tests(host: OllamaHost, tags: list[str], tests: list[SmokeTest],
+                    parameters: dict[str, Any]) -> list[SmokeResult]:
+    return [run_smoke_test(host, tag, test, parameters) for tag in tags for test in tests]

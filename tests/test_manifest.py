@@ -144,6 +144,13 @@ INVALID = {
     "zero-parallelism": (("parallelism: 4", "parallelism: 0"), "rollout.parallelism", "greater than"),
     "bad-regex": (('expect: "(?i)hello"', 'expect: "(unclosed"'), "smoke[0].expect", "invalid regular"),
     "negative-timeout": (("timeout_s: 120", "timeout_s: -1"), "smoke[0].timeout_s", "greater than"),
+    "infinite-timeout": (("timeout_s: 120", "timeout_s: .inf"), "smoke[0].timeout_s", "less than or equal"),
+    "huge-timeout": (("timeout_s: 120", "timeout_s: 1e400"), "smoke[0].timeout_s", "less than or equal"),
+    "bad-keep-alive": (("min_tokens_per_second: 0}", "keep_alive: forever}"), "smoke[0].keep_alive",
+                       "Go duration"),
+    "bad-seed": (("min_tokens_per_second: 0}", "seed: -5}"), "smoke[0].seed", "greater than or equal"),
+    "bad-host-timeout": (("host: http://127.0.0.1:11434", "host: http://127.0.0.1:11434\n    timeout_s: 0"),
+                         "targets[0].timeout_s", "greater than"),
     "revision-on-local": (("model: ./model", "model: ./model\n  revision: main"), "source.revision", "hub"),
     "unset-env-var": (("Bearer secret-token", "Bearer ${SO8T_TEST_UNSET}"), "targets[1].headers.Authorization",
                       "'SO8T_TEST_UNSET' is not set"),
@@ -167,6 +174,16 @@ def test_invalid_manifest_is_one_line_exit_2(run_cli, tmp_path, monkeypatch, cas
     if field:
         assert f": {field}: " in lines[0] or f": {field}." in lines[0], lines[0]
     assert fragment in lines[0], lines[0]
+
+
+def test_a_tag_and_its_backup_suffix_fit_ollamas_80_characters(run_cli, tmp_path):
+    variant = "v" * 64
+    fits = edit(VALID, "    light:", f"    {variant}:")  # '{variant}-q4_k_m-rollback' is exactly 80
+    assert run_cli("validate", write(tmp_path, fits, "fits.yaml")).code == 0
+    too_long = edit(fits, "q4_k_m]", "iq3_xxs]")
+    result = run_cli("validate", write(tmp_path, too_long, "long.yaml"))
+    assert result.code == 2 and f": bake.variants.{variant}: the tag '{variant}-iq3_xxs'" in result.err
+    assert "longer than Ollama's 80 characters" in result.err
 
 
 def test_missing_file_and_non_mapping(run_cli, tmp_path):

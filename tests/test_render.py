@@ -12,7 +12,7 @@ from so8t_deploy.modelfile import ModelfileSyntaxError, parse_modelfile, quote
 from so8t_deploy.render import render_modelfile
 
 PHI3_TEMPLATE = ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n"
-                 "{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>")
+                 "{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>\n")
 
 
 @pytest.mark.parametrize("value", [
@@ -27,6 +27,19 @@ def test_quote_round_trips_through_ollamas_parser(value):
 def test_unwritable_values_are_refused_not_rendered_broken():
     with pytest.raises(ModelfileSyntaxError):
         quote('a line ending in """\nthen more')
+
+
+@pytest.mark.parametrize("rune", ["\u00a0", "\u200d", "\u00ad", "\u2028", "\x1b", "\ufeff"])
+def test_runes_ollamas_parser_drops_are_refused(rune):
+    """`ollama create -f` keeps only runes Go's strconv.IsPrint accepts; the API create keeps them all."""
+    assert parse_modelfile(f"FROM x\nSYSTEM a{rune}b\n")[1].args == "ab"
+    with pytest.raises(ModelfileSyntaxError, match=f"U\\+{ord(rune):04X}"):
+        quote(f"a{rune}b")
+
+
+def test_printable_unicode_survives_the_parser():
+    text = "héllo ✓ 世界 ﬁ \t tab"
+    assert parse_modelfile(f"FROM x\nSYSTEM {quote(text)}\n")[1].args == text
 
 
 def test_parser_follows_ollama_rules():
@@ -65,6 +78,23 @@ def test_manifest_refuses_a_system_prompt_no_modelfile_can_hold(tmp_path, run_cl
                         'modelfile:\n  system: "ends the line with \\"\\"\\"\\nthen more"\n')
     result = run_cli("validate", manifest)
     assert result.code == 2 and "modelfile.system: " in result.err and "cannot be written" in result.err
+
+
+@pytest.mark.parametrize(("field", "yaml"), [
+    ("modelfile.system", 'modelfile: {system: "no\\u00a0break"}'),
+    ("modelfile.parameters", 'modelfile: {parameters: {stop: ["<|end|>", "zero\\u200bwidth"]}}'),
+])
+def test_manifest_refuses_text_that_a_modelfile_would_change(tmp_path, run_cli, field, yaml):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"apiVersion: so8t-deploy/v1\nname: x\nsource: {{model: ./m}}\nquantize: [q8_0]\n{yaml}\n")
+    result = run_cli("validate", manifest)
+    assert result.code == 2 and f"{field}: " in result.err and "Modelfile parser drops" in result.err
+
+
+def test_multi_turn_prompts_end_every_turn_with_end_and_a_newline():
+    """Ollama renders a legacy template once per completed turn: without the newline, turns run together."""
+    template = render_modelfile(Modelfile(), Path("m.gguf")).template
+    assert template.endswith("{{ .Response }}<|end|>\n")
 
 
 def test_custom_template_is_sandboxed_and_strict(tmp_path):

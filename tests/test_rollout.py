@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
+from collections import Counter
 
+import httpx
 import ollama
 import pytest
 
@@ -63,8 +68,9 @@ def demo(tmp_path_factory):
 
 
 def write_manifest(path, demo_dir, urls, *, system="You are a helpful assistant.", expect=".", prune=False,
-                   on_failure="rollback", canary=1):
-    targets = "\n".join(f"  - {{name: host-{i}, host: '{url}'}}" for i, url in enumerate(urls)) or "  []"
+                   on_failure="rollback", canary=1, host_timeout=30, smoke_extra=""):
+    targets = "\n".join(f"  - {{name: host-{i}, host: '{url}', timeout_s: {host_timeout}}}"
+                        for i, url in enumerate(urls)) or "  []"
     path.write_text(f"""\
 apiVersion: so8t-deploy/v1
 name: so8t-demo
@@ -84,7 +90,7 @@ targets:
 rollout:
   {{canary: {min(canary, max(len(urls), 1))}, parallelism: 2, on_failure: {on_failure}, prune: {str(prune).lower()}}}
 smoke:
-  - {{prompt: "Reply with the word hello.", expect: {json.dumps(expect)}, timeout_s: 60}}
+  - {{prompt: "Reply with the word hello.", expect: {json.dumps(expect)}, timeout_s: 60{smoke_extra}}}
 """)
     return path
 
@@ -92,6 +98,34 @@ smoke:
 def apply(run_cli, manifest, cache):
     result = run_cli("apply", manifest, "--cache-dir", cache, "--json")
     return result, (json.loads(result.out) if result.out.strip().startswith("{") else None)
+
+
+def tag_digests(url: str) -> dict[str, str]:
+    """Every model on a host with its manifest digest, as /api/tags lists them."""
+    return {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models}
+
+
+def requests_seen(url: str) -> list[dict]:
+    return httpx.get(f"{url}/_test/requests", timeout=30).raise_for_status().json()["requests"]
+
+
+def creates_by_model(url: str) -> Counter:
+    return Counter(r["body"]["model"] for r in requests_seen(url)
+                   if r["method"] == "POST" and r["path"] == "/api/create")
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def apply_in_subprocess(manifest, cache, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "so8t_deploy", "apply", str(manifest), "--cache-dir", str(cache)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
 
 
 def test_make_deploy_end_to_end_then_a_noop_rerun(demo, hosts, tmp_path, run_cli):
@@ -178,13 +212,16 @@ def test_smoke_failure_on_the_canary_rolls_back_and_spares_the_others(demo, host
     assert apply(run_cli, first, cache)[0].code == 0
     other_before = hosts.server(urls[1]).stats()
 
+    before_canary = tag_digests(urls[0])
     hosts.server(urls[0]).faults(generate_response="goodbye")
     second = write_manifest(tmp_path / "m2.yaml", demo_dir, urls, system="Version two.", expect="(?i)hello")
     result, report = apply(run_cli, second, cache)
     assert result.code == 1
     canary, other = report["hosts"]
     assert canary["status"] == "failed" and sorted(canary["rolled_back"]) == sorted(TAGS)
+    assert canary["outcome"] == "restored to how it was" and canary["unrestored"] == []
     assert other["status"] == "skipped"
+    assert tag_digests(urls[0]) == before_canary
     for tag in TAGS:  # the canary serves version one again
         assert ollama.Client(host=urls[0], timeout=30).show(tag).modelfile.count("Version one.") >= 1
     assert hosts.server(urls[1]).stats() == other_before  # the second host was never touched
@@ -231,7 +268,7 @@ def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
     [url] = hosts.start(1)
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
     assert apply(run_cli, manifest, cache)[0].code == 0
-    result = run_cli("smoke", manifest, "--cache-dir", cache, "--json")
+    result = run_cli("smoke", manifest, "--json")
     assert result.code == 0, result.err
     results = json.loads(result.out)
     assert sorted(r["tag"] for r in results) == sorted(TAGS)
@@ -242,9 +279,169 @@ def test_header_values_are_sent_but_never_printed(demo, hosts, tmp_path, run_cli
     demo_dir, cache = demo
     [url] = hosts.start(1)
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
-    text = manifest.read_text().replace(f"host: '{url}'}}", f"host: '{url}', headers: {{X-Api-Token: sekrit-123}}}}")
+    text = manifest.read_text().replace(f"host: '{url}',", f"host: '{url}', headers: {{X-Api-Token: sekrit-123}},")
     manifest.write_text(text)
     hosts.server(url).faults(version="0.5.4")  # an error path: the message names the host, not the header
     for args in (("apply", manifest), ("plan", manifest, "--json"), ("-v", "apply", manifest)):
         result = run_cli(*args, "--cache-dir", cache)
         assert "sekrit-123" not in result.out + result.err
+
+
+# --- current Ollama (0.30+): silent creates, in-stream failures, all or nothing per host ------------------
+
+def test_a_create_silent_for_longer_than_any_read_timeout_is_sent_once(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    server = hosts.server(url)
+    server.faults(create_rules=[{"model": "*", "action": "silence", "seconds": 3, "times": None}])
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], host_timeout=1)  # every other call: 1 s
+    result, report = apply(run_cli, manifest, cache)
+    assert result.code == 0, result.err
+    assert sorted(report["hosts"][0]["created"]) == sorted(TAGS)
+    assert creates_by_model(url) == Counter(TAGS)  # exactly one create per tag, never a retry
+
+    server.faults(reset=True)
+    result, report = apply(run_cli, manifest, cache)  # the server rewrote every GGUF: still nothing to do
+    assert result.code == 0 and report["hosts"][0]["uploaded_bytes"] == 0
+    assert report["hosts"][0]["created"] == [] and creates_by_model(url) == Counter(TAGS)
+    assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
+
+
+@pytest.mark.parametrize("action", ["fail_stream", "fail_http"])
+def test_a_failed_second_create_leaves_a_non_canary_host_exactly_as_it_was(demo, hosts, tmp_path, run_cli, action):
+    demo_dir, cache = demo
+    urls = hosts.start(2)
+    v1 = write_manifest(tmp_path / "v1.yaml", demo_dir, urls, system="Version one.")
+    assert apply(run_cli, v1, cache)[0].code == 0
+    before = tag_digests(urls[1])
+    second = sorted(TAGS)[1]
+    hosts.server(urls[1]).faults(create_rules=[{"model": second, "action": action, "message": "injected failure",
+                                                           "times": 1}])
+    result, report = apply(run_cli, write_manifest(tmp_path / "v2.yaml", demo_dir, urls, system="Version two."),
+                           cache)
+    assert result.code == 1
+    canary, other = report["hosts"]
+    assert canary["status"] == "ok" and canary["outcome"] == "converged"
+    assert other["status"] == "failed" and "injected failure" in other["error"]
+    assert other["outcome"] == "restored to how it was" and other["unrestored"] == []
+    assert tag_digests(urls[1]) == before  # names and digests: nothing added, nothing changed
+    assert creates_by_model(urls[1])[second] == 2  # one per apply: the failed create was not re-sent
+    assert "host-1: failed, restored to how it was" in result.err
+
+    # The next run converges the host that failed, and counts nothing it did not verify as unchanged.
+    result, report = apply(run_cli, write_manifest(tmp_path / "v3.yaml", demo_dir, urls, system="Version two."),
+                           cache)
+    assert result.code == 0, result.err
+    assert sorted(report["hosts"][1]["created"]) == sorted(TAGS) and report["hosts"][0]["created"] == []
+
+
+def test_sigint_between_two_creates_rolls_the_host_back_and_exits_130(demo, hosts, tmp_path):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    subprocess.run([sys.executable, "-m", "so8t_deploy", "apply",
+                    str(write_manifest(tmp_path / "v1.yaml", demo_dir, [url], system="Version one.")),
+                    "--cache-dir", str(cache)], cwd=REPO, check=True, capture_output=True)
+    before = tag_digests(url)
+    second = sorted(TAGS)[1]
+    hosts.server(url).faults(create_rules=[{"model": second, "action": "silence", "seconds": 4}])
+    proc = apply_in_subprocess(write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two."), cache)
+    wait_for(lambda: creates_by_model(url)[second] >= 2, what="the second create of the second apply")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("apply: interrupted;")
+    assert "restored to how it was" in err
+    assert tag_digests(url) == before
+
+
+def test_smoke_requests_are_deterministic_and_unload_the_model(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    assert apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)[0].code == 0
+    generates = [r["body"] for r in requests_seen(url) if r["path"] == "/api/generate"]
+    assert len(generates) == len(TAGS)
+    for body in generates:
+        assert body["options"]["seed"] == 42 and body["options"]["temperature"] == 0
+        assert body["options"]["num_ctx"] == 512 and body["keep_alive"] == 0
+
+    [url2] = hosts.start(1)
+    manifest = write_manifest(tmp_path / "m2.yaml", demo_dir, [url2],
+                              smoke_extra=", seed: 7, temperature: 0.5, keep_alive: 5m")
+    assert apply(run_cli, manifest, cache)[0].code == 0
+    for body in (r["body"] for r in requests_seen(url2) if r["path"] == "/api/generate"):
+        assert (body["options"]["seed"], body["options"]["temperature"], body["keep_alive"]) == (7, 0.5, "5m")
+
+
+def test_operator_ollama_api_key_never_reaches_a_target(demo, hosts, tmp_path, run_cli, monkeypatch):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    monkeypatch.setenv("OLLAMA_API_KEY", "sk-operator-secret")
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
+    assert apply(run_cli, manifest, cache)[0].code == 0
+    assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
+    assert run_cli("smoke", manifest).code == 0
+    seen = requests_seen(url)
+    assert len(seen) > 10
+    for request in seen:
+        assert "authorization" not in request["headers"]
+        assert "sk-operator-secret" not in json.dumps(request["headers"])
+
+
+def test_a_smoke_failure_says_why(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    server = hosts.server(url)
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], expect="(?i)hello")
+    server.faults(generate_response=" ")
+    result, report = apply(run_cli, manifest, cache)
+    assert result.code == 1 and {r["reason"] for r in report["hosts"][0]["smoke"]} == {"empty reply"}
+    server.faults(reset=True, generate_response="goodbye")
+    result, report = apply(run_cli, manifest, cache)
+    assert all(r["reason"].startswith("no match:") for r in report["hosts"][0]["smoke"])
+    server.faults(reset=True, fail_generate=True)
+    result, report = apply(run_cli, manifest, cache)
+    assert all(r["reason"].startswith("load error:") for r in report["hosts"][0]["smoke"])
+    assert tag_digests(url) == {}  # every failed run deleted the tags it had created
+
+
+def test_a_run_that_died_leaves_tags_the_next_run_verifies(demo, hosts, tmp_path, run_cli):
+    """A SIGKILLed apply leaves a new, unsmoked model live: the next run tests it instead of trusting it."""
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    v1 = write_manifest(tmp_path / "v1.yaml", demo_dir, [url], system="Version one.")
+    assert apply(run_cli, v1, cache)[0].code == 0
+    first, second = sorted(TAGS)[:2]
+    hosts.server(url).faults(create_rules=[{"model": second, "action": "silence", "seconds": 30}])
+    v2 = write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two.")
+    proc = apply_in_subprocess(v2, cache)
+    wait_for(lambda: creates_by_model(url)[second] >= 2, what="the second create")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert first + "-rollback" in tag_digests(url)  # the dead run's backup of the tag it replaced
+
+    hosts.server(url).faults(reset=True)
+    result = run_cli("plan", v2, "--cache-dir", cache, "--json")
+    actions = {(a["kind"], a["tag"]) for a in json.loads(result.out)[0]["actions"]}
+    assert ("verify", first) in actions and ("unchanged", first) not in actions
+    result, report = apply(run_cli, v2, cache)
+    assert result.code == 0, result.err
+    assert first in report["hosts"][0]["verified"] and first not in report["hosts"][0]["unchanged"]
+    assert any(r["tag"] == first for r in report["hosts"][0]["smoke"])
+    assert not [t for t in tag_digests(url) if t.endswith("-rollback")]
+
+
+def test_the_phi3_template_renders_multi_turn_chats_as_phi3_expects(demo, hosts, tmp_path, run_cli):
+    """Every turn ends `<|end|>\\n`: the chat runs on exactly the prompt the HF chat template writes."""
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    assert apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url], system="Be brief."), cache)[0].code == 0
+    turns = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Name a colour."}]
+    expected = ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there.<|end|>\n<|assistant|>\nHello.<|end|>\n"
+                "<|user|>\nName a colour.<|end|>\n<|assistant|>\n")
+    client = ollama.Client(host=url, timeout=120)
+    options = {"num_predict": 8, "seed": 1, "top_k": 1, "temperature": 0}
+    chat = client.chat(model=TAGS[0], messages=turns, options=options)
+    raw = client.generate(model=TAGS[0], prompt=expected, raw=True, options=options)
+    assert chat.prompt_eval_count == raw.prompt_eval_count
+    assert chat.message.content == raw.response

@@ -1,0 +1,71 @@
+"""Roll a manifest out to every target: canaries first, then the rest `parallelism` at a time.
+
+Each host is all or nothing (see host_apply). `rollout.on_failure` decides what a failed host
+means for the others: `rollback` stops the rollout when a canary fails (no other host is
+touched) and lets the remaining hosts finish otherwise; `halt` stops starting hosts after any
+failure; `continue` rolls out to every host regardless. Ctrl-C stops starting hosts, and every
+host in flight finishes or undoes its current step and rolls back.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..cancel import CancelToken
+from ..desired import DesiredModel
+from ..errors import HostError
+from ..manifest import Manifest, Target
+from ..progress import Progress
+from .host_apply import HostReport, HostRollout, HostStatus, connect
+from .host_plan import HostPlan, observe_host
+from .records import HostRecords
+
+
+def plan_hosts(manifest: Manifest, desired: list[DesiredModel], state_dir: Path,
+               unbuilt: tuple[str, ...] = ()) -> list[HostPlan]:
+    """What apply would do on each host, from what each reports now; changes nothing."""
+    plans = []
+    for target in manifest.targets:
+        with connect(target) as host:
+            try:
+                plan = observe_host(host, manifest, desired, HostRecords(state_dir, target.host))
+            except HostError as e:
+                plan = HostPlan(target.name, target.host, error=str(e))
+        plan.unbuilt = list(unbuilt)
+        plans.append(plan)
+    return plans
+
+
+def apply_rollout(manifest: Manifest, desired: list[DesiredModel], state_dir: Path, progress: Progress,
+                  cancel: CancelToken) -> list[HostReport]:
+    policy = manifest.rollout.on_failure
+    canaries, rest = manifest.targets[:manifest.rollout.canary], manifest.targets[manifest.rollout.canary:]
+    reports: dict[str, HostReport] = {}
+
+    def roll(target: Target) -> HostReport:
+        if cancel.cancelled:
+            report = _skipped(target, "not attempted: interrupted")
+        elif policy == "halt" and any(r.status is not HostStatus.OK for r in reports.values()):
+            report = _skipped(target, "not attempted: the rollout halted after a failure")
+        else:
+            report = HostRollout(manifest, target, desired, state_dir, progress, cancel).run()
+        reports[target.name] = report
+        return report
+
+    with cancel.cooperative():
+        canary_failed = False
+        for target in canaries:
+            if roll(target).status is not HostStatus.OK and policy != "continue":
+                canary_failed = True
+                break
+        if not canary_failed:
+            with ThreadPoolExecutor(max_workers=manifest.rollout.parallelism) as pool:
+                list(pool.map(roll, rest))
+    for target in manifest.targets:
+        reports.setdefault(target.name, _skipped(target, "not attempted: a canary failed"))
+    return [reports[t.name] for t in manifest.targets]
+
+
+def _skipped(target: Target, why: str) -> HostReport:
+    return HostReport(target.name, target.host, status=HostStatus.SKIPPED, error=why)

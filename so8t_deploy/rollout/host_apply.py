@@ -1,0 +1,222 @@
+"""Bring one host to its plan, all or nothing: it ends fully converged, or exactly as it was.
+
+The order keeps the window in which a live tag serves an untested model as short as it can be,
+and always undoable:
+
+1. upload every missing GGUF (nothing the host serves changes);
+2. per tag: copy the live tag to `TAG-rollback`, journal the change, re-check the blob (a
+   restarting server prunes unreferenced blobs) and create. A create is sent once: when its
+   answer is lost the host is re-observed, and only what it reports decides;
+3. smoke-test every changed tag (and any tag a dead run left unverified);
+4. converge: each `TAG-rollback` becomes `TAG-prev`, the journal records the tags as verified,
+   and tags the manifest no longer names are pruned.
+
+Any failure after the first change (an HTTP or in-stream create error, a lost connection, a
+failed smoke test, Ctrl-C) rolls back every tag this run changed on the host: the backup is
+copied back, a tag that did not exist is deleted, and the report names whatever could not be
+restored. The journal still says "unverified" for those, so the next run deals with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from ..cancel import CancelToken
+from ..desired import DesiredModel
+from ..errors import HostError, HostUnreachableError, Interrupted
+from ..external.ollama_host import CreateOutcomeUnknown, OllamaHost
+from ..manifest import Manifest, Target
+from ..progress import Progress
+from ..smoke import SmokeResult, run_smoke_tests
+from .host_plan import HostPlan, TagDecision, TagKind, matches_shown, observe_host
+from .records import HostRecords, TagRecord
+
+
+class HostStatus(StrEnum):
+    PENDING = "pending"
+    OK = "ok"  # converged
+    FAILED = "failed"  # rolled back (see unrestored)
+    UNREACHABLE = "unreachable"
+    SKIPPED = "skipped"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class HostReport:
+    target: str
+    url: str
+    status: HostStatus = HostStatus.PENDING
+    uploaded_bytes: int = 0
+    created: list[str] = field(default_factory=list)
+    verified: list[str] = field(default_factory=list)  # tags a dead run left, smoke-tested now
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    unrestored: list[str] = field(default_factory=list)  # "tag: why" for what a rollback could not undo
+    smoke: list[SmokeResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.status is HostStatus.OK:
+            return "converged"
+        if self.unrestored:
+            return "NOT restored: " + "; ".join(self.unrestored)
+        return "as it was" if not self.rolled_back else "restored to how it was"
+
+
+class SmokeFailed(HostError):
+    """At least one changed tag failed its smoke test on this host."""
+
+
+def connect(target: Target) -> OllamaHost:
+    headers = {name: value.get_secret_value() for name, value in target.headers.items()}
+    return OllamaHost(target.name, target.host, headers, timeout=target.timeout_s)
+
+
+class HostRollout:
+    def __init__(self, manifest: Manifest, target: Target, desired: list[DesiredModel], state_dir: Path,
+                 progress: Progress, cancel: CancelToken):
+        self.manifest, self.target, self.desired = manifest, target, desired
+        self.state_dir, self.progress, self.cancel = state_dir, progress, cancel
+        self.report = HostReport(target.name, target.host)
+        self.records = HostRecords(state_dir, target.host)
+        self._before = dict(self.records.entries)
+
+    def run(self) -> HostReport:
+        with connect(self.target) as host:
+            try:
+                plan = observe_host(host, self.manifest, self.desired, self.records)
+            except HostError as e:  # nothing was changed
+                self._fail(e)
+                return self.report
+            self.report.warnings += plan.warnings
+            for warning in plan.warnings:
+                self.progress.warning(warning)
+            self._execute(host, plan)
+        return self.report
+
+    def _fail(self, error: BaseException) -> None:
+        self.report.error = str(error)
+        if isinstance(error, Interrupted):
+            self.report.status = HostStatus.INTERRUPTED
+        elif isinstance(error, HostUnreachableError):
+            self.report.status = HostStatus.UNREACHABLE
+        else:
+            self.report.status = HostStatus.FAILED
+
+    def _execute(self, host: OllamaHost, plan: HostPlan) -> None:
+        creates = [d for d in plan.decisions if d.kind is TagKind.CREATE]
+        verifies = [d for d in plan.decisions if d.kind is TagKind.VERIFY]
+        self.report.unchanged = [d.tag for d in plan.decisions if d.kind is TagKind.UNCHANGED]
+        touched: list[TagDecision] = list(verifies)  # tags whose live state this run may leave changed
+        try:
+            for decision in creates:
+                self.cancel.check()
+                if decision.upload:
+                    self._upload(host, decision.model)
+            for decision in creates:
+                self.cancel.check()
+                touched.append(decision)
+                self._change(host, decision)
+            self.cancel.check()
+            self._smoke(host, [d.tag for d in (*creates, *verifies)])
+            self.cancel.check()
+            self._converge(host, [*creates, *verifies], plan)
+        except (HostError, Interrupted) as e:
+            self._fail(e)
+            self._roll_back(host, touched)
+            return
+        except Exception as e:  # a bug must not leave a host half-changed either
+            self._fail(e)
+            self._roll_back(host, touched)
+            raise
+        self.report.status = HostStatus.OK
+
+    def _upload(self, host: OllamaHost, model: DesiredModel) -> None:
+        if host.has_blob(model.digest):
+            return
+        self.progress.step(f"{host.name}: upload {model.gguf.name}")
+        advance = self.progress.transfer(f"upload {model.gguf.name} to {host.name}", model.size)
+        self.report.uploaded_bytes += host.upload_blob(model.gguf, model.digest, advance)
+
+    def _change(self, host: OllamaHost, decision: TagDecision) -> None:
+        model = decision.model
+        if decision.needs_backup:
+            host.copy(model.tag, model.rollback_tag)
+        self.records.put(model.tag, TagRecord(model.spec_digest, None, verified=False,
+                                              existed_before=decision.existed_before))
+        self._upload(host, model)  # the blob may have been pruned since the upload phase
+        self.progress.step(f"{host.name}: create {model.tag}")
+        try:
+            host.create(model.tag, {model.gguf.name: model.digest}, model.template, model.system, model.parameters,
+                        size=model.size, on_status=self._status_lines(f"{host.name}: {model.tag}: "))
+        except CreateOutcomeUnknown as e:
+            # Never send it again: ask the host what it holds now.
+            self.progress.warning(f"{e}; re-observing {host.name} instead of sending the create again")
+            if not matches_shown(host.show(model.tag), model):
+                raise
+        self.report.created.append(model.tag)
+
+    def _status_lines(self, prefix: str) -> Callable[[str], None]:
+        """Show a create's status lines, each once (the server repeats one per tensor with a byte count)."""
+        last: list[str] = []
+
+        def show(status: str) -> None:
+            if last != [status]:
+                last[:] = [status]
+                self.progress.step(prefix + status)
+
+        return show
+
+    def _smoke(self, host: OllamaHost, tags: list[str]) -> None:
+        if not tags or not self.manifest.smoke:
+            return
+        self.progress.step(f"{host.name}: smoke-test {len(tags)} tags")
+        self.report.smoke = run_smoke_tests(host, tags, self.manifest.smoke,
+                                            self.manifest.modelfile.effective_parameters)
+        failed = [r for r in self.report.smoke if not r.passed]
+        if failed:
+            detail = "; ".join(f"{r.tag}: {r.reason}" for r in failed[:3])
+            raise SmokeFailed(f"smoke test failed ({detail})")
+
+    def _converge(self, host: OllamaHost, decisions: list[TagDecision], plan: HostPlan) -> None:
+        tags = host.tags()
+        for decision in decisions:
+            model = decision.model
+            self.records.put(model.tag, TagRecord(model.spec_digest, tags.get(model.tag), verified=True))
+            if model.rollback_tag in tags:
+                host.copy(model.rollback_tag, model.backup_tag)
+                host.delete(model.rollback_tag)
+            if decision.kind is TagKind.VERIFY:
+                self.report.verified.append(model.tag)
+        for tag in plan.deletes:
+            if host.delete(tag):
+                self.report.deleted.append(tag)
+
+    def _roll_back(self, host: OllamaHost, touched: list[TagDecision]) -> None:
+        """Put back what each touched tag was: its backup, or nothing if this run (or a dead one) created it."""
+        for decision in reversed(touched):
+            model = decision.model
+            try:
+                tags = host.tags()
+                if model.rollback_tag in tags:
+                    host.copy(model.rollback_tag, model.tag)
+                    host.delete(model.rollback_tag)
+                elif not decision.existed_before and model.tag in tags:
+                    host.delete(model.tag)
+                elif decision.existed_before and tags.get(model.tag) != decision.observed_digest:
+                    raise HostError(f"no backup of {model.tag} to restore")
+            except HostError as e:
+                self.report.unrestored.append(f"{model.tag}: {e}")
+                continue
+            previous = self._before.get(model.tag)
+            self.records.put(model.tag, previous if previous is not None and previous.verified else None)
+            self.report.rolled_back.append(model.tag)
+        if touched:
+            self.progress.warning(f"{host.name}: rolled back {len(self.report.rolled_back)} of {len(touched)} "
+                                  f"tags; {self.report.outcome}")

@@ -192,6 +192,7 @@ def mutate_lora(src, dst, *, config=None, add=None, drop=(), replace=None):
 
 QKV_A = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"
 QKV = "base_model.model.model.layers.0.self_attn.qkv_proj"
+LAYERS = "base_model.model.model.layers"
 BAD_LORA = {
     # refused by name: what no plain checkpoint can hold, and what we do not fold
     "activated-lora": ({"config": {"alora_invocation_tokens": [5, 6]}}, "alora_invocation_tokens: not supported"),
@@ -205,7 +206,8 @@ BAD_LORA = {
     "bad-rank": ({"config": {"r": 0}}, "r: must be a positive integer"),
     "bool-alpha": ({"config": {"lora_alpha": True}}, "lora_alpha: must be a number"),
     "bad-bias-mode": ({"config": {"bias": "some"}}, "bias: must be 'none', 'all' or 'lora_only'"),
-    "bad-pattern": ({"config": {"rank_pattern": {"q_proj(": 8}}}, "rank_pattern: key 'q_proj(' is not a valid regular expression"),
+    "bad-pattern": ({"config": {"rank_pattern": {"q_proj(": 8}}},
+                    "rank_pattern: key 'q_proj(' is not a valid regular expression"),
     "rank-mismatch": ({"config": {"r": 8}}, "config r is 8"),
     "rank-pattern-mismatch": ({"config": {"rank_pattern": {"qkv_proj": 8}}}, "config r is 8 (rank_pattern)"),
     # tensors that disagree with the config or the base
@@ -214,11 +216,9 @@ BAD_LORA = {
                                "has a DoRA magnitude, but use_dora is false"),
     "magnitude-shape": ({"config": {"use_dora": True},
                          "add": {f"{QKV}.lora_magnitude_vector": torch.ones(64),
-                                 "base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector": torch.ones(64),
-                                 "base_model.model.model.layers.1.self_attn.qkv_proj.lora_magnitude_vector":
-                                     torch.ones(192),
-                                 "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector":
-                                     torch.ones(64)}},
+                                 f"{LAYERS}.0.self_attn.o_proj.lora_magnitude_vector": torch.ones(64),
+                                 f"{LAYERS}.1.self_attn.qkv_proj.lora_magnitude_vector": torch.ones(192),
+                                 f"{LAYERS}.1.self_attn.o_proj.lora_magnitude_vector": torch.ones(64)}},
                         "lora_magnitude_vector of 'model.layers.0.self_attn.qkv_proj' has shape [64], expected [192]"),
     "lora-bias-without-flag": ({"add": {f"{QKV}.lora_B.bias": torch.ones(192)}}, "lora_bias is false"),
     "lora-bias-on-phi3": ({"config": {"lora_bias": True}, "add": {f"{QKV}.lora_B.bias": torch.ones(192)}},

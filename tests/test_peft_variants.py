@@ -222,3 +222,19 @@ def test_base_model_mismatch_names_both_and_can_be_allowed(tiny_model, tmp_path,
     assert verify_bake(phi3, [spec], tmp_path / "out", Scales()).passed
     provenance = json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())
     assert provenance["adapters"][0]["allow_base_mismatch"] is True
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", ["llama-lora-bias-creates-biases", "llama-tied-modules-to-save"])
+def test_gguf_of_a_folded_variant_runs_in_llama_cpp(tiny_model, run_cli, tmp_path, case):
+    """Created biases and an untied head must survive llama.cpp's converter, not only transformers."""
+    from so8t_deploy.external.llamacpp import gguf_logits
+
+    model, adapter, out = bake_and_compare(tiny_model, run_cli, tmp_path, *CASES[case])
+    gguf = tmp_path / "model.f32.gguf"
+    result = run_cli("convert", out, "--out", gguf, "--outtype", "f32")
+    assert result.code == 0, result.err
+    tokens = probe(320)[:1]
+    expected = peft_logits(model, adapter, tokens)[0].double().numpy()
+    got = gguf_logits(gguf, tokens[0].tolist())
+    assert abs(got - expected).max() < 1e-3

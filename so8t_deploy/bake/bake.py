@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,10 +154,9 @@ def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: Thr
         out, source = tensor.out, tensor.source
         planned = plan.tensors.get(out.name)
         edits = planned.edits if planned else []
-        if planned is None or planned.source == BaseTensor(out.name):
-            source_weight = None  # the base's own bytes need no check
-        else:
-            source_weight = _source_weight(tensor)
+        # The base's own bytes need no look; anything else is checked (and counts as changed).
+        changed_source = planned is not None and planned.source != BaseTensor(out.name)
+        source_weight = _source_weight(tensor) if changed_source else None
         if not edits and out.dtype == source.dtype:
             writer.write(out.name, [tensor.data])  # byte for byte
         else:
@@ -195,9 +194,18 @@ def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict
         shutil.copy2(item, staging / item.name)
 
 
-def _input_digests(model: ModelDirectory, specs: list[AdapterSpec], adapters: Sequence[Adapter],
-                   shard_digests: dict[str, str], digests: DigestCache) -> dict:
+@dataclass(frozen=True)
+class PreparedBake:
+    model: ModelDirectory
+    specs: list[AdapterSpec]
+    adapters: list[Adapter]
+    plan: BakePlan
+    tokenizer: list[Path]  # adapter tokenizer files that replace the base's
+
+
+def _input_digests(prepared: PreparedBake, shard_digests: dict[str, str], digests: DigestCache) -> dict:
     """sha256 of every input file, and each adapter's digest in fold order; the shards' were taken while reading."""
+    model, specs, adapters = prepared.model, prepared.specs, prepared.adapters
     model_files = {str(p.relative_to(model.path)): digests.file(p) for p in sorted(model.path.rglob("*"))
                    if p.is_file() and str(p.relative_to(model.path)) not in shard_digests}
     model_files.update(shard_digests)
@@ -214,16 +222,7 @@ def _input_digests(model: ModelDirectory, specs: list[AdapterSpec], adapters: Se
     return {"model_files": dict(sorted(model_files.items())), "adapters": adapter_entries}
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    model: ModelDirectory
-    specs: list[AdapterSpec]
-    adapters: list[Adapter]
-    plan: BakePlan
-    tokenizer: list[Path]  # adapter tokenizer files that replace the base's
-
-
-def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -> _Prepared:
+def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -> PreparedBake:
     """Everything decided before a byte is written: the inputs validated, the plan, the tokenizer."""
     model = open_model_dir(model_dir)
     layout = layout_from_config(model.config, str(model_dir / "config.json"))
@@ -234,7 +233,14 @@ def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -
     tokenizer = []
     if "vocab_size" in plan.config_updates:
         tokenizer = tokenizer_for(plan.vocabulary_from, model_dir, shapes[EMBED][0], plan.shape(EMBED)[0])
-    return _Prepared(model, specs, adapters, plan, tokenizer)
+    return PreparedBake(model, specs, adapters, plan, tokenizer)
+
+
+def _write_index(model: ModelDirectory, shards: _ShardResults, staging: Path) -> None:
+    if model.index_metadata is not None:
+        index = {"metadata": {**model.index_metadata, "total_size": shards.total_bytes},
+                 "weight_map": dict(sorted(shards.weight_map.items()))}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict:
@@ -248,6 +254,15 @@ def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict:
     return updates
 
 
+def _check_arguments(model_dir: Path, out_dir: Path, dtype: str) -> tuple[Path, Path]:
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
+    model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
+    if out_dir == model_dir or model_dir in out_dir.parents:
+        raise UsageError(f"{out_dir}: the output must not be inside the source model directory")
+    return model_dir, out_dir
+
+
 def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
                scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
                digests: DigestCache | None = None) -> BakeResult:
@@ -258,11 +273,7 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
     knows is not hashed again (baking several variants of one base model hashes it once).
     """
     digests = digests if digests is not None else DigestCache(default_cache_root() / DIGEST_FILE)
-    if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
-    model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
-    if out_dir == model_dir or model_dir in out_dir.parents:
-        raise UsageError(f"{out_dir}: the output must not be inside the source model directory")
+    model_dir, out_dir = _check_arguments(model_dir, out_dir, dtype)
     prepared = prepare_bake(model_dir, adapter_dirs, scales)
     model, plan = prepared.model, prepared.plan
 
@@ -271,10 +282,7 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
         shards = _write_shards(model, plan, dtype, staging, digests, on_progress)
         config_updates = _config_updates(model, plan, dtype)
         _copy_other_files(model, staging, config_updates, prepared.tokenizer)
-        if model.index_metadata is not None:
-            index = {"metadata": {**model.index_metadata, "total_size": shards.total_bytes},
-                     "weight_map": dict(sorted(shards.weight_map.items()))}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_index(model, shards, staging)
         provenance = {
             "format": "so8t-bake",
             "format_version": 1,
@@ -285,7 +293,7 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
             "untied_lm_head": plan.untie_lm_head,
             "config_updates": config_updates,
             "tensors": {"folded": shards.folded, "copied": shards.copied},
-            **_input_digests(model, prepared.specs, prepared.adapters, shards.shard_digests, digests),
+            **_input_digests(prepared, shards.shard_digests, digests),
         }
         # The provenance file is the completion marker: written last, then the rename publishes.
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")

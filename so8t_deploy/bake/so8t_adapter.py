@@ -54,10 +54,6 @@ class So8tAdapter:
     triality: dict[tuple[int, str], ProjectedGroup] = field(default_factory=dict)
     final: BlockGroup | None = None
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.path / CONFIG_FILE, self.path / WEIGHTS_FILE]
-
     def check_base(self, hidden_size: int, num_layers: int, base: BaseIdentity, allow_mismatch: bool = False) -> None:
         """The adapter's informative fields, when present, must agree with the base model."""
         where = self.path / CONFIG_FILE

@@ -10,6 +10,7 @@ A tensor that fits none of these is an error, never ignored.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from .peft_config import CONFIG_FILE, PeftLoraConfig, read_peft_config
+from .peft_config import PeftLoraConfig, read_peft_config
 from .safetensors_io import FLOAT_DTYPES, TensorEntry, map_range, read_header
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,8 +55,6 @@ class TensorRef:
 
     def read(self) -> torch.Tensor:
         """The raw bytes, as uint8, mapped from the file for as long as the tensor lives."""
-        import os
-
         fd = os.open(self.path, os.O_RDONLY)
         try:
             return map_range(fd, self.entry.start, self.entry.nbytes)
@@ -173,5 +172,3 @@ def load_lora_adapter(path: Path) -> LoraAdapter:
     modules = tuple(_module(name, found, config, weights) for name, found in sorted(parts.items()))
     return LoraAdapter(path, config, modules, tuple(replacements))
 
-
-__all__ = ["CONFIG_FILE", "LoraAdapter", "LoraModule", "Replacement", "TensorRef", "load_lora_adapter"]

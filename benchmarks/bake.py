@@ -190,12 +190,39 @@ def ensure_checkpoint(workdir: Path, layers: int) -> Path:
     return model_dir
 
 
-def write_adapter(workdir: Path, layers: int) -> Path:
+def write_adapter(workdir: Path, layers: int, kind: str = "so8t") -> Path:
+    adapter_dir = workdir / f"{kind}-{layers}L"
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # a few MB and seeded: cheaper to rewrite than to check
+    if kind == "lora":
+        return write_lora_adapter(adapter_dir, layers)
     from so8t_deploy.tiny_models import write_random_so8t_adapter
 
-    adapter_dir = workdir / f"so8t-{layers}L"
-    shutil.rmtree(adapter_dir, ignore_errors=True)  # a few MB and seeded: cheaper to rewrite than to check
     return write_random_so8t_adapter(adapter_dir, hidden_size=HIDDEN, num_layers=layers)
+
+
+LORA_RANK = 16
+
+
+def write_lora_adapter(adapter_dir: Path, layers: int) -> Path:
+    """A plain PEFT LoRA (rank 16, every projection of every layer), in PEFT's file layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(layers):
+        for name, shape in _layer_shapes(layer).items():
+            if len(shape) != 2:
+                continue
+            prefix = "base_model.model." + name.removesuffix(".weight")
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, shape[1], generator=generator) * 0.01
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(shape[0], LORA_RANK, generator=generator) * 0.01
+    adapter_dir.mkdir(parents=True)
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": LORA_RANK, "lora_alpha": 32, "bias": "none",
+              "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+    _write_json(adapter_dir / "adapter_config.json", config)
+    return adapter_dir
 
 
 # --- file helpers ---------------------------------------------------------------------------
@@ -250,10 +277,11 @@ def step_naive(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
 
 def fold_in_place(model, model_dir: Path, adapter_dir: Path) -> None:
     """Apply the bake's own plan to the loaded parameters, so both paths do the same arithmetic."""
-    from so8t_deploy.bake.bake import load_adapters
-    from so8t_deploy.bake.edits import apply_edits, plan_bake
+    from so8t_deploy.bake.adapters import load_adapters
+    from so8t_deploy.bake.edits import apply_edits
     from so8t_deploy.bake.layout import layout_from_config
     from so8t_deploy.bake.model_dir import open_model_dir
+    from so8t_deploy.bake.planners import plan_bake
     from so8t_deploy.manifest import Scales
 
     md = open_model_dir(model_dir)
@@ -373,7 +401,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = ensure_checkpoint(workdir, args.layers)
-    adapter_dir = write_adapter(workdir, args.layers)
+    adapter_dir = write_adapter(workdir, args.layers, args.adapter)
     log("warming the page cache")
     warm_page_cache(model_dir)
 
@@ -382,7 +410,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     keep = set(STEPS) if args.keep else {"bake", "naive"} if args.verify else set()
     digests = workdir / "digests"  # the bake's SO8T_CACHE_DIR: empty for "bake", filled for "bake-warm"
     results = {}
-    for step in STEPS:
+    for step in args.steps:
         runs = []
         for _ in range(1 if step == "naive" else args.repeat):
             if step == "bake":
@@ -396,7 +424,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         results[step] = min(runs, key=lambda r: float("inf") if r.wall_s is None else r.wall_s)
 
     verification = None
-    if args.verify and not (results["bake"].error or results["naive"].error):
+    if args.verify and {"bake", "naive"} <= results.keys() and not (results["bake"].error or results["naive"].error):
         log("comparing the bake's output with the naive path's")
         verification = compare_outputs(outputs["bake"], outputs["naive"])
     if not args.keep:
@@ -437,7 +465,8 @@ def _ratio(numerator: StepResult, denominator: StepResult) -> float | None:
     return numerator.wall_s / denominator.wall_s
 
 
-def targets(results: dict[str, StepResult]) -> list[Target]:
+def targets(measured: dict[str, StepResult]) -> list[Target]:
+    results = {step: measured.get(step, StepResult(step)) for step in STEPS}  # a step not run: n/a
     return [
         Target("bake / cp", _ratio(results["bake"], results["cp"]), 1.5, at_most=True, unit="x"),
         Target("bake-warm / cp", _ratio(results["bake-warm"], results["cp"]), 1.5, at_most=True, unit="x"),
@@ -497,6 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also check that the bake's output equals the naive path's, tensor by tensor")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--repeat", type=int, default=2, help="runs of cp, bake and bake-warm; the best counts")
+    parser.add_argument("--adapter", choices=("so8t", "lora"), default="so8t",
+                        help="a full SO8T adapter (default) or a plain rank-16 LoRA on every projection")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default: all)")
     # Internal: run one step and print its measurements (the parent invokes this).
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)

@@ -119,7 +119,8 @@ class _Builder:
             return cache_key(stage="bake", tool=__version__, **self._input_digests(), scales=scales, dtype=dtype)
 
         def bake(staging: Path, record: dict) -> None:
-            self.runner.bake(self.source_dir, self.adapters, staging / "model", plan.scales, dtype)
+            adapters = [(a.kind, a.path, a.allow_base_mismatch) for a in self.manifest.source.adapters]
+            self.runner.bake(self.source_dir, adapters, staging / "model", plan.scales, dtype)
             record.update(variant=plan.variant, scales=scales)
 
         # New inputs are hashed by the bake itself as it streams them (no separate pass over

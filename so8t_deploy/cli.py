@@ -177,6 +177,10 @@ def smoke(manifest: ManifestArg, as_json: JsonOpt = False) -> None:
 AdapterOpt = Annotated[
     list[Path], typer.Option("--adapter", help="Adapter directory (SO8T or PEFT LoRA); repeat to chain, in order.")
 ]
+AllowMismatchOpt = Annotated[
+    bool, typer.Option("--allow-base-mismatch",
+                       help="Accept adapters whose recorded base model names another model (a renamed local copy).")
+]
 ScalesOpt = Annotated[
     str, typer.Option("--scales", help="Bake scales, e.g. rotation=0.1,ffn=0.05,triality=0.02 (default 1.0).")
 ]
@@ -189,6 +193,7 @@ def bake(
     adapter: AdapterOpt = [],  # noqa: B006 - typer reads the default, never mutates it
     scales: ScalesOpt = "",
     dtype: Annotated[str, typer.Option("--dtype", help="auto | bfloat16 | float16 | float32")] = "auto",
+    allow_base_mismatch: AllowMismatchOpt = False,
 ) -> None:
     """Fold adapters into the base weights exactly; write a plain Hugging Face model."""
     from .bake.bake import bake_model
@@ -196,7 +201,8 @@ def bake(
     from .manifest import parse_scales
 
     with byte_progress("baking") as advance:
-        result = bake_model(model, [(None, a) for a in adapter], out, parse_scales(scales), dtype, advance)
+        adapters = [(None, a, allow_base_mismatch) for a in adapter]
+        result = bake_model(model, adapters, out, parse_scales(scales), dtype, advance)
     typer.echo(f"{result.out_dir}: {result.folded} tensors folded, {result.copied} copied unchanged")
 
 
@@ -209,13 +215,15 @@ def verify(
     tolerance: Annotated[
         float | None, typer.Option("--tolerance", help="Max |Δlogit|; default by dtype (fp32 1e-4).")
     ] = None,
+    allow_base_mismatch: AllowMismatchOpt = False,
 ) -> None:
     """Prove a bake exact: compare logits of the adapter model (hooks, no folding) and the baked model."""
     from .bake.verify import verify_bake
     from .errors import VerifyError
     from .manifest import parse_scales
 
-    report = verify_bake(model, [(None, a) for a in adapter], baked, parse_scales(scales), tolerance)
+    adapters = [(None, a, allow_base_mismatch) for a in adapter]
+    report = verify_bake(model, adapters, baked, parse_scales(scales), tolerance)
     typer.echo(
         f"max |Δlogit| {report.max_abs_diff:.3e} (tolerance {report.tolerance:.1e}, baked {report.baked_dtype}); "
         f"adapter effect max |adapter - base| {report.adapter_effect:.3e}"
@@ -333,12 +341,14 @@ def worker_bake(
     adapter: Annotated[list[str], typer.Option("--adapter", help="KIND:PATH")] = [],  # noqa: B006
     scales: ScalesOpt = "",
     dtype: Annotated[str, typer.Option("--dtype")] = "auto",
+    allow_base_mismatch: Annotated[list[Path], typer.Option("--allow-base-mismatch", help="PATH")] = [],  # noqa: B006
 ) -> None:
     from .bake.bake import bake_model
     from .hashing import DigestCache
     from .manifest import parse_scales
 
-    adapters = [(kind, Path(path)) for kind, _, path in (a.partition(":") for a in adapter)]
+    adapters = [(kind, Path(path), Path(path) in allow_base_mismatch)
+                for kind, _, path in (a.partition(":") for a in adapter)]
     bake_model(model, adapters, out, parse_scales(scales), dtype, digests=DigestCache(digests))
 
 

@@ -81,6 +81,11 @@ class _Frozen(BaseModel):
 class AdapterRef(_Frozen):
     kind: Literal["so8t", "lora"] = Field(description="Adapter format: an SO8T v1 directory or a PEFT LoRA.")
     path: Path = Field(description="Adapter directory; relative paths resolve against the manifest's directory.")
+    allow_base_mismatch: bool = Field(
+        default=False,
+        description="Bake even though the adapter's recorded base model (SO8T base_model, PEFT "
+                    "base_model_name_or_path) names another model: for a local copy saved under another name.",
+    )
 
     @field_validator("path", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from .quant_types import QuantType
 class Runner(Protocol):
     name: str
 
-    def bake(self, model_dir: Path, adapters: Sequence[tuple[str, Path]], out_dir: Path, scales: Scales,
+    def bake(self, model_dir: Path, adapters: Sequence[tuple[str, Path, bool]], out_dir: Path, scales: Scales,
              dtype: str) -> None: ...
 
     def convert(self, baked_dir: Path, out_file: Path, outtype: str, metadata: dict[str, str]) -> None: ...
@@ -90,9 +90,11 @@ class DockerRunner:
         scale_arg = ",".join(f"{k}={v!r}" for k, v in scales.as_dict().items())
         args = ["bake", "--model", str(model_dir.resolve()), "--out", str(out_dir.resolve()), "--scales", scale_arg,
                 "--dtype", dtype, "--digests", str(self.cache_dir / DIGEST_FILE)]
-        for kind, path in adapters:
+        for kind, path, allow_base_mismatch in adapters:
             args += ["--adapter", f"{kind}:{Path(path).resolve()}"]
-        self._run("bake", args, read_only=[model_dir, *(p for _, p in adapters)])
+            if allow_base_mismatch:
+                args += ["--allow-base-mismatch", str(Path(path).resolve())]
+        self._run("bake", args, read_only=[model_dir, *(adapter[1] for adapter in adapters)])
 
     def convert(self, baked_dir, out_file, outtype, metadata) -> None:
         import json

@@ -91,8 +91,11 @@ def write_sentencepiece_tokenizer(out_dir: Path) -> None:
 
 
 def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_heads: int = 4,
-                num_kv_heads: int | None = None, tie_word_embeddings: bool = False):
-    """A transformers config of the given architecture with real-model structure and tiny sizes."""
+                num_kv_heads: int | None = None, tie_word_embeddings: bool = False, **extra):
+    """A transformers config of the given architecture with real-model structure and tiny sizes.
+
+    `extra` goes to the config as is (e.g. attention_bias=True for a Llama with biases).
+    """
     import transformers
 
     common = dict(
@@ -109,6 +112,7 @@ def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_head
         eos_token_id=SPM_VOCAB_SIZE,  # <|endoftext|>
         pad_token_id=SPM_VOCAB_SIZE,
         initializer_range=0.08,  # larger than the default so adapters visibly move the logits
+        **extra,
     )
     if arch == "phi3":
         return transformers.Phi3Config(original_max_position_embeddings=4096, **common)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from so8t_deploy.bake.adapters import AdapterSpec
 from so8t_deploy.bake.bake import bake_model
 from so8t_deploy.bake.verify import verify_bake
 from so8t_deploy.manifest import Scales
@@ -74,8 +75,9 @@ def test_separate_lora_names_fold_into_phi3_fused_rows(tiny_model, tmp_path):
     llama_shaped = make_lora(tiny_model("llama", num_kv_heads=2), tmp_path / "lora",
                              ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
     phi3 = tiny_model("phi3", num_kv_heads=2)
-    bake_model(phi3, [(None, llama_shaped)], tmp_path / "baked", Scales())
-    report = verify_bake(phi3, [(None, llama_shaped)], tmp_path / "baked", Scales())
+    spec = AdapterSpec(None, llama_shaped, allow_base_mismatch=True)  # trained on another model, on purpose
+    bake_model(phi3, [spec], tmp_path / "baked", Scales())
+    report = verify_bake(phi3, [spec], tmp_path / "baked", Scales())
     assert report.max_abs_diff < 1e-4 and report.adapter_effect > 1e-2
 
 
@@ -118,7 +120,9 @@ BAD_SO8T = {
     "wrong-format": ({"config": {"format": "lora"}}, "so8t_config.json: format: must be 'so8t'"),
     "wrong-version": ({"config": {"format_version": 2}}, "format_version: must be 1"),
     "wrong-block-size": ({"config": {"block_size": 16}}, "block_size: must be 8"),
-    "missing-hidden-size": ({"config": {"hidden_size": None}}, "hidden_size: must be a positive integer"),
+    "missing-hidden-size": ({"config": {"hidden_size": None}}, "hidden_size: required key is missing"),
+    "bool-hidden-size": ({"config": {"hidden_size": True}}, "hidden_size: must be a positive integer"),
+    "missing-format": ({"config": {"format": None}}, "format: required key is missing"),
     "hidden-not-divisible-by-8": ({"config": {"hidden_size": 60}}, "hidden_size: 60 is not divisible by 8"),
     "hidden-size-mismatch": ({"hidden": 128}, "hidden_size 128 does not match the base model's 64"),
     "layers-mismatch": ({"config": {"num_hidden_layers": 3}}, "num_hidden_layers 3 does not match"),
@@ -187,27 +191,57 @@ def mutate_lora(src, dst, *, config=None, add=None, drop=(), replace=None):
 
 
 QKV_A = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"
+QKV = "base_model.model.model.layers.0.self_attn.qkv_proj"
+LAYERS = "base_model.model.model.layers"
 BAD_LORA = {
-    "dora": ({"config": {"use_dora": True}}, "use_dora: DoRA"),
-    "modules-to-save": ({"config": {"modules_to_save": ["lm_head"]}}, "modules_to_save"),
-    "rank-pattern": ({"config": {"rank_pattern": {"qkv_proj": 8}}}, "rank_pattern"),
-    "alpha-pattern": ({"config": {"alpha_pattern": {"qkv_proj": 8}}}, "alpha_pattern"),
-    "lora-bias": ({"config": {"lora_bias": True}}, "lora_bias"),
-    "trained-bias": ({"config": {"bias": "all"}}, "bias: trained biases"),
+    # refused by name: what no plain checkpoint can hold, and what we do not fold
+    "activated-lora": ({"config": {"alora_invocation_tokens": [5, 6]}}, "alora_invocation_tokens: not supported"),
+    "layer-replication": ({"config": {"layer_replication": [[0, 2]]}}, "layer_replication: not supported"),
+    "trainable-tokens": ({"config": {"trainable_token_indices": [3]}}, "trainable_token_indices: not supported"),
+    "target-parameters": ({"config": {"target_parameters": ["mlp.experts"]}}, "target_parameters: not supported"),
+    "pissa": ({"config": {"init_lora_weights": "pissa_niter_4"}}, "init_lora_weights: 'pissa_niter_4' changes the"),
+    "unknown-option": ({"config": {"use_fancy_lora": True}}, "use_fancy_lora: unknown PEFT option with a value"),
     "not-lora": ({"config": {"peft_type": "IA3"}}, "peft_type: only LORA"),
+    # config values
     "bad-rank": ({"config": {"r": 0}}, "r: must be a positive integer"),
+    "bool-alpha": ({"config": {"lora_alpha": True}}, "lora_alpha: must be a number"),
+    "bad-bias-mode": ({"config": {"bias": "some"}}, "bias: must be 'none', 'all' or 'lora_only'"),
+    "bad-pattern": ({"config": {"rank_pattern": {"q_proj(": 8}}},
+                    "rank_pattern: key 'q_proj(' is not a valid regular expression"),
     "rank-mismatch": ({"config": {"r": 8}}, "config r is 8"),
-    "dora-magnitude-tensor": (
-        {"add": {"base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector": torch.ones(192)}},
-        "unsupported tensor"),
-    "embedding-lora": ({"add": {"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 320)}},
-                       "unsupported tensor"),
-    "partial-pair": ({"drop": ["base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"]},
-                     "has no lora_B"),
+    "rank-pattern-mismatch": ({"config": {"rank_pattern": {"qkv_proj": 8}}}, "config r is 8 (rank_pattern)"),
+    # tensors that disagree with the config or the base
+    "dora-without-magnitude": ({"config": {"use_dora": True}}, "has no DoRA magnitude"),
+    "magnitude-without-dora": ({"add": {f"{QKV}.lora_magnitude_vector": torch.ones(192)}},
+                               "has a DoRA magnitude, but use_dora is false"),
+    "magnitude-shape": ({"config": {"use_dora": True},
+                         "add": {f"{QKV}.lora_magnitude_vector": torch.ones(64),
+                                 f"{LAYERS}.0.self_attn.o_proj.lora_magnitude_vector": torch.ones(64),
+                                 f"{LAYERS}.1.self_attn.qkv_proj.lora_magnitude_vector": torch.ones(192),
+                                 f"{LAYERS}.1.self_attn.o_proj.lora_magnitude_vector": torch.ones(64)}},
+                        "lora_magnitude_vector of 'model.layers.0.self_attn.qkv_proj' has shape [64], expected [192]"),
+    "lora-bias-without-flag": ({"add": {f"{QKV}.lora_B.bias": torch.ones(192)}}, "lora_bias is false"),
+    "lora-bias-on-phi3": ({"config": {"lora_bias": True}, "add": {f"{QKV}.lora_B.bias": torch.ones(192)}},
+                          "phi3 has no bias on that projection and no config flag that adds one"),
+    "embedding-partial-pair": ({"add": {"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 320)}},
+                               "has no lora_embedding_B"),
+    "embedding-wrong-vocab": ({"add": {"base_model.model.model.embed_tokens.lora_embedding_A": torch.ones(4, 300),
+                                       "base_model.model.model.embed_tokens.lora_embedding_B": torch.ones(64, 4)}},
+                              "embedding LoRA for 'model.embed_tokens' has shape [300, 64], expected [320, 64]"),
+    "saved-module-wrong-shape": ({"add": {"base_model.model.model.norm.weight": torch.ones(32)}},
+                                 "'model.norm.weight' has shape [32], the base model's is [64]"),
+    "saved-unknown-module": ({"add": {"base_model.model.model.rotary.weight": torch.ones(32)}},
+                             "replaces 'model.rotary.weight', which the base model does not have"),
+    "saved-nan": ({"add": {"base_model.model.model.norm.weight": torch.full((64,), float("nan"))}},
+                  "contains NaN or infinity"),
+    "unsupported-tensor": ({"add": {f"{QKV}.lora_C.weight": torch.ones(4, 4)}}, "unsupported tensor"),
+    "partial-pair": ({"drop": [f"{QKV}.lora_B.weight"]}, "has no lora_B"),
     "unknown-module": ({"add": {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": torch.ones(4, 64),
                                 "base_model.model.model.layers.0.self_attn.rotary.lora_B.weight": torch.ones(64, 4)}},
                        "LoRA targets 'model.layers.0.self_attn.rotary'"),
     "wrong-shape": ({"replace": {QKV_A: torch.ones(4, 32)}}, "expected [192, 64]"),
+    "base-model-mismatch": ({"config": {"base_model_name_or_path": "org/other-model"}},
+                            "base_model_name_or_path 'org/other-model' does not match the base model"),
 }
 
 
@@ -223,7 +257,15 @@ def test_bad_lora_adapter_is_exit_2_and_names_the_problem(tiny_model, phi3_lora,
     result = run_cli("bake", "--model", tiny_model("phi3"), "--adapter", adapter, "--out", tmp_path / "out")
     assert result.code == 2, result.err
     assert message in result.err and str(adapter) in result.err
+    assert len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_pickled_adapter_is_never_loaded(tiny_model, phi3_lora, tmp_path, run_cli):
+    adapter = shutil.copytree(phi3_lora, tmp_path / "lora")
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    result = run_cli("bake", "--model", tiny_model("phi3"), "--adapter", adapter, "--out", tmp_path / "out")
+    assert result.code == 2 and "adapter_model.bin: a pickle, which is never loaded" in result.err
 
 
 # ---------------------------------------------------------------- bad model directories

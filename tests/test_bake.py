@@ -243,3 +243,39 @@ def test_cli_bad_options_exit_2(tiny_model, so8t_adapter, tmp_path, run_cli, arg
                      "--out", tmp_path / "o", *args)
     assert result.code == 2 and message in result.err
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, tmp_path):
+    """One digest per adapter, whichever path takes it: the bake's provenance and the build's cache key."""
+    from so8t_deploy.hashing import DigestCache, combined_digest
+
+    model, adapter = tiny_model("phi3"), so8t_adapter(64, 2)
+    (adapter / "README.md").write_text("notes saved beside the adapter\n")
+    bake_model(model, [(None, adapter)], tmp_path / "baked", FULL)
+    recorded = json.loads((tmp_path / "baked" / PROVENANCE_FILE).read_text())["adapters"][0]
+    build_digest = combined_digest(DigestCache(tmp_path / "digests.json").directory(adapter))  # as build.py takes it
+    assert recorded["digest"] == build_digest
+    assert set(recorded["files"]) == {"so8t_config.json", "so8t_adapter.safetensors", "README.md"}
+
+
+def test_worker_bake_passes_the_base_mismatch_opt_out(tiny_model, so8t_adapter, tmp_path, run_cli):
+    model = tiny_model("phi3")
+    adapter = so8t_adapter(64, 2, base_model="org/renamed-copy")
+    args = ["worker", "bake", "--model", model, "--out", tmp_path / "o", "--digests", tmp_path / "d.json",
+            "--adapter", f"so8t:{adapter}"]
+    refused = run_cli(*args)
+    assert refused.code == 2 and "base_model 'org/renamed-copy' does not match" in refused.err
+    assert "allow_base_mismatch: true" in refused.err
+    assert run_cli(*args, "--allow-base-mismatch", adapter).code == 0
+    assert run_cli("bake", "--model", model, "--adapter", adapter, "--out", tmp_path / "o2",
+                   "--allow-base-mismatch").code == 0
+
+
+def test_hub_cache_directory_name_counts_as_the_base_model_name(tiny_model, so8t_adapter, tmp_path):
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-phi3" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_model("phi3"), snapshot)
+    adapter = so8t_adapter(64, 2, base_model="org/tiny-phi3")
+    bake_model(snapshot, [(None, adapter)], tmp_path / "baked", FULL)
+    assert_exact(snapshot, [adapter], tmp_path / "baked")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +23,20 @@ import torch
 
 from .. import __version__
 from ..cache import DIGEST_FILE, default_cache_root
-from ..errors import UsageError
+from ..errors import AdapterError, UsageError
 from ..fsutil import fsync_path
-from ..hashing import DigestCache, combined_digest
+from ..hashing import DigestCache
 from ..manifest import Scales
-from .adapters import Adapter, load_adapter
-from .edits import BakePlan, fold_in_chunks, plan_bake
-from .layout import EMBED, LM_HEAD, layout_from_config
+from .adapters import Adapter, AdapterSpec, AdapterSpecs, adapter_digest, as_specs, kind_of, load_adapters
+from .edits import fold_in_chunks
+from .layout import EMBED, layout_from_config
+from .lora_adapter import TOKENIZER_FILES, LoraAdapter, TensorRef
 from .model_dir import INDEX_FILE, ModelDirectory, open_model_dir
-from .safetensors_io import DTYPES, OutputTensor, ShardWriter, TensorEntry
-from .so8t_adapter import So8tAdapter
-from .stream import ShardReader, read_ahead
+from .plan import BakePlan, BaseTensor
+from .planners import plan_bake
+from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter
+from .stream import ShardReader, Source, SourceTensor, read_ahead
+from .vocab import tokenizer_for
 
 PROVENANCE_FILE = "so8t_bake.json"
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -82,7 +85,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
 
 
 
-ShardItems = list[tuple[OutputTensor, TensorEntry]]
+ShardItems = list[tuple[OutputTensor, Source]]
 
 
 @dataclass
@@ -94,15 +97,26 @@ class _ShardResults:
     total_bytes: int = 0
 
 
+def _output_item(name: str, shard: ShardHeader, plan: BakePlan, dtype: str) -> tuple[OutputTensor, Source]:
+    tensor = plan.tensors.get(name)
+    if tensor is None:
+        entry = shard.tensors[name]
+        return OutputTensor(name, _output_dtype(entry.dtype, dtype), entry.shape), entry
+    source = shard.tensors[tensor.source.name] if isinstance(tensor.source, BaseTensor) else tensor.source
+    return OutputTensor(name, _output_dtype(shard.tensors[tensor.like].dtype, dtype), tensor.shape), source
+
+
 def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str, ShardItems]:
-    """Output tensors per shard file, in source byte order; an untied lm_head follows the embeddings."""
+    """Output tensors per shard file, in source byte order; a tensor the base lacks follows its neighbour."""
+    added: dict[str, list[str]] = {}
+    for name, tensor in sorted(plan.tensors.items()):
+        if tensor.after is not None:
+            added.setdefault(tensor.after, []).append(name)
     shards: dict[str, ShardItems] = {}
     for shard in model.shards:
         items = shards.setdefault(shard.path.name, [])
         for entry in sorted(shard.tensors.values(), key=lambda e: e.start):
-            items.append((OutputTensor(entry.name, _output_dtype(entry.dtype, dtype), entry.shape), entry))
-            if entry.name == EMBED and plan.untie_lm_head:
-                items.append((OutputTensor(LM_HEAD, _output_dtype(entry.dtype, dtype), entry.shape), entry))
+            items += [_output_item(name, shard, plan, dtype) for name in (entry.name, *added.get(entry.name, ()))]
     return shards
 
 
@@ -125,19 +139,32 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
     return results
 
 
+def _source_weight(tensor: SourceTensor) -> torch.Tensor:
+    source = tensor.source
+    weight = tensor.data.view(DTYPES[source.dtype][0]).reshape(source.shape)
+    if isinstance(source, TensorRef) and not torch.isfinite(weight).all():
+        raise AdapterError(f"{source.path}: a tensor for {tensor.out.name!r} contains NaN or infinity")
+    return weight
+
+
 def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: ThreadPoolExecutor,
                  results: _ShardResults, on_progress: ProgressCallback | None) -> None:
     writer = ShardWriter(target, [out for out, _ in reader.items])
     for tensor in read_ahead(reader):
-        out, entry = tensor.out, tensor.entry
-        edits = plan.edits.get(out.name, [])
-        if not edits and out.dtype == entry.dtype:
+        out, source = tensor.out, tensor.source
+        planned = plan.tensors.get(out.name)
+        edits = planned.edits if planned else []
+        # The base's own bytes need no look; anything else is checked (and counts as changed).
+        changed_source = planned is not None and planned.source != BaseTensor(out.name)
+        source_weight = _source_weight(tensor) if changed_source else None
+        if not edits and out.dtype == source.dtype:
             writer.write(out.name, [tensor.data])  # byte for byte
-            results.copied += 1
         else:
-            weight = tensor.data.view(DTYPES[entry.dtype][0]).reshape(entry.shape)
+            weight = source_weight if source_weight is not None else _source_weight(tensor)
             writer.write(out.name, fold_in_chunks(weight, edits, DTYPES[out.dtype][0], executor=folders))
-            results.folded += bool(edits)
+        changed = bool(edits) or source_weight is not None
+        results.folded += changed
+        results.copied += not changed
         results.weight_map[out.name] = target.name
         results.total_bytes += out.nbytes
         if on_progress:
@@ -146,10 +173,15 @@ def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: Thr
     results.shard_digests[target.name] = reader.sha256
 
 
-def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict) -> None:
-    """Tokenizer, generation config and the rest, unchanged; config.json only where the spec says."""
+def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict, tokenizer: list[Path]) -> None:
+    """Tokenizer, generation config and the rest, unchanged; config.json only where the spec says.
+
+    `tokenizer`: an adapter's tokenizer files, shipped instead of the base's (a resized vocabulary).
+    """
     for item in sorted(model.path.iterdir()):
         if item.name in model.weight_files or item.name == PROVENANCE_FILE:
+            continue
+        if tokenizer and item.name in TOKENIZER_FILES:
             continue
         if item.name == "config.json" and config_updates:
             config = {**model.config, **config_updates}
@@ -158,68 +190,99 @@ def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict
             shutil.copytree(item, staging / item.name)
         else:
             shutil.copy2(item, staging / item.name)
+    for item in tokenizer:
+        shutil.copy2(item, staging / item.name)
 
 
-def _input_digests(model: ModelDirectory, adapters: Sequence[Adapter], shard_digests: dict[str, str],
-                   digests: DigestCache) -> dict:
-    """sha256 of every input file; the shards' digests were taken while reading them."""
+@dataclass(frozen=True)
+class PreparedBake:
+    model: ModelDirectory
+    specs: list[AdapterSpec]
+    adapters: list[Adapter]
+    plan: BakePlan
+    tokenizer: list[Path]  # adapter tokenizer files that replace the base's
+
+
+def _input_digests(prepared: PreparedBake, shard_digests: dict[str, str], digests: DigestCache) -> dict:
+    """sha256 of every input file, and each adapter's digest in fold order; the shards' were taken while reading."""
+    model, specs, adapters = prepared.model, prepared.specs, prepared.adapters
     model_files = {str(p.relative_to(model.path)): digests.file(p) for p in sorted(model.path.rglob("*"))
                    if p.is_file() and str(p.relative_to(model.path)) not in shard_digests}
     model_files.update(shard_digests)
     adapter_entries = []
-    for adapter in adapters:
-        files = {p.name: digests.file(p) for p in adapter.files}
-        kind = "so8t" if isinstance(adapter, So8tAdapter) else "lora"
-        adapter_entries.append({"kind": kind, "path": str(adapter.path), "digest": combined_digest(files),
-                                "files": files})
+    for position, (spec, adapter) in enumerate(zip(specs, adapters, strict=True)):
+        digest, files = adapter_digest(adapter.path, digests)
+        entry = {"position": position, "kind": kind_of(adapter), "path": str(adapter.path), "digest": digest,
+                 "files": files}
+        if isinstance(adapter, LoraAdapter):
+            entry["features"] = list(adapter.config.features)
+        if spec.allow_base_mismatch:
+            entry["allow_base_mismatch"] = True
+        adapter_entries.append(entry)
     return {"model_files": dict(sorted(model_files.items())), "adapters": adapter_entries}
 
 
-def load_adapters(adapter_dirs: Sequence[tuple[str | None, Path]], model: ModelDirectory) -> list[Adapter]:
-    layout = layout_from_config(model.config, str(model.path / "config.json"))
-    names = {model.path.name, str(model.config.get("_name_or_path", ""))}
-    adapters = [load_adapter(path, kind) for kind, path in adapter_dirs]
-    for adapter in adapters:
-        if isinstance(adapter, So8tAdapter):
-            adapter.check_base(layout.hidden_size, layout.num_layers, names)
-    return adapters
+def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -> PreparedBake:
+    """Everything decided before a byte is written: the inputs validated, the plan, the tokenizer."""
+    model = open_model_dir(model_dir)
+    layout = layout_from_config(model.config, str(model_dir / "config.json"))
+    specs = as_specs(adapter_specs)
+    adapters = load_adapters(specs, model)
+    shapes = {name: entry.shape for shard in model.shards for name, entry in shard.tensors.items()}
+    plan = plan_bake(layout, shapes, adapters, scales)
+    tokenizer = []
+    if "vocab_size" in plan.config_updates:
+        tokenizer = tokenizer_for(plan.vocabulary_from, model_dir, shapes[EMBED][0], plan.shape(EMBED)[0])
+    return PreparedBake(model, specs, adapters, plan, tokenizer)
 
 
-def bake_model(model_dir: Path, adapter_dirs: Sequence[tuple[str | None, Path]], out_dir: Path,
-               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
-               digests: DigestCache | None = None) -> BakeResult:
-    """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir.
+def _write_index(model: ModelDirectory, shards: _ShardResults, staging: Path) -> None:
+    if model.index_metadata is not None:
+        index = {"metadata": {**model.index_metadata, "total_size": shards.total_bytes},
+                 "weight_map": dict(sorted(shards.weight_map.items()))}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
-    `digests` remembers the sha256 of input files by (size, mtime, inode); a shard it already
-    knows is not hashed again (baking several variants of one base model hashes it once).
-    """
-    digests = digests if digests is not None else DigestCache(default_cache_root() / DIGEST_FILE)
+
+def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict:
+    updates = dict(plan.config_updates)
+    if plan.untie_lm_head:
+        updates["tie_word_embeddings"] = False
+    if dtype != "auto":
+        updates["dtype"] = dtype
+        if "torch_dtype" in model.config:
+            updates["torch_dtype"] = dtype
+    return updates
+
+
+def _check_arguments(model_dir: Path, out_dir: Path, dtype: str) -> tuple[Path, Path]:
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
     model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
     if out_dir == model_dir or model_dir in out_dir.parents:
         raise UsageError(f"{out_dir}: the output must not be inside the source model directory")
-    model = open_model_dir(model_dir)
-    layout = layout_from_config(model.config, str(model_dir / "config.json"))
-    adapters = load_adapters(adapter_dirs, model)
-    shapes = {name: entry.shape for shard in model.shards for name, entry in shard.tensors.items()}
-    plan = plan_bake(layout, shapes, adapters, scales)
+    return model_dir, out_dir
+
+
+def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
+               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
+               digests: DigestCache | None = None) -> BakeResult:
+    """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir.
+
+    `adapter_dirs`: AdapterSpec or (kind, path[, allow_base_mismatch]) items, in fold order.
+    `digests` remembers the sha256 of input files by (size, mtime, inode); a shard it already
+    knows is not hashed again (baking several variants of one base model hashes it once).
+    """
+    digests = digests if digests is not None else DigestCache(default_cache_root() / DIGEST_FILE)
+    model_dir, out_dir = _check_arguments(model_dir, out_dir, dtype)
+    prepared = prepare_bake(model_dir, adapter_dirs, scales)
+    model, plan = prepared.model, prepared.plan
 
     staging = _prepare_destination(out_dir)
     try:
         shards = _write_shards(model, plan, dtype, staging, digests, on_progress)
-        config_updates = {}
-        if plan.untie_lm_head:
-            config_updates["tie_word_embeddings"] = False
-        if dtype != "auto":
-            config_updates["dtype"] = dtype
-            if "torch_dtype" in model.config:
-                config_updates["torch_dtype"] = dtype
-        _copy_other_files(model, staging, config_updates)
-        if model.index_metadata is not None:
-            index = {"metadata": {**model.index_metadata, "total_size": shards.total_bytes},
-                     "weight_map": dict(sorted(shards.weight_map.items()))}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        config_updates = _config_updates(model, plan, dtype)
+        _copy_other_files(model, staging, config_updates, prepared.tokenizer)
+        _write_index(model, shards, staging)
         provenance = {
             "format": "so8t-bake",
             "format_version": 1,
@@ -228,8 +291,9 @@ def bake_model(model_dir: Path, adapter_dirs: Sequence[tuple[str | None, Path]],
             "scales": scales.as_dict(),
             "dtype": dtype,
             "untied_lm_head": plan.untie_lm_head,
+            "config_updates": config_updates,
             "tensors": {"folded": shards.folded, "copied": shards.copied},
-            **_input_digests(model, adapters, shards.shard_digests, digests),
+            **_input_digests(prepared, shards.shard_digests, digests),
         }
         # The provenance file is the completion marker: written last, then the rename publishes.
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")

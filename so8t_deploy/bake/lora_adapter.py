@@ -1,13 +1,16 @@
 """Load and validate a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
 
-Only what can be merged exactly as W <- W + scaling * B A is accepted. Every PEFT feature
-that changes that math (DoRA, saved modules, per-module ranks, LoRA biases, ...) is
-rejected by name rather than silently ignored.
+Every tensor PEFT's `save_pretrained` writes for a LoRA is sorted into what the bake folds:
+low-rank pairs (linear or embedding layout, with a DoRA magnitude and a lora_B bias when the
+config asks for them), and whole tensors that replace the base's (modules_to_save, trained
+biases, a targeted embedding's base_layer, resized embeddings). Small tensors are read now;
+whole-tensor replacements are only located, and read one at a time by the bake.
+A tensor that fits none of these is an error, never ignored.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,113 +18,157 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterError
-from ..jsonfile import read_json_object
-from .safetensors_io import FLOAT_DTYPES, read_header
+from .peft_config import PeftLoraConfig, read_peft_config
+from .safetensors_io import FLOAT_DTYPES, TensorEntry, map_range, read_header
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[\w.]+)\.lora_(?P<part>[AB])\.weight$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
-# Config keys whose non-empty / non-default value means math we do not fold.
-_UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
-    "modules_to_save": "modules_to_save",
-    "rank_pattern": "per-module ranks (rank_pattern)",
-    "alpha_pattern": "per-module alphas (alpha_pattern)",
-    "lora_bias": "LoRA biases (lora_bias)",
-    "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable_token_indices",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "use_qalora": "QA-LoRA (use_qalora)",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "arrow_config": "Arrow routing (arrow_config)",
-    "megatron_config": "Megatron layers (megatron_config)",
-}
+_PAIR_PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
+               "lora_magnitude_vector", "lora_magnitude_vector.weight")
+# base_layer.*: a targeted module's own (saved) tensor; modules_to_save.*: older PEFT's key for a saved module;
+# a bare weight or bias: a saved module, a trained bias, or an embedding saved because it was resized.
+_WHOLE_PARTS = ("base_layer.weight", "base_layer.bias", "modules_to_save.weight", "modules_to_save.bias",
+                "weight", "bias")
+_KEY_RE = re.compile(
+    rf"^{re.escape(PEFT_PREFIX)}(?P<module>[\w.]+?)\.(?P<part>{'|'.join(map(re.escape, _PAIR_PARTS + _WHOLE_PARTS))})$"
+)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor inside an adapter file, located now and read when the bake reaches it."""
+
+    path: Path
+    entry: TensorEntry
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    def read(self) -> torch.Tensor:
+        """The raw bytes, as uint8, mapped from the file for as long as the tensor lives."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return map_range(fd, self.entry.start, self.entry.nbytes)
+        finally:
+            os.close(fd)  # the mapping keeps the file open itself
 
 
 @dataclass(frozen=True)
 class LoraModule:
+    """One low-rank update, in PEFT's layout for its layer kind."""
+
     module: str  # e.g. "model.layers.0.self_attn.q_proj"
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
+    a: torch.Tensor  # linear: lora_A [r, in]; embedding: lora_embedding_A [r, vocab]
+    b: torch.Tensor  # linear: lora_B [out, r]; embedding: lora_embedding_B [hidden, r]
+    scaling: float
+    embedding: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA: linear [out], embedding [hidden]
+    bias: torch.Tensor | None = None  # lora_B.bias [out] (lora_bias)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A whole tensor of the adapter that takes the place of the base's `tensor`."""
+
+    tensor: str  # the model's tensor name, e.g. "lm_head.weight"
+    ref: TensorRef
+    key: str  # the adapter's own key, for messages
 
 
 @dataclass(frozen=True)
 class LoraAdapter:
     path: Path
-    rank: int
-    alpha: float
-    use_rslora: bool
-    fan_in_fan_out: bool
+    config: PeftLoraConfig
     modules: tuple[LoraModule, ...]
+    replacements: tuple[Replacement, ...]
 
     @property
-    def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+    def weights_file(self) -> Path:
+        return self.path / WEIGHTS_FILE
 
     @property
-    def files(self) -> list[Path]:
-        return [self.path / CONFIG_FILE, self.path / WEIGHTS_FILE]
+    def tokenizer_files(self) -> list[Path]:
+        """Tokenizer files saved with the adapter (trainers save them when they add tokens)."""
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
 
 
-def _read_config(path: Path) -> dict:
-    config_path = path / CONFIG_FILE
-    config = read_json_object(config_path, AdapterError, f"missing (is {path} a PEFT LoRA adapter?)")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{config_path}: peft_type: only LORA is supported, got {config.get('peft_type')!r}")
-    for key, feature in _UNSUPPORTED.items():
-        if config.get(key):
-            raise AdapterError(f"{config_path}: {key}: {feature} is not supported; merge it with PEFT first")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{config_path}: bias: trained biases ({config['bias']!r}) are not supported")
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if type(rank) is not int or rank <= 0:
-        raise AdapterError(f"{config_path}: r: must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterError(f"{config_path}: lora_alpha: must be a number, got {alpha!r}")
-    return config
+def _read_pair_tensor(f, name: str, entry: TensorEntry, where: Path) -> torch.Tensor:
+    if entry.dtype not in FLOAT_DTYPES or len(entry.shape) not in (1, 2):
+        raise AdapterError(f"{where}: tensor {name!r} must be a float vector or matrix")
+    tensor = f.get_tensor(name)
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(f"{where}: tensor {name!r} contains NaN or infinity")
+    return tensor
 
 
-def load_lora_adapter(path: Path) -> LoraAdapter:
-    config = _read_config(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterError(f"{weights}: missing (only safetensors adapters are supported)")
-    header = read_header(weights, AdapterError)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+def _sort_tensors(weights: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[Replacement]]:
+    """Small per-module tensors by module and part; whole tensors as located replacements."""
     from safetensors import safe_open
 
+    header = read_header(weights, AdapterError)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    replacements = []
     with safe_open(weights, framework="pt") as f:
         for name, entry in header.tensors.items():
             match = _KEY_RE.match(name)
-            if not match:
-                raise AdapterError(f"{weights}: unsupported tensor {name!r} (expected {PEFT_PREFIX}...lora_A/B.weight)")
-            if entry.dtype not in FLOAT_DTYPES or len(entry.shape) != 2:
-                raise AdapterError(f"{weights}: tensor {name!r} must be a 2-D float matrix")
-            tensor = f.get_tensor(name)
-            if not torch.isfinite(tensor).all():
-                raise AdapterError(f"{weights}: tensor {name!r} contains NaN or infinity")
-            parts.setdefault(match["module"], {})[match["part"]] = tensor
-    if not parts:
+            # A LoRA part we do not know (lora_C.weight, ...) must not pass for a saved module's weight.
+            if not match or any(part.startswith("lora_") for part in match["module"].split(".")):
+                raise AdapterError(f"{weights}: unsupported tensor {name!r} (not a PEFT LoRA tensor)")
+            module, part = match["module"], match["part"]
+            if part in _WHOLE_PARTS:
+                if entry.dtype not in FLOAT_DTYPES:
+                    raise AdapterError(f"{weights}: tensor {name!r} must be a float tensor")
+                param = part.rpartition(".")[2]
+                replacements.append(Replacement(f"{module}.{param}", TensorRef(weights, entry), name))
+            else:
+                parts.setdefault(module, {})[part.removesuffix(".weight")] = _read_pair_tensor(f, name, entry, weights)
+    return parts, replacements
+
+
+def _module(name: str, found: dict[str, torch.Tensor], config: PeftLoraConfig, weights: Path) -> LoraModule:
+    embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    for key in (a_key, b_key):
+        if key not in found:
+            raise AdapterError(f"{weights}: module {name!r} has no {key} (partial pair)")
+    a, b = found[a_key], found[b_key]
+    rank = config.rank_of(name)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise AdapterError(f"{weights}: module {name!r} has rank {a.shape[0]}x{b.shape[-1]}, config r is {rank}"
+                           f"{' (rank_pattern)' if rank != config.r else ''}")
+    magnitude = found.get("lora_magnitude_vector")
+    if (magnitude is not None) != config.use_dora:
+        problem = "has a DoRA magnitude, but use_dora is false" if magnitude is not None else "has no DoRA magnitude"
+        raise AdapterError(f"{weights}: module {name!r} {problem}")
+    bias = found.get("lora_B.bias")
+    if bias is not None and not config.lora_bias:
+        raise AdapterError(f"{weights}: module {name!r} has a lora_B bias, but lora_bias is false")
+    unknown = set(found) - {a_key, b_key, "lora_magnitude_vector", "lora_B.bias"}
+    if unknown:
+        raise AdapterError(f"{weights}: module {name!r}: unexpected {sorted(unknown)[0]} beside {a_key}")
+    return LoraModule(name, a, b, config.scaling_of(name), embedding, magnitude, bias)
+
+
+def load_lora_adapter(path: Path) -> LoraAdapter:
+    config = read_peft_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        if (path / PICKLED_FILE).is_file():
+            raise AdapterError(f"{path / PICKLED_FILE}: a pickle, which is never loaded (unpickling runs code); "
+                               "save the adapter with safe_serialization=True")
+        raise AdapterError(f"{weights}: missing (only safetensors adapters are supported)")
+    parts, replacements = _sort_tensors(weights)
+    if not parts and not replacements:
         raise AdapterError(f"{weights}: no LoRA tensors")
-    modules = []
-    for module, pair in sorted(parts.items()):
-        if set(pair) != {"A", "B"}:
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise AdapterError(f"{weights}: module {module!r} has no {missing} (partial pair)")
-        a, b = pair["A"], pair["B"]
-        if a.shape[0] != config["r"] or b.shape[1] != config["r"]:
-            raise AdapterError(
-                f"{weights}: module {module!r} has rank {a.shape[0]}x{b.shape[1]}, config r is {config['r']}"
-            )
-        modules.append(LoraModule(module, a, b))
-    return LoraAdapter(
-        path=path,
-        rank=config["r"],
-        alpha=float(config["lora_alpha"]),
-        use_rslora=bool(config.get("use_rslora", False)),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
-        modules=tuple(modules),
-    )
+    modules = tuple(_module(name, found, config, weights) for name, found in sorted(parts.items()))
+    return LoraAdapter(path, config, modules, tuple(replacements))
+

@@ -10,11 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import AdapterError
 from ..jsonfile import read_json_object
+from .base_check import BaseIdentity, check_base_name
+from .peft_config import one_line
 from .safetensors_io import read_header
 
 CONFIG_FILE = "so8t_config.json"
@@ -50,11 +54,7 @@ class So8tAdapter:
     triality: dict[tuple[int, str], ProjectedGroup] = field(default_factory=dict)
     final: BlockGroup | None = None
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.path / CONFIG_FILE, self.path / WEIGHTS_FILE]
-
-    def check_base(self, hidden_size: int, num_layers: int, model_names: set[str]) -> None:
+    def check_base(self, hidden_size: int, num_layers: int, base: BaseIdentity, allow_mismatch: bool = False) -> None:
         """The adapter's informative fields, when present, must agree with the base model."""
         where = self.path / CONFIG_FILE
         if self.hidden_size != hidden_size:
@@ -63,8 +63,7 @@ class So8tAdapter:
             raise AdapterError(
                 f"{where}: num_hidden_layers {self.num_hidden_layers} does not match the base model's {num_layers}"
             )
-        if self.base_model is not None and not _same_model(self.base_model, model_names):
-            raise AdapterError(f"{where}: base_model {self.base_model!r} does not match the base model")
+        check_base_name(where, "base_model", self.base_model, base, allow_mismatch)
         layers = [layer for layer, _ in (*self.sites, *self.triality)]
         if layers and max(layers) >= num_layers:
             raise AdapterError(
@@ -73,36 +72,46 @@ class So8tAdapter:
             )
 
 
-def _same_model(base_model: str, model_names: set[str]) -> bool:
-    """Match a hub id or path by its full value or its last component (a local copy keeps the name)."""
-    wanted = base_model.rstrip("/")
-    return any(name.rstrip("/") == wanted or Path(name).name == Path(wanted).name for name in model_names if name)
+class So8tConfig(BaseModel):
+    """so8t_config.json (docs: so8t-adapter-v1.md); every key is known, so a typo is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["so8t"] = Field(description="Always 'so8t'.")
+    format_version: Literal[1] = Field(description="Always 1.")
+    block_size: Literal[8] = Field(description="Always 8.")
+    hidden_size: int = Field(description="The base model's hidden size; divisible by 8.")
+    num_hidden_layers: int | None = Field(default=None, description="Informative; must match the base if present.")
+    base_model: str | None = Field(default=None, description="Informative; must match the base if present.")
+
+    @field_validator("format", "format_version", "block_size", mode="before")
+    @classmethod
+    def _exact_type(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON true is not 1 and 8.0 is not 8: the contract's constants are compared with their type.
+        expected = {"format": "so8t", "format_version": 1, "block_size": 8}[info.field_name]
+        if value != expected or type(value) is not type(expected):
+            raise ValueError(f"must be {expected!r}, got {value!r}")
+        return value
+
+    @field_validator("hidden_size", "num_hidden_layers", mode="before")
+    @classmethod
+    def _positive_int(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.field_name == "num_hidden_layers":
+            return value
+        if type(value) is not int or value <= 0:
+            raise ValueError(f"must be a positive integer, got {value!r}")
+        if info.field_name == "hidden_size" and value % 8:
+            raise ValueError(f"{value} is not divisible by 8")
+        return value
 
 
-def _read_config(path: Path) -> dict:
+def _read_config(path: Path) -> So8tConfig:
     config_path = path / CONFIG_FILE
-    config = read_json_object(config_path, AdapterError, f"missing (is {path} an SO8T adapter?)")
-    expected = {"format": "so8t", "format_version": 1, "block_size": 8}
-    for key, value in expected.items():
-        if key not in config:
-            raise AdapterError(f"{config_path}: {key}: required key is missing")
-        if config[key] != value or type(config[key]) is not type(value):
-            raise AdapterError(f"{config_path}: {key}: must be {value!r}, got {config[key]!r}")
-    hidden = config.get("hidden_size")
-    if type(hidden) is not int or hidden <= 0:
-        raise AdapterError(f"{config_path}: hidden_size: must be a positive integer, got {hidden!r}")
-    if hidden % 8:
-        raise AdapterError(f"{config_path}: hidden_size: {hidden} is not divisible by 8")
-    layers = config.get("num_hidden_layers")
-    if layers is not None and (type(layers) is not int or layers <= 0):
-        raise AdapterError(f"{config_path}: num_hidden_layers: must be a positive integer, got {layers!r}")
-    base = config.get("base_model")
-    if base is not None and not isinstance(base, str):
-        raise AdapterError(f"{config_path}: base_model: must be a string")
-    unknown = set(config) - {*expected, "hidden_size", "num_hidden_layers", "base_model"}
-    if unknown:
-        raise AdapterError(f"{config_path}: {sorted(unknown)[0]}: unknown key")
-    return config
+    raw = read_json_object(config_path, AdapterError, f"missing (is {path} an SO8T adapter?)")
+    try:
+        return So8tConfig.model_validate(raw)
+    except ValidationError as e:
+        raise AdapterError(f"{config_path}: {one_line(e)}") from None
 
 
 def _expected_shape(name: str, d: int) -> tuple[int, ...]:
@@ -117,7 +126,7 @@ def _expected_shape(name: str, d: int) -> tuple[int, ...]:
 
 def load_so8t_adapter(path: Path) -> So8tAdapter:
     config = _read_config(path)
-    d = config["hidden_size"]
+    d = config.hidden_size
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise AdapterError(f"{weights}: missing")
@@ -152,7 +161,7 @@ def _take_group(tensors: dict[str, torch.Tensor], prefix: str, parts: tuple[str,
     return [tensors.pop(f"{prefix}.{p}") for p in parts]
 
 
-def _assemble(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> So8tAdapter:
+def _assemble(path: Path, config: So8tConfig, tensors: dict[str, torch.Tensor]) -> So8tAdapter:
     where = path / WEIGHTS_FILE
     layers = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("layers.")})
     sites, triality = {}, {}
@@ -169,9 +178,9 @@ def _assemble(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> So8
     assert not tensors, f"unassigned tensors {sorted(tensors)}"  # every valid name belongs to a group
     return So8tAdapter(
         path=path,
-        hidden_size=config["hidden_size"],
-        num_hidden_layers=config.get("num_hidden_layers"),
-        base_model=config.get("base_model"),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        base_model=config.base_model,
         sites=sites,
         triality=triality,
         final=BlockGroup(final[0], float(final[1])) if final else None,

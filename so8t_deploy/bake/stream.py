@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -25,15 +25,30 @@ T = TypeVar("T")
 _DONE = object()
 
 
+class ExternalSource(Protocol):
+    """Bytes of an output tensor that come from elsewhere than this shard (an adapter file, zeros)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    def read(self) -> torch.Tensor: ...
+
+
+Source = TensorEntry | ExternalSource
+_GAP_CHUNK = 64 << 20  # bytes hashed at a time between tensors, so a skipped tensor is never held whole
+
+
 @dataclass(frozen=True)
 class SourceTensor:
     out: OutputTensor
-    entry: TensorEntry
-    data: torch.Tensor  # the entry's raw bytes, uint8
+    source: Source
+    data: torch.Tensor  # the source's raw bytes, uint8
 
 
 class ShardReader:
-    def __init__(self, path: Path, items: list[tuple[OutputTensor, TensorEntry]], known_sha256: str | None = None):
+    """Yields each output tensor's source bytes; tensors the output does not use are only hashed."""
+
+    def __init__(self, path: Path, items: list[tuple[OutputTensor, Source]], known_sha256: str | None = None):
         self.path, self.items = path, items
         # A digest already known for this exact file is trusted; else it is taken on the way.
         self.sha256: str | None = known_sha256
@@ -49,17 +64,18 @@ class ShardReader:
             size = os.fstat(fd).st_size
             position = 0  # every byte before this one has been hashed
             for out, entry in self.items:
+                if not isinstance(entry, TensorEntry):
+                    yield SourceTensor(out, entry, entry.read())
+                    continue
                 if entry.start < position:  # a second output from the same bytes (an untied lm_head)
                     yield SourceTensor(out, entry, map_range(fd, entry.start, entry.nbytes))
                     continue
-                if entry.start > position:  # the header, or padding between tensors
-                    digest.update(memoryview(read_range(fd, position, entry.start - position).numpy()))
+                _hash_range(digest, fd, position, entry.start)  # the header, padding, or a replaced tensor
                 data = map_range(fd, entry.start, entry.nbytes)
                 digest.update(memoryview(data.numpy()))
                 position = entry.end
                 yield SourceTensor(out, entry, data)
-            if size > position:
-                digest.update(memoryview(read_range(fd, position, size - position).numpy()))
+            _hash_range(digest, fd, position, size)
             self.sha256 = digest.hexdigest()
         finally:
             os.close(fd)
@@ -69,9 +85,15 @@ class ShardReader:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for out, entry in self.items:
-                yield SourceTensor(out, entry, map_range(fd, entry.start, entry.nbytes))
+                data = map_range(fd, entry.start, entry.nbytes) if isinstance(entry, TensorEntry) else entry.read()
+                yield SourceTensor(out, entry, data)
         finally:
             os.close(fd)
+
+
+def _hash_range(digest, fd: int, start: int, stop: int) -> None:
+    for offset in range(start, stop, _GAP_CHUNK):
+        digest.update(memoryview(read_range(fd, offset, min(_GAP_CHUNK, stop - offset)).numpy()))
 
 
 def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:

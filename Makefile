@@ -5,7 +5,7 @@
 #   make test       the test suite (CPU torch pinned, as CI runs it)
 #   make image      the worker image for runtime.backend: docker, built here without any registry
 #                   (a debootstrapped Debian base, the host's wheelhouse, CPU torch): what CI tests
-#   make lint       ruff
+#   make lint       ruff and mypy
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -61,10 +61,12 @@ test: $(VENV)/.installed go-toolchain
 	$(PY) -m pytest
 
 # Every wheel the worker image needs, at the versions installed here (so both backends produce
-# the same bytes), plus the llama.cpp sdist the converter is extracted from.
+# the same bytes), plus the llama.cpp sdist the converter is extracted from. Its wheels of the base
+# dependencies also install the torchless control plane that tests/test_docker.py drives.
+# setuptools' build/ is removed first: a module deleted from the source would stay in the wheel.
 wheelhouse: TORCH_SPEC := $(TEST_TORCH_SPEC)
 wheelhouse: $(VENV)/.installed
-	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	rm -rf $(WHEELHOUSE) build && mkdir -p $(WHEELHOUSE)
 	$(PIP) freeze --exclude-editable > .cache/constraints.txt
 	$(PIP) wheel -q -w $(WHEELHOUSE) --find-links $(LLAMA_WHEEL_DIR) -c .cache/constraints.txt \
 		"$(TEST_TORCH_SPEC)" ".[bake]"
@@ -79,6 +81,7 @@ image: wheelhouse
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check so8t_deploy tests benchmarks
+	$(PY) -m mypy
 
 $(DEMO_DIR)/manifest.yaml: | $(VENV)/.installed
 	rm -rf $(DEMO_DIR)

@@ -260,7 +260,7 @@ def step_cp(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
 
 def step_bake(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     from so8t_deploy.bake.bake import bake_model
-    from so8t_deploy.manifest import Scales
+    from so8t_deploy.manifest.schema import Scales
 
     bake_model(model_dir, [(None, adapter_dir)], out_dir, Scales(), "auto")
 
@@ -282,7 +282,7 @@ def fold_in_place(model, model_dir: Path, adapter_dir: Path) -> None:
     from so8t_deploy.bake.layout import layout_from_config
     from so8t_deploy.bake.model_dir import open_model_dir
     from so8t_deploy.bake.planners import plan_bake
-    from so8t_deploy.manifest import Scales
+    from so8t_deploy.manifest.schema import Scales
 
     md = open_model_dir(model_dir)
     layout = layout_from_config(md.config, "config.json")

@@ -3,7 +3,8 @@
 Both paths do the same work on the same inputs, in one process (imports paid up front):
   direct: bake_model() -> llama.cpp's convert_hf_to_gguf.py -> llama_model_quantize per level,
           each GGUF fsynced (build publishes durable artifacts, so the baseline does too)
-  build:  so8t_deploy.build.build() on an empty cache: input hashing, cache keys, staging
+  build:  so8t_deploy.deploy.commands.build_manifest() on an empty workspace (its converter already
+          extracted, as in any workspace after its first build): input hashing, cache keys, staging
           directories, markers, GGUF inspection and output digests included;
           then once more on the warm cache (the re-run).
 Best of --repeat runs each. It prints wall times and the ratios: build/direct (target <= 1.05)
@@ -59,10 +60,10 @@ def direct(model: Path, adapter: Path, out: Path) -> None:
     import llama_cpp
 
     from so8t_deploy.bake.bake import bake_model
+    from so8t_deploy.build.hashing import DigestCache
     from so8t_deploy.external.llamacpp import locate_converter
-    from so8t_deploy.hashing import DigestCache
-    from so8t_deploy.manifest import Scales
-    from so8t_deploy.quant_types import lookup_quant_type
+    from so8t_deploy.manifest.quant_types import lookup_quant_type
+    from so8t_deploy.manifest.schema import Scales
 
     # A fresh digest cache: the bake hashes its inputs, as the cold build does.
     bake_model(model, [(None, adapter)], out / "baked", Scales(), digests=DigestCache(out / "digests.json"))
@@ -94,12 +95,19 @@ def main() -> None:
 
     import llama_cpp  # noqa: F401 - imported before timing, like everything below
 
-    from so8t_deploy.build import build
+    from so8t_deploy.build.workspace import Workspace
+    from so8t_deploy.deploy.commands import build_manifest
     from so8t_deploy.external.llamacpp import locate_converter
-    from so8t_deploy.manifest_loader import load_manifest
+    from so8t_deploy.manifest.loader import load_manifest
 
-    locate_converter()  # extracted once, before either path is timed
-    cache = args.workdir / "cache"
+    workspace = Workspace(args.workdir / "cache")
+    locate_converter()  # extracted once for each path, before either is timed
+    locate_converter(workspace.converter)
+
+    def build(manifest, _cache) -> None:
+        build_manifest(manifest, workspace)
+
+    cache = workspace.objects
     results: dict[str, list[float]] = {"direct": [], "build": []}
     for _ in range(args.repeat):  # alternate, so neither path always runs on a colder page cache
         out = args.workdir / "direct"
@@ -107,6 +115,7 @@ def main() -> None:
         out.mkdir()
         results["direct"].append(timed(lambda out=out: direct(model, adapter, out)))
         shutil.rmtree(cache, ignore_errors=True)
+        workspace.digests_file.unlink(missing_ok=True)
         results["build"].append(timed(lambda: build(load_manifest(manifest_file), cache)))
     rerun = timed(lambda: build(load_manifest(manifest_file), cache))
     best = {name: min(times) for name, times in results.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_OPERATIONAL = 1
 EXIT_INVALID_INPUT = 2
-EXIT_DRIFT = 3  # plan --check only: the hosts differ from the manifest
+EXIT_DRIFT = 3  # plan --check: a host differs from the manifest; apply: a host or input changed since the plan
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: what was in flight was finished or undone
 
 
@@ -56,6 +56,12 @@ class HostError(So8tError):
 
 class HostUnreachableError(HostError):
     """An Ollama host did not answer at all (refused, timed out, name not found)."""
+
+
+class HostChangedError(HostError):
+    """A host's models changed since the plan was made (someone else deployed): nothing was overwritten."""
+
+    exit_code = EXIT_DRIFT
 
 
 class SmokeTestError(So8tError):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.cli import main
+from so8t_deploy.cli.app import main
 from tests.gotemplate import INSTALL_HINT, GoToolchainMissing
+from tests.hub_fixtures import hf_env, hub, hub_model, hub_server  # noqa: F401 - the test hub's fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -97,3 +98,18 @@ def so8t_adapter(tmp_path_factory):
         return write_random_so8t_adapter(tmp_path_factory.mktemp("so8t"), hidden_size, num_layers, **kwargs)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def built_demo(tmp_path_factory):
+    """The demo model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once into one workspace:
+    (demo directory, cache directory)."""
+    from so8t_deploy.build.workspace import Workspace
+    from so8t_deploy.demo import init_demo
+    from so8t_deploy.deploy.commands import build_manifest
+    from so8t_deploy.manifest.loader import load_manifest
+
+    root = tmp_path_factory.mktemp("built-demo")
+    demo_dir = init_demo(root / "demo")
+    build_manifest(load_manifest(demo_dir / "manifest.yaml"), Workspace(root / "cache"))
+    return demo_dir, root / "cache"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from so8t_deploy.bake.adapters import AdapterSpec
 from so8t_deploy.bake.bake import bake_model
 from so8t_deploy.bake.verify import verify_bake
-from so8t_deploy.manifest import Scales
+from so8t_deploy.manifest.schema import Scales
 
 
 def make_lora(model_dir, out_dir, target_modules, seed=0, **config):

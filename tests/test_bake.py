@@ -12,8 +12,8 @@ import torch
 from so8t_deploy.bake.bake import PROVENANCE_FILE, bake_model
 from so8t_deploy.bake.model_dir import open_model_dir
 from so8t_deploy.bake.verify import verify_bake
-from so8t_deploy.hashing import sha256_file
-from so8t_deploy.manifest import Scales
+from so8t_deploy.build.hashing import sha256_file
+from so8t_deploy.manifest.schema import Scales
 
 FULL = Scales()
 
@@ -178,7 +178,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 from so8t_deploy.bake.bake import bake_model
-from so8t_deploy.manifest import Scales
+from so8t_deploy.manifest.schema import Scales
 seen = []
 def die(n):
     seen.append(n)
@@ -247,7 +247,7 @@ def test_cli_bad_options_exit_2(tiny_model, so8t_adapter, tmp_path, run_cli, arg
 
 def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, tmp_path):
     """One digest per adapter, whichever path takes it: the bake's provenance and the build's cache key."""
-    from so8t_deploy.hashing import DigestCache, combined_digest
+    from so8t_deploy.build.hashing import DigestCache, combined_digest
 
     model, adapter = tiny_model("phi3"), so8t_adapter(64, 2)
     (adapter / "README.md").write_text("notes saved beside the adapter\n")
@@ -258,15 +258,26 @@ def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, t
     assert set(recorded["files"]) == {"so8t_config.json", "so8t_adapter.safetensors", "README.md"}
 
 
-def test_worker_bake_passes_the_base_mismatch_opt_out(tiny_model, so8t_adapter, tmp_path, run_cli):
+def test_the_worker_step_passes_the_base_mismatch_opt_out(tiny_model, so8t_adapter, tmp_path, run_cli):
+    from so8t_deploy.build.steps import BakeStep, StepEnvelope
+    from so8t_deploy.manifest.schema import AdapterRef
+
     model = tiny_model("phi3")
     adapter = so8t_adapter(64, 2, base_model="org/renamed-copy")
-    args = ["worker", "bake", "--model", model, "--out", tmp_path / "o", "--digests", tmp_path / "d.json",
-            "--adapter", f"so8t:{adapter}"]
-    refused = run_cli(*args)
+
+    def spec(allow: bool, out: str):
+        step = BakeStep(model_dir=model, out_dir=tmp_path / out, scales=FULL, dtype="auto",
+                        digests_file=tmp_path / "d.json",
+                        adapters=[AdapterRef(kind="so8t", path=adapter, allow_base_mismatch=allow)])
+        path = tmp_path / f"{out}.json"
+        path.write_text(StepEnvelope(step=step, result_file=tmp_path / f"{out}.result.json").model_dump_json())
+        return path
+
+    refused = run_cli("worker", "run", spec(False, "o"))
     assert refused.code == 2 and "base_model 'org/renamed-copy' does not match" in refused.err
     assert "allow_base_mismatch: true" in refused.err
-    assert run_cli(*args, "--allow-base-mismatch", adapter).code == 0
+    assert run_cli("worker", "run", spec(True, "o1")).code == 0
+    assert json.loads((tmp_path / "o1.result.json").read_text())["folded"] > 0
     assert run_cli("bake", "--model", model, "--adapter", adapter, "--out", tmp_path / "o2",
                    "--allow-base-mismatch").code == 0
 

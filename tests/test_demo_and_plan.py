@@ -76,14 +76,16 @@ def test_demo_refuses_a_non_empty_directory(run_cli, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
-def test_offline_plan_lists_every_tag_and_artifact(run_cli, demo_dir):
-    result = run_cli("plan", demo_dir / "manifest.yaml", "--offline", "--json")
+def test_offline_plan_lists_every_build_step_with_its_key(run_cli, demo_dir, tmp_path):
+    result = run_cli("plan", demo_dir / "manifest.yaml", "--offline", "--json", "--cache-dir", tmp_path / "cache")
     assert result.code == 0, result.err
     plan = json.loads(result.out)
-    tags = [q["tag"] for variant in plan for q in variant["quants"]]
-    assert tags == ["so8t-demo:full-f16", "so8t-demo:full-q8_0", "so8t-demo:light-f16", "so8t-demo:light-q8_0"]
-    assert plan[1]["scales"] == {"rotation": 0.1, "ffn": 0.05, "triality": 0.02}
-    assert all(v["convert_type"] == "f16" for v in plan)
+    steps = [(s["variant"], s["stage"], s["quant"]) for s in plan["builds"]]
+    assert steps == [("full", "bake", None), ("full", "convert", "f16"), ("full", "quantize", "q8_0"),
+                     ("light", "bake", None), ("light", "convert", "f16"), ("light", "quantize", "q8_0")]
+    assert all(len(s["key"]) == 64 and not s["cached"] for s in plan["builds"])
+    assert plan["hosts"] == [] and not (tmp_path / "cache" / "objects").exists()  # nothing built, no host asked
+    assert run_cli("plan", demo_dir / "manifest.yaml", "--offline", "--check").code == 2  # a contradiction
 
 
 def test_console_script_exit_codes(tmp_path):

@@ -2,25 +2,37 @@
 
 CI builds the image first (`make image`: a debootstrapped Debian base, the host's wheelhouse, the
 CPU torch pin). Without an engine or the image these tests skip, except under CI=true, where
-that is a failure.
+that is a failure. SO8T_TEST_IMAGE names another image to test.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import require
+from so8t_deploy.build.steps import BakeStep, ConvertStep, EvalStep, InspectStep, QuantizeStep, StepEnvelope
+from so8t_deploy.external.docker_engine import LLAMA_LABEL
+from so8t_deploy.manifest.schema import AdapterRef, Scales
 
-pytestmark = [pytest.mark.docker, pytest.mark.llamacpp]
+from .conftest import require
+from .control_venv import isolated_env, make_control_venv
+from .ollama_server import ServerPool
+from .test_architecture import ML_STACK
 
 IMAGE = os.environ.get("SO8T_TEST_IMAGE", "so8t-deploy-worker:test")
+
+
+def needs_docker(test):
+    """The engine and the image, and llama.cpp on this side too (the tests build locally to compare)."""
+    return pytest.mark.llamacpp(pytest.mark.docker(test))
 
 
 def _engine():
@@ -49,12 +61,19 @@ def engine():
     return client
 
 
+def mounting(containers: list, root: Path) -> list:
+    """The containers that mount something below root: other sessions may share the engine."""
+    root = str(root.resolve())
+    return [c for c in containers if any(m.get("Source", "").startswith(root) for m in c.attrs.get("Mounts", []))]
+
+
 @pytest.fixture(autouse=True)
-def no_leftover_containers(request):
+def no_leftover_containers(request, tmp_path_factory):
     yield
     client = _engine() if request.node.get_closest_marker("docker") else None
     if client is not None:
-        left = client.containers.list(all=True, filters={"label": "so8t-deploy"})
+        left = mounting(client.containers.list(all=True, filters={"label": "so8t-deploy"}),
+                        tmp_path_factory.getbasetemp())
         assert left == [], f"containers left behind: {[c.name for c in left]}"
 
 
@@ -76,6 +95,33 @@ def build(run_cli, manifest, cache):
     return result, (json.loads(result.out) if result.code == 0 else None)
 
 
+def error_lines(stderr: str) -> list[str]:
+    """What stderr says besides progress ('> ...') and warnings: the error boundary's one line."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("> ", "warning: "))]
+
+
+def leftovers(cache: Path) -> list[Path]:
+    """What a failed step may not leave behind: staging entries, step specs and results."""
+    return [p for p in cache.rglob("*") if ".partial-" in p.name or p.is_relative_to(cache / "tmp") and p.is_file()]
+
+
+def test_every_step_survives_the_spec_file_unchanged(tmp_path):
+    """The contract between control plane and worker is one JSON file per step: nothing may be lost on the way."""
+    adapter = AdapterRef(kind="so8t", path=tmp_path / "adapter")
+    steps = [
+        BakeStep(model_dir=tmp_path / "model", adapters=[adapter], out_dir=tmp_path / "out", dtype="bf16",
+                 scales=Scales(rotation=0.5), digests_file=tmp_path / "digests.json", label="light"),
+        ConvertStep(model_dir=tmp_path / "out", out_file=tmp_path / "m.gguf", outtype="f16", metadata={"so8t.x": "1"}),
+        QuantizeStep(in_file=tmp_path / "m.gguf", out_file=tmp_path / "q.gguf", quant="q8_0"),
+        InspectStep(path=tmp_path / "q.gguf"),
+        EvalStep(reference=tmp_path / "m.gguf", candidates=[tmp_path / "q.gguf"], text="hello", windows=2, context=16),
+    ]
+    for step in steps:
+        envelope = StepEnvelope(step=step, result_file=tmp_path / "result.json")
+        assert StepEnvelope.model_validate_json(envelope.model_dump_json()) == envelope
+
+
+@needs_docker
 def test_docker_and_local_backends_produce_the_same_bytes(engine, demo, tmp_path, run_cli):
     local, local_report = build(run_cli, demo / "local.yaml", tmp_path / "local")
     assert local.code == 0, local.err
@@ -86,8 +132,10 @@ def test_docker_and_local_backends_produce_the_same_bytes(engine, demo, tmp_path
     assert len(shas) == 4
     for artifact in docker_report["artifacts"]:  # written as the calling user, not root-owned
         assert os.stat(artifact["path"]).st_uid == os.getuid()
+    assert leftovers(tmp_path / "docker") == []
 
 
+@needs_docker
 def test_a_container_killed_mid_bake_leaves_nothing_and_a_rerun_converges(engine, demo, tmp_path):
     cache = tmp_path / "cache"
     cli = [sys.executable, "-m", "so8t_deploy", "build", str(demo / "docker.yaml"), "--cache-dir", str(cache)]
@@ -97,7 +145,7 @@ def test_a_container_killed_mid_bake_leaves_nothing_and_a_rerun_converges(engine
     def kill_the_bake():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            for container in engine.containers.list(filters={"label": "so8t-deploy=bake"}):
+            for container in mounting(engine.containers.list(filters={"label": "so8t-deploy=bake"}), cache):
                 container.kill()
                 killed.set()
                 return
@@ -109,22 +157,125 @@ def test_a_container_killed_mid_bake_leaves_nothing_and_a_rerun_converges(engine
     killer.join()
     assert killed.is_set(), "the bake container was never seen running"
     assert proc.returncode == 1, err
-    assert "bake: worker container failed (killed)" in err
+    assert error_lines(err)[0].startswith("bake: worker container failed (killed)"), err
     bake_objects = cache / "objects" / "bake"
-    assert not bake_objects.exists() or [p for p in bake_objects.iterdir()] == []
+    assert not bake_objects.exists() or list(bake_objects.iterdir()) == []
+    assert leftovers(cache) == []
     rerun = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
 
 
+@needs_docker
+def test_a_failing_step_reports_the_workers_own_error(engine, demo, tmp_path, run_cli):
+    broken = tmp_path / "demo"  # the demo with its weights cut short: the bake in the container refuses them
+    subprocess.run(["cp", "-r", str(demo), str(broken)], check=True)
+    weights = next((broken / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:4096])
+    result, _ = build(run_cli, broken / "docker.yaml", tmp_path / "cache")
+    assert result.code == 1
+    [line] = error_lines(result.err)
+    assert line.startswith("bake: worker container failed (exit 2): "), line
+    assert str(weights.parent) in line, line  # the worker's own message, naming the model
+    assert leftovers(tmp_path / "cache") == []
+
+
+@needs_docker
 def test_a_gpu_request_without_a_gpu_runtime_is_a_clear_error(engine, demo, tmp_path, run_cli):
     result, _ = build(run_cli, demo / "gpu.yaml", tmp_path / "cache")
     assert result.code == 1
-    assert "runtime.gpus: 'all', but the Docker engine has no GPU runtime" in result.err
-    assert "gpus: none" in result.err and len(result.err.strip().splitlines()) == 1
+    assert error_lines(result.err) == ["runtime.gpus: 'all', but the Docker engine has no GPU runtime "
+                                       "(install the NVIDIA container toolkit, or set gpus: none)"]
 
 
+@needs_docker
 def test_a_missing_image_is_a_clear_error(engine, demo, tmp_path, run_cli):
     manifest = demo / "missing-image.yaml"  # beside the demo: its paths are relative
     manifest.write_text((demo / "docker.yaml").read_text().replace(IMAGE, "so8t-no-such-image:1"))
     result, _ = build(run_cli, manifest, tmp_path / "cache")
-    assert result.code == 1 and "so8t-no-such-image:1 not found" in result.err
+    assert result.code == 1
+    assert error_lines(result.err) == ["runtime.image: so8t-no-such-image:1 not found; build it with "
+                                       "`so8t-deploy image build`"]
+
+
+@needs_docker
+def test_an_image_with_another_llama_cpp_is_refused(engine, demo, tmp_path, run_cli):
+    from so8t_deploy.external.llamacpp import LLAMA_CPP_PYTHON_VERSION
+
+    tag = f"so8t-test-other-llama:{os.getpid()}"  # the image under test with only its label changed
+    dockerfile = f'FROM {IMAGE}\nLABEL {LLAMA_LABEL}="0.0.1"\n'.encode()
+    engine.images.build(fileobj=io.BytesIO(dockerfile), tag=tag, rm=True, pull=False, network_mode="none")
+    try:
+        manifest = demo / "other-llama.yaml"
+        manifest.write_text((demo / "docker.yaml").read_text().replace(IMAGE, tag))
+        result, _ = build(run_cli, manifest, tmp_path / "cache")
+    finally:
+        engine.images.remove(tag, force=True)
+    assert result.code == 1
+    assert error_lines(result.err) == [f"runtime.image: {tag} carries llama-cpp-python 0.0.1, but this so8t-deploy "
+                                       f"is pinned to {LLAMA_CPP_PYTHON_VERSION}; rebuild it with "
+                                       "`so8t-deploy image build`"]
+    assert not (tmp_path / "cache" / "objects" / "bake").exists() or \
+        list((tmp_path / "cache" / "objects" / "bake").iterdir()) == []
+
+
+# -- the control plane on a machine without torch ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def control_bin(tmp_path_factory):
+    return make_control_venv(tmp_path_factory.mktemp("control"))
+
+
+def _so8t(bin_dir: Path, *args, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(bin_dir / "so8t-deploy"), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+@needs_docker
+def test_the_control_plane_drives_the_docker_backend_from_a_venv_without_torch(engine, demo, control_bin,
+                                                                                 tmp_path):
+    python = control_bin / "python"
+    probe = ("import importlib.util, so8t_deploy; "
+             f"print(so8t_deploy.__file__); print([m for m in {sorted(ML_STACK)!r} if importlib.util.find_spec(m)])")
+    where, found = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True,
+                                  env=isolated_env(), cwd=tmp_path).stdout.splitlines()
+    assert Path(where).is_relative_to(control_bin.parent), where  # the installed wheel, not this checkout
+    assert found == "[]", found
+    no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, env=isolated_env())
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+
+    manifest = demo / "control.yaml"  # a lenient quality gate: apply evaluates too, in the container
+    manifest.write_text((demo / "docker.yaml").read_text() + "quality: {windows: 2, context: 64, max_mean_kl: 1.0}\n")
+    cache = tmp_path / "cache"
+    pool = ServerPool(tmp_path / "hosts")
+    try:
+        [url] = pool.start(1)
+        env = isolated_env(OLLAMA_HOST=url)
+
+        validate = _so8t(control_bin, "validate", manifest, env=env, cwd=tmp_path)
+        assert validate.returncode == 0, validate.stderr
+        assert "note: the ML stack (torch) is not installed here" in validate.stderr
+
+        plan = _so8t(control_bin, "plan", manifest, "--cache-dir", cache, "--json", env=env, cwd=tmp_path)
+        assert plan.returncode == 0, plan.stderr
+        planned = json.loads(plan.stdout)
+        assert [s["cached"] for s in planned["builds"]] == [False] * 6
+        assert sorted(a["kind"] for a in planned["hosts"][0]["actions"]) == ["create"] * 4 + ["upload"] * 4
+
+        apply = _so8t(control_bin, "apply", manifest, "--cache-dir", cache, "--json", env=env, cwd=tmp_path)
+        assert apply.returncode == 0, apply.stderr
+        applied = json.loads(apply.stdout)
+        assert applied["build"] == {"built": 6, "reused": 0} and applied["gated"] == {}
+        [host] = applied["hosts"]
+        assert host["status"] == "ok" and len(host["created"]) == 4, host
+        assert len(list((cache / "objects" / "eval").iterdir())) == 4  # the gate's numbers, from an EvalStep
+
+        smoke = _so8t(control_bin, "smoke", manifest, "--json", env=env, cwd=tmp_path)
+        assert smoke.returncode == 0, smoke.stderr
+        assert [r["passed"] for r in json.loads(smoke.stdout)] == [True] * 4
+
+        check = _so8t(control_bin, "plan", manifest, "--cache-dir", cache, "--check", env=env, cwd=tmp_path)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        pool.stop_all()

@@ -17,7 +17,7 @@ from so8t_deploy.bake.verify import attach_adapters, load_adapters
 from so8t_deploy.external.gguf_info import read_gguf_info
 from so8t_deploy.external.imatrix import write_legacy_imatrix
 from so8t_deploy.external.llamacpp import LLAMA_CPP_PYTHON_VERSION, gguf_logits
-from so8t_deploy.manifest import Scales
+from so8t_deploy.manifest.schema import Scales
 
 from .conftest import REPO
 
@@ -89,10 +89,10 @@ def test_gguf_carries_provenance(baked_models, run_cli, tmp_path):
 @pytest.fixture(scope="module")
 def f16_256(tiny_model, tmp_path_factory):
     """An f16 GGUF of a hidden-256 Phi-3, so K-quants apply to every tensor."""
-    from so8t_deploy.convert import convert_model_dir
+    from so8t_deploy.external.llamacpp import convert_to_gguf, locate_converter
 
     out = tmp_path_factory.mktemp("gguf256") / "model-f16.gguf"
-    convert_model_dir(tiny_model("phi3", hidden_size=256), out, "f16")
+    convert_to_gguf(locate_converter(), tiny_model("phi3", hidden_size=256), out, "f16")
     return out
 
 

@@ -36,7 +36,7 @@ def test_dora_renormalises_each_row_after_earlier_edits(chunk_bytes):
     w, m = randn(48, 64), BlockDiagonalMap.from_generators(0.3 * randn(8, 8, 8), 0.7)
     a, b, magnitude = randn(4, 64), randn(16, 4), randn(16).abs() + 0.5
     rows = (16, 32)  # one part of a fused projection
-    edits = [RightMultiply(m), DoraLowRank(a, b, 0.5, rows, magnitude)]
+    edits = [RightMultiply(m), DoraLowRank(a, b, 0.5, rows, magnitude=magnitude)]
 
     expected = w @ m.dense().float()
     part = expected[16:32] + 0.5 * b @ a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,3 +81,18 @@ def test_zero_strength_is_identity(gen):
 def test_gate_strength_is_scaled_sigmoid():
     assert gate_strength(1.0, 0.0) == pytest.approx(0.5)
     assert gate_strength(0.1, 2.0) == pytest.approx(0.1 / (1 + torch.exp(torch.tensor(-2.0)).item()))
+
+
+def test_golden_sign_convention_of_a_single_generator_entry():
+    """Pinned independently of verify: G with one entry theta at [0, 1] is the plane rotation
+    [[cos theta, sin theta], [-sin theta, cos theta]] on channels 0 and 1, and the identity elsewhere."""
+    theta = 0.3
+    generator = torch.zeros(8, 8, dtype=torch.float64)
+    generator[0, 1] = theta
+    expected = torch.eye(8, dtype=torch.float64)
+    expected[:2, :2] = torch.tensor([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
+    assert torch.allclose(rotation(generator), expected, atol=1e-15)
+    x = torch.zeros(8, dtype=torch.float64)
+    x[1] = 1.0  # M x with the column-vector convention: e_1 goes to (sin theta, cos theta)
+    assert torch.allclose((rotation(generator) @ x)[:2], torch.tensor([math.sin(theta), math.cos(theta)],
+                                                                       dtype=torch.float64))

@@ -48,13 +48,14 @@ TIMEOUT = 30
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     """A tiny random Phi-3 converted to an F16 GGUF (about 5 s, once per session)."""
-    from so8t_deploy.convert import convert_model_dir
+    from so8t_deploy.build.provenance import bake_output_metadata
+    from so8t_deploy.external.llamacpp import convert_to_gguf, locate_converter
     from so8t_deploy.tiny_models import write_tiny_model
 
     tmp = tmp_path_factory.mktemp("tiny-gguf")
     model = write_tiny_model(tmp / "model", "phi3", hidden_size=64)
     out = tmp / "model-f16.gguf"
-    convert_model_dir(model, out, "f16")
+    convert_to_gguf(locate_converter(), model, out, "f16", bake_output_metadata(model))
     return out
 
 

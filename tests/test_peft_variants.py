@@ -17,7 +17,7 @@ from so8t_deploy.bake.adapters import AdapterSpec
 from so8t_deploy.bake.bake import PROVENANCE_FILE, bake_model
 from so8t_deploy.bake.model_dir import open_model_dir
 from so8t_deploy.bake.verify import verify_bake
-from so8t_deploy.manifest import Scales
+from so8t_deploy.manifest.schema import Scales
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]

@@ -8,7 +8,7 @@ import numpy as np
 import ollama
 import pytest
 
-from so8t_deploy.quality import compare, kl_divergence, log_softmax
+from so8t_deploy.quality.metrics import compare, kl_divergence, log_softmax
 
 from .ollama_server import ServerPool
 
@@ -91,7 +91,7 @@ def test_the_gate_holds_back_failing_tags_and_force_overrides_it(demo, tmp_path,
 
         result = run_cli("apply", manifest, "--cache-dir", cache, "--force")
         assert result.code == 0, result.err
-        assert "--force: rolling out qual:q4_k_m although it fails the quality gate" in result.out
+        assert "--force: rolling out qual:q4_k_m although it fails the quality gate" in result.err
         assert "qual:q4_k_m" in {m.model for m in ollama.Client(host=url, timeout=30).list().models}
     finally:
         pool.stop_all()

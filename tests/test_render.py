@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from so8t_deploy.errors import ManifestError
-from so8t_deploy.manifest import Modelfile
-from so8t_deploy.modelfile import ModelfileSyntaxError, parse_modelfile, quote
-from so8t_deploy.render import render_modelfile
+from so8t_deploy.manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote
+from so8t_deploy.manifest.schema import Modelfile
+from so8t_deploy.rollout.render import render_modelfile
 
 PHI3_TEMPLATE = ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n"
                  "{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>\n")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
-from ..hashing import DigestCache, combined_digest
 from . import lora_adapter, peft_config, so8t_adapter
 from .base_check import BaseIdentity, check_base_name
 from .layout import layout_from_config
@@ -76,12 +75,3 @@ def load_adapters(specs: AdapterSpecs, model: ModelDirectory) -> list[Adapter]:
 def kind_of(adapter: Adapter) -> str:
     return "so8t" if isinstance(adapter, So8tAdapter) else "lora"
 
-
-def adapter_digest(path: Path, digests: DigestCache) -> tuple[str, dict[str, str]]:
-    """An adapter's one digest: over every file in its directory, as the build's cache key takes it.
-
-    The whole directory, not only the weights: a tokenizer saved beside a resized embedding
-    is part of what the bake writes.
-    """
-    files = digests.directory(path)
-    return combined_digest(files), files

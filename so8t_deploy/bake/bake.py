@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..cache import DIGEST_FILE, default_cache_root
+from ..build.hashing import DigestCache
+from ..build.provenance import PROVENANCE_FILE, adapter_digest
+from ..build.workspace import Workspace, default_root
 from ..errors import AdapterError, UsageError
 from ..fsutil import fsync_path
-from ..hashing import DigestCache
-from ..manifest import Scales
-from .adapters import Adapter, AdapterSpec, AdapterSpecs, adapter_digest, as_specs, kind_of, load_adapters
+from ..manifest.schema import Scales
+from .adapters import Adapter, AdapterSpec, AdapterSpecs, as_specs, kind_of, load_adapters
 from .edits import fold_in_chunks
 from .layout import EMBED, layout_from_config
 from .lora_adapter import TOKENIZER_FILES, LoraAdapter, TensorRef
@@ -38,7 +39,6 @@ from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter
 from .stream import ShardReader, Source, SourceTensor, read_ahead
 from .vocab import tokenizer_for
 
-PROVENANCE_FILE = "so8t_bake.json"
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 ProgressCallback = Callable[[int], None]
 
@@ -133,7 +133,7 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
                 source = model.path / file_name
                 reader = ShardReader(source, items, known_sha256=digests.known(source))
                 _write_shard(reader, staging / file_name, plan, folders, results, on_progress)
-                digests.record(source, reader.sha256)
+                digests.record(source, reader.digest)
     finally:
         torch.set_num_threads(torch_threads)
     return results
@@ -170,7 +170,7 @@ def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: Thr
         if on_progress:
             on_progress(out.nbytes)
     writer.close()
-    results.shard_digests[target.name] = reader.sha256
+    results.shard_digests[target.name] = reader.digest
 
 
 def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict, tokenizer: list[Path]) -> None:
@@ -232,7 +232,8 @@ def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -
     plan = plan_bake(layout, shapes, adapters, scales)
     tokenizer = []
     if "vocab_size" in plan.config_updates:
-        tokenizer = tokenizer_for(plan.vocabulary_from, model_dir, shapes[EMBED][0], plan.shape(EMBED)[0])
+        rows = plan.require_shape(EMBED, str(model_dir))[0]
+        tokenizer = tokenizer_for(plan.vocabulary_from, model_dir, shapes[EMBED][0], rows)
     return PreparedBake(model, specs, adapters, plan, tokenizer)
 
 
@@ -272,7 +273,7 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
     `digests` remembers the sha256 of input files by (size, mtime, inode); a shard it already
     knows is not hashed again (baking several variants of one base model hashes it once).
     """
-    digests = digests if digests is not None else DigestCache(default_cache_root() / DIGEST_FILE)
+    digests = digests if digests is not None else Workspace(default_root()).digests()
     model_dir, out_dir = _check_arguments(model_dir, out_dir, dtype)
     prepared = prepare_bake(model_dir, adapter_dirs, scales)
     model, plan = prepared.model, prepared.plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,7 +54,8 @@ class DoraLowRank(AddLowRank):
     edit here), so rows stay independent.
     """
 
-    magnitude: torch.Tensor | None = None  # [len(rows)]
+    # Keyword-only: it follows AddLowRank's defaulted `rows`, yet every DoRA update has one.
+    magnitude: torch.Tensor = field(kw_only=True)  # [len(rows)]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class _ScaleColumns:
 
 
 Edit = RightMultiply | LeftMultiply | AddLowRank | DoraLowRank | AddVector | ScaleColumnsToNorm
+# What row chunks are edited with: every ScaleColumnsToNorm already turned into its factor.
+_RowEdit = RightMultiply | LeftMultiply | AddLowRank | DoraLowRank | AddVector | _ScaleColumns
 
 
 def apply_edits(weight: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor:
@@ -105,33 +108,37 @@ def fold_in_chunks(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch
         return
     rows = weight.shape[0]
     step = max(8, chunk_bytes // (4 * weight.shape[1]) // 8 * 8)
-    edits = _resolve_column_norms(weight, edits, step)
+    row_edits = _resolve_column_norms(weight, edits, step)
 
     def fold(start: int) -> torch.Tensor:
         stop = min(rows, start + step)
         chunk = weight[start:stop].to(torch.float32, copy=True)
-        return _apply_to_rows(chunk, edits, start, stop).to(out_dtype)
+        return _apply_to_rows(chunk, row_edits, start, stop).to(out_dtype)
 
     starts = range(0, rows, step)
     yield from (executor.map(fold, starts) if executor else map(fold, starts))
 
 
-def _resolve_column_norms(weight: torch.Tensor, edits: Sequence[Edit], step: int) -> list:
+def _resolve_column_norms(weight: torch.Tensor, edits: Sequence[Edit], step: int) -> list[_RowEdit]:
     """Replace each ScaleColumnsToNorm by its factor: one pass over the rows, with the edits before it applied."""
-    edits = list(edits)
-    for i, edit in enumerate(edits):
-        if not isinstance(edit, ScaleColumnsToNorm):
-            continue
-        squares = torch.zeros(weight.shape[1], dtype=torch.float64)
-        for start in range(0, weight.shape[0], step):
-            stop = min(weight.shape[0], start + step)
-            chunk = _apply_to_rows(weight[start:stop].to(torch.float32, copy=True), edits[:i], start, stop)
-            squares += chunk.to(torch.float64).square().sum(dim=0)
-        edits[i] = _ScaleColumns((edit.magnitude.to(torch.float64) / squares.sqrt()).to(torch.float32))
-    return edits
+    resolved: list[_RowEdit] = []
+    for edit in edits:
+        resolved.append(_column_factor(weight, resolved, edit, step) if isinstance(edit, ScaleColumnsToNorm) else edit)
+    return resolved
 
 
-def _apply_to_rows(chunk: torch.Tensor, edits: Sequence, start: int, stop: int) -> torch.Tensor:
+def _column_factor(weight: torch.Tensor, before: Sequence[_RowEdit], edit: ScaleColumnsToNorm,
+                   step: int) -> _ScaleColumns:
+    """m / ||W||_col, with W the tensor after the edits `before` it, summed a few rows at a time."""
+    squares = torch.zeros(weight.shape[1], dtype=torch.float64)
+    for start in range(0, weight.shape[0], step):
+        stop = min(weight.shape[0], start + step)
+        chunk = _apply_to_rows(weight[start:stop].to(torch.float32, copy=True), before, start, stop)
+        squares += chunk.to(torch.float64).square().sum(dim=0)
+    return _ScaleColumns((edit.magnitude.to(torch.float64) / squares.sqrt()).to(torch.float32))
+
+
+def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, stop: int) -> torch.Tensor:
     """Apply edits to rows [start, stop) of a tensor, held in `chunk` (float32, edited in place)."""
     for edit in edits:
         if isinstance(edit, LeftMultiply):

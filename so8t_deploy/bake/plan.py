@@ -86,6 +86,13 @@ class BakePlan:
     def has(self, name: str) -> bool:
         return self.shape(name) is not None
 
+    def require_shape(self, name: str, where: str) -> tuple[int, ...]:
+        """The shape of a tensor that `where` needs; a base model without it is refused."""
+        shape = self.shape(name)
+        if shape is None:
+            raise AdapterError(f"{where}: needs {name!r}, which the base model does not have")
+        return shape
+
     def _entry(self, name: str) -> TensorPlan:
         if name not in self.tensors:
             self.tensors[name] = TensorPlan(BaseTensor(name), self.base_shapes[name], like=name)
@@ -143,7 +150,7 @@ def ensure_bias(plan: BakePlan, layout: ModelLayout, slot: Slot, module: str, wh
             continue
         for other in group:
             if not plan.has(other.bias):
-                plan.create(other.bias, (plan.shape(other.weight)[0],), after=other.weight)
+                plan.create(other.bias, (plan.require_shape(other.weight, where)[0],), after=other.weight)
         plan.config_updates[flag] = True
         return
     raise AdapterError(f"{where}: {module!r} gets a LoRA bias, but {layout.model_type} has no bias on that "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import AdapterError
-from ..manifest import Scales
+from ..manifest.schema import Scales
 from .adapters import Adapter
 from .edits import AddLowRank, AddVector, DoraLowRank, LeftMultiply, RightMultiply, ScaleColumnsToNorm
 from .layout import EMBED, LM_HEAD, ModelLayout, Slot
@@ -24,6 +24,18 @@ def _block_map(group: BlockGroup | None, scale: float) -> BlockDiagonalMap | Non
     return BlockDiagonalMap.from_generators(group.generators, gate_strength(scale, group.gate))
 
 
+def _plan_triality(plan: BakePlan, adapter: So8tAdapter, layout: ModelLayout, scales: Scales, layer: int) -> None:
+    """One layer's triality maps: each representation's map acts on the input of its projection's rows."""
+    for rep, role in _TRIALITY_ROLE.items():
+        group = adapter.triality.get((layer, rep))
+        if group is not None and scales.triality != 0:
+            m = ProjectedMap.from_generator(
+                group.projector, group.generator, gate_strength(scales.triality, group.gate)
+            )
+            slot = layout.projection(layer, role)
+            plan.add(slot.weight, RightMultiply(m, slot.rows))
+
+
 def _plan_so8t(plan: BakePlan, adapter: So8tAdapter, layout: ModelLayout, scales: Scales) -> None:
     def left(slot: Slot, m: LinearMap) -> None:
         plan.add(slot.weight, LeftMultiply(m))
@@ -31,14 +43,7 @@ def _plan_so8t(plan: BakePlan, adapter: So8tAdapter, layout: ModelLayout, scales
             plan.add(slot.bias, LeftMultiply(m))
 
     for layer in range(layout.num_layers):
-        for rep, role in _TRIALITY_ROLE.items():
-            group = adapter.triality.get((layer, rep))
-            if group is not None and scales.triality != 0:
-                m = ProjectedMap.from_generator(
-                    group.projector, group.generator, gate_strength(scales.triality, group.gate)
-                )
-                slot = layout.projection(layer, role)
-                plan.add(slot.weight, RightMultiply(m, slot.rows))
+        _plan_triality(plan, adapter, layout, scales, layer)
         if m := _block_map(adapter.sites.get((layer, "attn_in")), scales.rotation):
             for slot in layout.attention_inputs(layer):
                 plan.add(slot.weight, RightMultiply(m))
@@ -69,9 +74,10 @@ def _plan_linear(plan: BakePlan, module: LoraModule, layout: ModelLayout, where:
     # PEFT applies fan_in_fan_out only to Conv1D layers (GPT-2 style [in, out] weights) and
     # resets it for nn.Linear; every architecture we bake uses nn.Linear, so B A is [out, in].
     slot = layout.slot_for_module(module.module)
-    if slot is None or not plan.has(slot.weight):
+    shape = plan.shape(slot.weight) if slot is not None else None
+    if slot is None or shape is None:
         raise AdapterError(f"{where}: LoRA targets {module.module!r}, which the base model does not have")
-    out_dim, in_dim = plan.shape(slot.weight)
+    out_dim, in_dim = shape
     rows = slot.rows or (0, out_dim)
     expected = (rows[1] - rows[0], in_dim)
     got = (module.b.shape[0], module.a.shape[1])
@@ -82,7 +88,7 @@ def _plan_linear(plan: BakePlan, module: LoraModule, layout: ModelLayout, where:
             raise AdapterError(f"{where}: {name} of {module.module!r} has shape {list(vector.shape)}, "
                                f"expected {list(expected[:1])}")
     if module.magnitude is not None:
-        plan.add(slot.weight, DoraLowRank(module.a, module.b, module.scaling, slot.rows, module.magnitude))
+        plan.add(slot.weight, DoraLowRank(module.a, module.b, module.scaling, slot.rows, magnitude=module.magnitude))
     else:
         plan.add(slot.weight, AddLowRank(module.a, module.b, module.scaling, slot.rows))
     if module.bias is not None:
@@ -94,7 +100,7 @@ def _plan_embedding(plan: BakePlan, module: LoraModule, where: str) -> None:
     """E <- E + s (B A)^T in PEFT's layout: lora_embedding_A is [r, vocab], lora_embedding_B is [hidden, r]."""
     if module.module != EMBED_MODULE:
         raise AdapterError(f"{where}: embedding LoRA on {module.module!r}; only {EMBED_MODULE!r} is folded")
-    vocab, hidden = plan.shape(EMBED)
+    vocab, hidden = plan.require_shape(EMBED, where)
     got = (module.a.shape[1], module.b.shape[0])
     if got != (vocab, hidden):
         raise AdapterError(f"{where}: embedding LoRA for {module.module!r} has shape {list(got)}, "
@@ -119,12 +125,19 @@ def _plan_lora(plan: BakePlan, adapter: LoraAdapter, layout: ModelLayout) -> Non
             _plan_linear(plan, module, layout, where)
 
 
-def _check_vocabulary(plan: BakePlan, changed_by: LoraAdapter | None) -> None:
-    rows = plan.shape(EMBED)[0]
-    if not plan.tied and plan.has(LM_HEAD) and plan.shape(LM_HEAD)[0] != rows:
+def _vocabulary_rows(plan: BakePlan) -> int | None:
+    """Rows of the embedding matrix as planned so far (None: the model has none)."""
+    shape = plan.shape(EMBED)
+    return shape[0] if shape is not None else None
+
+
+def _check_vocabulary(plan: BakePlan, rows: int, changed_by: LoraAdapter | None) -> None:
+    """`rows`: the embeddings' rows after every adapter."""
+    lm_head = plan.shape(LM_HEAD)
+    if not plan.tied and lm_head is not None and lm_head[0] != rows:
         where = changed_by.weights_file if changed_by else "the adapters"
         raise AdapterError(f"{where}: the embeddings end with {rows} rows but lm_head with "
-                           f"{plan.shape(LM_HEAD)[0]}; a resized vocabulary needs lm_head saved with the adapter "
+                           f"{lm_head[0]}; a resized vocabulary needs lm_head saved with the adapter "
                            "(modules_to_save)")
     if rows != plan.base_shapes[EMBED][0]:
         plan.config_updates["vocab_size"] = rows
@@ -140,10 +153,12 @@ def plan_bake(layout: ModelLayout, shapes: dict[str, tuple[int, ...]], adapters:
         if isinstance(adapter, So8tAdapter):
             _plan_so8t(plan, adapter, layout, scales)
             continue
-        rows = plan.shape(EMBED)[0] if plan.has(EMBED) else None
+        rows = _vocabulary_rows(plan)
         _plan_lora(plan, adapter, layout)
-        if plan.has(EMBED) and plan.shape(EMBED)[0] != rows:
+        rows_after = _vocabulary_rows(plan)
+        if rows_after is not None and rows_after != rows:
             changed_by = adapter
-    if plan.has(EMBED):
-        _check_vocabulary(plan, changed_by)
+    final_rows = _vocabulary_rows(plan)
+    if final_rows is not None:
+        _check_vocabulary(plan, final_rows, changed_by)
     return plan

@@ -15,21 +15,27 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import VerifyError
-from ..manifest import Scales
+from ..manifest.schema import Scales
 from .adapters import Adapter
 from .layout import EMBED, LM_HEAD, ModelLayout, Slot
 from .lora_adapter import LoraAdapter
 from .maps import BlockDiagonalMap, ProjectedMap, gate_strength
 from .so8t_adapter import So8tAdapter
 
+if TYPE_CHECKING:  # transformers is imported where it is used: the control plane runs without it
+    from transformers import PreTrainedModel
+
 
 class _InputMapped(nn.Module):
     """y = inner(M x), optionally only for some output rows (one part of a fused projection)."""
+
+    matrix: torch.Tensor  # a buffer: declared so that it is typed as a tensor, not a submodule
 
     def __init__(self, inner: nn.Module, matrix: torch.Tensor, rows: tuple[int, int] | None):
         super().__init__()
@@ -48,6 +54,8 @@ class _InputMapped(nn.Module):
 class _OutputMapped(nn.Module):
     """y = M inner(x): the map acts on the layer's output, bias included."""
 
+    matrix: torch.Tensor  # a buffer
+
     def __init__(self, inner: nn.Module, matrix: torch.Tensor):
         super().__init__()
         self.inner = inner
@@ -59,6 +67,9 @@ class _OutputMapped(nn.Module):
 
 class _LowRankAdded(nn.Module):
     """y = inner(x) + scaling * B (A x), optionally into some output rows only."""
+
+    a: torch.Tensor  # buffers
+    b: torch.Tensor
 
     def __init__(self, inner: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float,
                  rows: tuple[int, int] | None):
@@ -141,7 +152,7 @@ def _peft_can_attach(model: nn.Module, adapter: LoraAdapter) -> bool:
     return all(m.module in names for m in adapter.modules)
 
 
-def _attach_peft(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
+def _attach_peft(model: PreTrainedModel, adapter: LoraAdapter) -> nn.Module:
     import peft
 
     for replacement in adapter.replacements:
@@ -151,16 +162,26 @@ def _attach_peft(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
     return peft.PeftModel.from_pretrained(model, adapter.path).eval()
 
 
-def _linear_and_embedding_paths(model: nn.Module) -> dict[str, type]:
+def _linear_and_embedding_paths(model: nn.Module) -> dict[str, type[nn.Module]]:
     return {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
 
 
+def _read_off(module: nn.Module, like: nn.Module) -> nn.Module:
+    """A plain layer with the weights the (wrapped) module's forward computes; `like` is the layer it wraps."""
+    if isinstance(like, nn.Embedding):
+        return _read_off_embedding(module, like)
+    assert isinstance(like, nn.Linear), f"only linear and embedding layers are read off, not {type(like)}"
+    return _read_off_linear(module, like)
+
+
 @torch.no_grad()
-def _read_off(module: nn.Module, kind: type, like: nn.Module) -> nn.Module:
-    """A plain layer with the weights the (wrapped) module's forward computes."""
-    if kind is nn.Embedding:
-        weight = module(torch.arange(like.num_embeddings))
-        return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=like.padding_idx)
+def _read_off_embedding(module: nn.Module, like: nn.Embedding) -> nn.Embedding:
+    weight = module(torch.arange(like.num_embeddings))
+    return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=like.padding_idx)
+
+
+@torch.no_grad()
+def _read_off_linear(module: nn.Module, like: nn.Linear) -> nn.Linear:
     zero = module(torch.zeros(1, like.in_features))[0]
     weight = (module(torch.eye(like.in_features)) - zero).T
     has_bias = like.bias is not None or bool(zero.abs().max() > 0)
@@ -171,12 +192,23 @@ def _read_off(module: nn.Module, kind: type, like: nn.Module) -> nn.Module:
     return plain
 
 
-def _materialize(model: nn.Module, paths: dict[str, type]) -> nn.Module:
-    """Replace every wrapped linear or embedding layer by a plain one with the weights it computes."""
+def _transformers_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model itself: `model`, or the base of a PeftModel (whose layers PEFT wrapped in place)."""
     import transformers
 
-    if not isinstance(model, transformers.PreTrainedModel):
-        model = model.get_base_model()  # a PeftModel
+    if isinstance(model, transformers.PreTrainedModel):
+        return model
+    import peft  # only PEFT wraps the model in anything else
+
+    assert isinstance(model, peft.PeftModel), f"unexpected reference model {type(model)}"
+    base = model.get_base_model()
+    assert isinstance(base, transformers.PreTrainedModel), f"unexpected PEFT base model {type(base)}"
+    return base
+
+
+def _materialize(wrapped: nn.Module, paths: dict[str, type[nn.Module]]) -> PreTrainedModel:
+    """Replace every wrapped linear or embedding layer by a plain one with the weights it computes."""
+    model = _transformers_model(wrapped)
     for path, kind in paths.items():
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -184,21 +216,29 @@ def _materialize(model: nn.Module, paths: dict[str, type]) -> nn.Module:
         if type(module) is kind:
             continue
         like = next(m for m in module.modules() if type(m) is kind)  # the original layer inside the wrappers
-        setattr(parent, child, _read_off(module, kind, like))
+        setattr(parent, child, _read_off(module, like))
     model.config.tie_word_embeddings = False  # the ends were read off separately; never re-tie them
     return model
 
 
-def build_reference(model: nn.Module, adapters: Sequence[Adapter], layout: ModelLayout, scales: Scales) -> nn.Module:
+def _attach_reference(model: PreTrainedModel, adapter: Adapter, layout: ModelLayout, scales: Scales) -> nn.Module:
+    """`model` running `adapter` on top: `model` itself, wrapped in place, or a PeftModel around it."""
+    if isinstance(adapter, So8tAdapter):
+        _attach_so8t(model, adapter, layout, scales)
+        return model
+    if _peft_can_attach(model, adapter):
+        return _attach_peft(model, adapter)
+    _attach_lora_hooks(model, adapter, layout)
+    return model
+
+
+def build_reference(model: PreTrainedModel, adapters: Sequence[Adapter], layout: ModelLayout,
+                    scales: Scales) -> nn.Module:
     """Base model in, adapter model (in manifest order, nothing folded) out."""
     paths = _linear_and_embedding_paths(model)
     for position, adapter in enumerate(adapters):
-        if isinstance(adapter, So8tAdapter):
-            _attach_so8t(model, adapter, layout, scales)
-        elif _peft_can_attach(model, adapter):
-            model = _attach_peft(model, adapter)
-        else:
-            _attach_lora_hooks(model, adapter, layout)
-        if position < len(adapters) - 1:
-            model = _materialize(model, paths)
+        adapted = _attach_reference(model, adapter, layout, scales)
+        if position == len(adapters) - 1:
+            return adapted
+        model = _materialize(adapted, paths)
     return model

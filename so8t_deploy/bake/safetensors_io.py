@@ -116,6 +116,12 @@ def map_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mapping, dtype=torch.uint8, offset=offset - aligned, count=nbytes)
 
 
+def byte_view(data: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU uint8 tensor as a memoryview, without copying (for writes and hashing)."""
+    # memoryview(ndarray) is the same view, but numpy's stubs declare the buffer protocol only on Python 3.12+.
+    return data.numpy().data
+
+
 def read_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     """Read bytes [offset, offset + nbytes) of an open file into a new uint8 tensor.
 
@@ -123,7 +129,7 @@ def read_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     process's resident memory for as long as the mapping lives, i.e. the whole shard.
     """
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()).cast("B")
+    view = byte_view(buffer).cast("B")
     filled = 0
     while filled < nbytes:
         n = os.preadv(fd, [view[filled:]], offset + filled)
@@ -162,7 +168,7 @@ class ShardWriter:
             if part.dtype != torch.uint8 and TORCH_TO_SAFETENSORS[part.dtype] != spec.dtype:
                 raise RuntimeError(f"{name}: produced {part.dtype}, header says {spec.dtype}")
             data = part.contiguous().reshape(-1).view(torch.uint8)
-            self._file.write(memoryview(data.numpy()))
+            self._file.write(byte_view(data))
             written += data.numel()
         if written != spec.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, header says {spec.nbytes}")

@@ -88,6 +88,7 @@ class So8tConfig(BaseModel):
     @classmethod
     def _exact_type(cls, value: Any, info: ValidationInfo) -> Any:
         # JSON true is not 1 and 8.0 is not 8: the contract's constants are compared with their type.
+        assert info.field_name is not None, "a field validator always knows its field"
         expected = {"format": "so8t", "format_version": 1, "block_size": 8}[info.field_name]
         if value != expected or type(value) is not type(expected):
             raise ValueError(f"must be {expected!r}, got {value!r}")

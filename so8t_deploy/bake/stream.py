@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from .safetensors_io import OutputTensor, TensorEntry, map_range, read_range
+from .safetensors_io import OutputTensor, TensorEntry, byte_view, map_range, read_range
 
 T = TypeVar("T")
 _DONE = object()
@@ -28,8 +28,12 @@ _DONE = object()
 class ExternalSource(Protocol):
     """Bytes of an output tensor that come from elsewhere than this shard (an adapter file, zeros)."""
 
-    dtype: str
-    shape: tuple[int, ...]
+    # Read-only: the sources are frozen dataclasses (Zeros) and properties (TensorRef).
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
     def read(self) -> torch.Tensor: ...
 
@@ -54,6 +58,13 @@ class ShardReader:
         self.sha256: str | None = known_sha256
         self._hash = known_sha256 is None
 
+    @property
+    def digest(self) -> str:
+        """The shard's sha256: known up front, or once every tensor has been read."""
+        if self.sha256 is None:
+            raise RuntimeError(f"{self.path}: digest asked for before the shard was read to the end")
+        return self.sha256
+
     def __iter__(self) -> Iterator[SourceTensor]:
         if not self._hash:
             yield from self._read_only()
@@ -72,7 +83,7 @@ class ShardReader:
                     continue
                 _hash_range(digest, fd, position, entry.start)  # the header, padding, or a replaced tensor
                 data = map_range(fd, entry.start, entry.nbytes)
-                digest.update(memoryview(data.numpy()))
+                digest.update(byte_view(data))
                 position = entry.end
                 yield SourceTensor(out, entry, data)
             _hash_range(digest, fd, position, size)
@@ -93,7 +104,7 @@ class ShardReader:
 
 def _hash_range(digest, fd: int, start: int, stop: int) -> None:
     for offset in range(start, stop, _GAP_CHUNK):
-        digest.update(memoryview(read_range(fd, offset, min(_GAP_CHUNK, stop - offset)).numpy()))
+        digest.update(byte_view(read_range(fd, offset, min(_GAP_CHUNK, stop - offset))))
 
 
 def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..manifest import Scales
+from ..manifest.schema import Scales
 from .adapters import AdapterSpecs, load_adapters
 from .layout import layout_from_config
 from .model_dir import open_model_dir
 from .reference import attach_adapters, build_reference
+
+if TYPE_CHECKING:  # transformers is imported where it is used: the control plane runs without it
+    from transformers import PreTrainedModel
 
 __all__ = ["VerifyReport", "attach_adapters", "load_adapters", "probe_tokens", "verify_bake"]
 
@@ -35,7 +39,7 @@ def probe_tokens(vocab_size: int, sequences: int = 2, length: int = 24) -> torch
     return torch.randint(0, vocab_size, (sequences, length), generator=generator)
 
 
-def _load(path: Path) -> nn.Module:
+def _load(path: Path) -> PreTrainedModel:
     import transformers
 
     # Our output is one result line; transformers' loading bars and notices would bury it.
@@ -84,8 +88,7 @@ def verify_bake(model_dir: Path, adapter_dirs: AdapterSpecs, baked_dir: Path,
 
     reference_model = _load(model_dir)
     base = _logits(reference_model, tokens.clamp(max=base_vocab - 1))
-    reference_model = build_reference(reference_model, adapters, layout, scales)
-    reference = _logits(reference_model, tokens)
+    reference = _logits(build_reference(reference_model, adapters, layout, scales), tokens)
     del reference_model  # keep at most one model in memory
     baked = _logits(_load(baked_dir), tokens)
 

@@ -31,7 +31,7 @@ def tokenizer_for(adapter: LoraAdapter | None, model_dir: Path, base_rows: int, 
     Refuses a tokenizer that leaves the new rows unreachable or names tokens past the last row.
     """
     files = adapter.tokenizer_files if adapter is not None else []
-    source = adapter.path if files else model_dir
+    source = adapter.path if adapter is not None and files else model_dir
     size = tokenizer_size(source)
     where = adapter.weights_file if adapter is not None else model_dir
     if rows > base_rows and size <= base_rows:

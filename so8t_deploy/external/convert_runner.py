@@ -32,7 +32,9 @@ def main(argv: list[str]) -> None:
                 self.add_string(key, value)
         return write_header(self, *args, **kwargs)
 
-    gguf.GGUFWriter.write_header_to_file = write_header_with_provenance
+    # Patch the class, not an instance: the converter has no hook and creates its writers itself.
+    # setattr because mypy rightly refuses assignments to a method; here replacing it is the point.
+    setattr(gguf.GGUFWriter, "write_header_to_file", write_header_with_provenance)  # noqa: B010
     sys.argv = [str(root / "convert_hf_to_gguf.py"), *converter_args]
     runpy.run_path(sys.argv[0], run_name="__main__")
 

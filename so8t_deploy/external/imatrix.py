@@ -38,7 +38,7 @@ def _load_gguf(path: Path) -> dict[str, list[float]]:
             raise UsageError(f"{path}: {base}.in_sum2 has no matching .counts")
         values, count_values = sums.data.reshape(-1), counts.data.reshape(-1)
         width = len(values) // len(count_values)
-        mean = []
+        mean: list[float] = []
         for j, count in enumerate(count_values):
             chunk = values[j * width:(j + 1) * width]
             mean.extend((chunk / count).tolist() if count > 0 else [1.0] * width)

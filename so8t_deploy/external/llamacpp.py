@@ -11,7 +11,6 @@ import ctypes
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,12 +19,18 @@ from collections import deque
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..cache import default_cache_root
+from filelock import FileLock
+
+from ..build.workspace import Workspace, default_root
 from ..errors import BuildError, ModelError, UsageError
-from ..fsutil import fsync_path
-from ..quant_types import QuantType
+from ..fsutil import publish_dir, publish_file, staging_path
+from ..manifest.quant_types import QuantType
 from .imatrix import load_imatrix
+
+if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is used
+    from llama_cpp import Llama
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -61,15 +66,16 @@ def library_version() -> str:
     return f"llama-cpp-python {installed}"
 
 
-def locate_converter(cache_root: Path | None = None) -> Converter:
-    """The pinned converter: $SO8T_LLAMA_CPP_DIR if set, else extracted once into the cache."""
+def locate_converter(converter_dir: Path | None = None) -> Converter:
+    """The pinned converter: $SO8T_LLAMA_CPP_DIR if set, else extracted once into `converter_dir`
+    (a workspace's converter/; by default the one under $SO8T_CACHE_DIR)."""
     override = os.environ.get("SO8T_LLAMA_CPP_DIR")
     if override:
         root = Path(override)
         if not (root / "convert_hf_to_gguf.py").is_file():
             raise UsageError(f"SO8T_LLAMA_CPP_DIR={root}: no convert_hf_to_gguf.py there")
         return Converter(root, f"llama.cpp at {root}")
-    root = (cache_root or default_cache_root()) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    root = (converter_dir or Workspace(default_root()).converter) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
     if not (root / _MARKER).is_file():
         _extract_converter(root)
     return Converter(root, f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (vendored llama.cpp)")
@@ -90,8 +96,14 @@ def _find_or_download_sdist(workdir: Path) -> Path:
 
 
 def _extract_converter(root: Path) -> None:
-    """Extract only the converter's files from the pinned sdist, atomically."""
+    """Extract only the converter's files from the pinned sdist, atomically, once per directory."""
     root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):  # two builds on a fresh workspace extract once
+        if not (root / _MARKER).is_file():
+            _extract_converter_unlocked(root)
+
+
+def _extract_converter_unlocked(root: Path) -> None:
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".converter-") as tmp:
         sdist = _find_or_download_sdist(Path(tmp))
         staging = Path(tmp) / "converter"
@@ -107,9 +119,7 @@ def _extract_converter(root: Path) -> None:
                     raise BuildError(f"{sdist}: unexpected archive member {member.name!r}")
             archive.extractall(staging, members=members)  # regular files and dirs only, checked above
         (staging / _MARKER).write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_PYTHON_VERSION}) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
+        publish_dir(staging, root)
 
 
 def _last_lines(text: str, n: int = 5) -> str:
@@ -124,11 +134,11 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a model directory (no config.json)")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as meta:
-        json.dump(metadata or {}, meta)
+    staging = staging_path(out_file)
+    meta = staging.with_name(staging.name + ".metadata.json")  # beside the output: nothing left in /tmp
+    meta.write_text(json.dumps(metadata or {}), encoding="utf-8")
     try:
-        command = [sys.executable, str(_RUNNER), str(converter.root), meta.name, "--",
+        command = [sys.executable, str(_RUNNER), str(converter.root), str(meta), "--",
                    str(model_dir), "--outfile", str(staging), "--outtype", outtype]
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": "1"})
         if proc.returncode != 0:
@@ -137,10 +147,9 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
                 raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
                                  f"({_last_lines(log, 1)})")
             raise BuildError(f"{model_dir}: conversion failed (exit {proc.returncode}): {_last_lines(log)}")
-        fsync_path(staging)
-        staging.replace(out_file)
+        publish_file(staging, out_file)
     finally:
-        os.unlink(meta.name)
+        meta.unlink(missing_ok=True)
         staging.unlink(missing_ok=True)
 
 
@@ -171,14 +180,13 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
         keepalive = _imatrix_array(load_imatrix(imatrix))
         params.imatrix = ctypes.cast(keepalive[0], type(params.imatrix))
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
+    staging = staging_path(out_file)
     try:
         _silence_llama_log()
         rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
         if rc != 0 or not staging.is_file():
             raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (code {rc})")
-        fsync_path(staging)
-        staging.replace(out_file)
+        publish_file(staging, out_file)
     finally:
         staging.unlink(missing_ok=True)
         del keepalive
@@ -195,7 +203,9 @@ def _imatrix_array(entries: dict[str, list[float]]):
         data = (ctypes.c_float * len(values))(*values)
         encoded = name.encode()
         buffers.append((data, encoded))
-        array[i].name, array[i].data, array[i].size = encoded, data, len(values)
+        # The field is a float*: cast views the array's first element (no copy); `buffers` keeps it alive.
+        pointer = ctypes.cast(data, ctypes.POINTER(ctypes.c_float))
+        array[i].name, array[i].data, array[i].size = encoded, pointer, len(values)
     return array, buffers
 
 
@@ -204,7 +214,7 @@ def _silence_llama_log() -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def _open_for_logits(path: Path, n_ctx: int):
+def _open_for_logits(path: Path, n_ctx: int) -> Llama:
     library_version()
     import llama_cpp
 
@@ -259,11 +269,16 @@ def gguf_generation_speed(path: Path, prompt_tokens: list[int], n_tokens: int = 
     llm = _open_for_logits(path, 512)
     try:
         llm.eval(prompt_tokens)
-        started = None
-        for step in range(warmup + n_tokens):
-            if step == warmup:
-                started = time.perf_counter()
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        for _ in range(warmup):
+            _eval_greedy_token(llm)
+        started = time.perf_counter()
+        for _ in range(n_tokens):
+            _eval_greedy_token(llm)
         return n_tokens / (time.perf_counter() - started)
     finally:
         llm.close()
+
+
+def _eval_greedy_token(llm: Llama) -> None:
+    """Feed back the most likely next token."""
+    llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])

@@ -22,12 +22,13 @@ from typing import Any, TypeVar
 
 import httpx
 import ollama
+from packaging.version import InvalidVersion, Version
 
 from .. import __version__
 from ..errors import HostError, HostUnreachableError
 from .ollama_show import ShownModel
 
-MIN_VERSION = (0, 5, 5)  # the first server that accepts create with `files` digests
+MIN_VERSION = Version("0.5.5")  # the first server that accepts create with `files` digests
 SOURCE_BUILD_VERSION = "0.0.0"  # what a server built from source reports
 UPLOAD_CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
@@ -42,14 +43,6 @@ T = TypeVar("T")
 def create_read_timeout(size: int) -> float:
     """The longest silence a create of a `size`-byte GGUF is allowed, in seconds."""
     return CREATE_BASE_TIMEOUT_S + size / CREATE_BYTES_PER_SECOND
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("-")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 class CreateFailed(HostError):
@@ -167,15 +160,18 @@ class OllamaHost:
         return self._call("version", call)
 
     def check_version(self) -> str:
-        version = self.version()
-        if version == SOURCE_BUILD_VERSION:
-            self.warnings.append(f"{self.name}: Ollama reports version {version} (a source build); "
-                                 f"assuming it is at least {'.'.join(map(str, MIN_VERSION))}")
-        elif version_tuple(version) < MIN_VERSION:
-            minimum = ".".join(map(str, MIN_VERSION))
-            raise self._error("version", f"Ollama {version} is too old: creating models from uploaded GGUF "
-                              f"digests needs Ollama >= {minimum}; upgrade the server")
-        return version
+        text = self.version()
+        try:
+            version = Version(text)
+        except InvalidVersion:
+            version = None
+        if version is None or version == Version(SOURCE_BUILD_VERSION):
+            self.warnings.append(f"{self.name}: Ollama reports version {text!r} (a source build?); "
+                                 f"assuming it is at least {MIN_VERSION}")
+        elif version < MIN_VERSION:
+            raise self._error("version", f"Ollama {text} is too old: creating models from uploaded GGUF "
+                              f"digests needs Ollama >= {MIN_VERSION}; upgrade the server")
+        return text
 
     def tags(self) -> dict[str, str]:
         """{model name with tag: manifest digest}."""

@@ -10,37 +10,38 @@ host in flight finishes or undoes its current step and rolls back.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+from ..build.workspace import Workspace
 from ..cancel import CancelToken
-from ..desired import DesiredModel
-from ..errors import HostError
-from ..manifest import Manifest, Target
+from ..errors import HostError, HostUnreachableError
+from ..manifest.schema import Manifest, Target
 from ..progress import Progress
+from .desired import DesiredModel
 from .host_apply import HostReport, HostRollout, HostStatus, connect
 from .host_plan import HostPlan, observe_host
 from .records import HostRecords
 
 
-def plan_hosts(manifest: Manifest, desired: list[DesiredModel], state_dir: Path,
-               unbuilt: tuple[str, ...] = ()) -> list[HostPlan]:
+def plan_hosts(manifest: Manifest, desired: list[DesiredModel], workspace: Workspace) -> list[HostPlan]:
     """What apply would do on each host, from what each reports now; changes nothing."""
     plans = []
     for target in manifest.targets:
         with connect(target) as host:
             try:
-                plan = observe_host(host, manifest, desired, HostRecords(state_dir, target.host))
+                plans.append(observe_host(host, manifest, desired, HostRecords(workspace.hosts, target.host)))
             except HostError as e:
-                plan = HostPlan(target.name, target.host, error=str(e))
-        plan.unbuilt = list(unbuilt)
-        plans.append(plan)
+                plans.append(HostPlan(target=target.name, url=target.host, error=str(e),
+                                      unreachable=isinstance(e, HostUnreachableError)))
     return plans
 
 
-def apply_rollout(manifest: Manifest, desired: list[DesiredModel], state_dir: Path, progress: Progress,
-                  cancel: CancelToken) -> list[HostReport]:
+def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, DesiredModel], held: set[str],
+                  workspace: Workspace, progress: Progress, cancel: CancelToken, *,
+                  check_observed: bool) -> list[HostReport]:
+    """Execute each host's plan; `check_observed` first compares each host with what the plan saw."""
     policy = manifest.rollout.on_failure
     canaries, rest = manifest.targets[:manifest.rollout.canary], manifest.targets[manifest.rollout.canary:]
+    by_target = {p.target: p for p in plans}
     reports: dict[str, HostReport] = {}
 
     def roll(target: Target) -> HostReport:
@@ -49,7 +50,8 @@ def apply_rollout(manifest: Manifest, desired: list[DesiredModel], state_dir: Pa
         elif policy == "halt" and any(r.status is not HostStatus.OK for r in reports.values()):
             report = _skipped(target, "not attempted: the rollout halted after a failure")
         else:
-            report = HostRollout(manifest, target, desired, state_dir, progress, cancel).run()
+            rollout = HostRollout(manifest, target, by_target[target.name], models, held, workspace, progress, cancel)
+            report = rollout.run(check_observed=check_observed)
         reports[target.name] = report
         return report
 

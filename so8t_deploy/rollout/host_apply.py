@@ -4,7 +4,9 @@ The order keeps the window in which a live tag serves an untested model as short
 and always undoable:
 
 1. upload every missing GGUF (nothing the host serves changes);
-2. per tag: copy the live tag to `TAG-rollback`, journal the change, re-check the blob (a
+2. per tag: check that the tag is still what the plan observed (someone else may have deployed
+   since: then stop, exit 3, and overwrite nothing), copy the live tag to `TAG-rollback`, journal
+   the change, re-check the blob (a
    restarting server prunes unreferenced blobs) and create. A create is sent once: when its
    answer is lost the host is re-observed, and only what it reports decides;
 3. smoke-test every changed tag (and any tag a dead run left unverified);
@@ -22,17 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 
+from ..build.workspace import Workspace
 from ..cancel import CancelToken
-from ..desired import DesiredModel
-from ..errors import HostError, HostUnreachableError, Interrupted
+from ..errors import HostChangedError, HostError, HostUnreachableError, Interrupted
 from ..external.ollama_host import CreateOutcomeUnknown, OllamaHost
-from ..manifest import Manifest, Target
+from ..manifest.schema import Manifest, Target
 from ..progress import Progress
-from ..smoke import SmokeResult, run_smoke_tests
-from .host_plan import HostPlan, TagDecision, TagKind, matches_shown, observe_host
+from .desired import DesiredModel
+from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown
 from .records import HostRecords, TagRecord
+from .smoke import SmokeResult, run_smoke_tests
 
 
 class HostStatus(StrEnum):
@@ -40,6 +42,7 @@ class HostStatus(StrEnum):
     OK = "ok"  # converged
     FAILED = "failed"  # rolled back (see unrestored)
     UNREACHABLE = "unreachable"
+    CHANGED = "changed"  # changed by someone else since the plan: stopped before overwriting anything
     SKIPPED = "skipped"
     INTERRUPTED = "interrupted"
 
@@ -53,6 +56,7 @@ class HostReport:
     created: list[str] = field(default_factory=list)
     verified: list[str] = field(default_factory=list)  # tags a dead run left, smoke-tested now
     unchanged: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # the quality gate held these back: left as they were
     deleted: list[str] = field(default_factory=list)
     rolled_back: list[str] = field(default_factory=list)
     unrestored: list[str] = field(default_factory=list)  # "tag: why" for what a rollback could not undo
@@ -79,54 +83,69 @@ def connect(target: Target) -> OllamaHost:
 
 
 class HostRollout:
-    def __init__(self, manifest: Manifest, target: Target, desired: list[DesiredModel], state_dir: Path,
-                 progress: Progress, cancel: CancelToken):
-        self.manifest, self.target, self.desired = manifest, target, desired
-        self.state_dir, self.progress, self.cancel = state_dir, progress, cancel
-        self.report = HostReport(target.name, target.host)
-        self.records = HostRecords(state_dir, target.host)
+    """Execute one host's plan. `models` holds every desired tag, built where the plan creates it."""
+
+    def __init__(self, manifest: Manifest, target: Target, plan: HostPlan, models: dict[str, DesiredModel],
+                 held: set[str], workspace: Workspace, progress: Progress, cancel: CancelToken):
+        self.manifest, self.target, self.plan, self.models, self.held = manifest, target, plan, models, held
+        self.workspace, self.progress, self.cancel = workspace, progress, cancel
+        self.report = HostReport(target.name, target.host, warnings=list(plan.warnings))
+        self.records = HostRecords(workspace.hosts, target.host)
         self._before = dict(self.records.entries)
 
-    def run(self) -> HostReport:
-        with connect(self.target) as host:
+    def run(self, *, check_observed: bool) -> HostReport:
+        """With `check_observed` (a saved plan), first make sure the host is still as the plan saw it."""
+        if self.plan.error is not None:
+            self.report.error = self.plan.error
+            self.report.status = HostStatus.UNREACHABLE if self.plan.unreachable else HostStatus.FAILED
+            return self.report
+        with self.workspace.lock(f"host-{self.records.path.stem}"), connect(self.target) as host:
             try:
-                plan = observe_host(host, self.manifest, self.desired, self.records)
+                if check_observed:
+                    self._check_unchanged_since_plan(host)
             except HostError as e:  # nothing was changed
                 self._fail(e)
                 return self.report
-            self.report.warnings += plan.warnings
-            for warning in plan.warnings:
-                self.progress.warning(warning)
-            self._execute(host, plan)
+            self._execute(host)
         return self.report
+
+    def _check_unchanged_since_plan(self, host: OllamaHost) -> None:
+        changed = changed_since(self.plan, self.manifest, host.tags())
+        if changed:
+            raise HostChangedError(f"{host.name}: changed since the plan was made ({', '.join(changed[:3])}"
+                                   f"{' ...' if len(changed) > 3 else ''}); run plan again")
 
     def _fail(self, error: BaseException) -> None:
         self.report.error = str(error)
         if isinstance(error, Interrupted):
             self.report.status = HostStatus.INTERRUPTED
+        elif isinstance(error, HostChangedError):
+            self.report.status = HostStatus.CHANGED
         elif isinstance(error, HostUnreachableError):
             self.report.status = HostStatus.UNREACHABLE
         else:
             self.report.status = HostStatus.FAILED
 
-    def _execute(self, host: OllamaHost, plan: HostPlan) -> None:
-        creates = [d for d in plan.decisions if d.kind is TagKind.CREATE]
-        verifies = [d for d in plan.decisions if d.kind is TagKind.VERIFY]
-        self.report.unchanged = [d.tag for d in plan.decisions if d.kind is TagKind.UNCHANGED]
+    def _execute(self, host: OllamaHost) -> None:
+        decisions = self.plan.decisions
+        creates = [d for d in decisions if d.kind is TagKind.CREATE and d.tag not in self.held]
+        verifies = [d for d in decisions if d.kind is TagKind.VERIFY]
+        self.report.unchanged = [d.tag for d in decisions if d.kind is TagKind.UNCHANGED]
+        self.report.held = [d.tag for d in decisions if d.kind is TagKind.CREATE and d.tag in self.held]
         touched: list[TagDecision] = list(verifies)  # tags whose live state this run may leave changed
         try:
             for decision in creates:
                 self.cancel.check()
-                if decision.upload:
-                    self._upload(host, decision.model)
+                self._upload(host, self.models[decision.tag])
             for decision in creates:
                 self.cancel.check()
+                self._check_still_as_planned(host, decision)
                 touched.append(decision)
                 self._change(host, decision)
             self.cancel.check()
             self._smoke(host, [d.tag for d in (*creates, *verifies)])
             self.cancel.check()
-            self._converge(host, [*creates, *verifies], plan)
+            self._converge(host, [*creates, *verifies])
         except (HostError, Interrupted) as e:
             self._fail(e)
             self._roll_back(host, touched)
@@ -137,24 +156,35 @@ class HostRollout:
             raise
         self.report.status = HostStatus.OK
 
+    def _check_still_as_planned(self, host: OllamaHost, decision: TagDecision) -> None:
+        """Someone else may have deployed since the plan: never overwrite their tag, or a backup."""
+        model, now = self.models[decision.tag], host.tags()
+        for name, expected in ((model.tag, decision.observed_digest),
+                               (model.rollback_tag, self.plan.observed.get(model.rollback_tag))):
+            if now.get(name) != expected:
+                raise HostChangedError(f"{host.name}: {name} changed since the plan was made (by someone else); "
+                                       "stopped before overwriting it")
+
     def _upload(self, host: OllamaHost, model: DesiredModel) -> None:
-        if host.has_blob(model.digest):
+        path, digest, size = model.built_file()
+        if host.has_blob(digest):
             return
-        self.progress.step(f"{host.name}: upload {model.gguf.name}")
-        advance = self.progress.transfer(f"upload {model.gguf.name} to {host.name}", model.size)
-        self.report.uploaded_bytes += host.upload_blob(model.gguf, model.digest, advance)
+        self.progress.step(f"{host.name}: upload {path.name}")
+        advance = self.progress.transfer(f"upload {path.name} to {host.name}", size)
+        self.report.uploaded_bytes += host.upload_blob(path, digest, advance)
 
     def _change(self, host: OllamaHost, decision: TagDecision) -> None:
-        model = decision.model
+        model = self.models[decision.tag]
         if decision.needs_backup:
             host.copy(model.tag, model.rollback_tag)
         self.records.put(model.tag, TagRecord(model.spec_digest, None, verified=False,
                                               existed_before=decision.existed_before))
         self._upload(host, model)  # the blob may have been pruned since the upload phase
         self.progress.step(f"{host.name}: create {model.tag}")
+        path, digest, size = model.built_file()
         try:
-            host.create(model.tag, {model.gguf.name: model.digest}, model.template, model.system, model.parameters,
-                        size=model.size, on_status=self._status_lines(f"{host.name}: {model.tag}: "))
+            host.create(model.tag, {path.name: digest}, model.template, model.system, model.parameters,
+                        size=size, on_status=self._status_lines(f"{host.name}: {model.tag}: "))
         except CreateOutcomeUnknown as e:
             # Never send it again: ask the host what it holds now.
             self.progress.warning(f"{e}; re-observing {host.name} instead of sending the create again")
@@ -184,24 +214,24 @@ class HostRollout:
             detail = "; ".join(f"{r.tag}: {r.reason}" for r in failed[:3])
             raise SmokeFailed(f"smoke test failed ({detail})")
 
-    def _converge(self, host: OllamaHost, decisions: list[TagDecision], plan: HostPlan) -> None:
+    def _converge(self, host: OllamaHost, decisions: list[TagDecision]) -> None:
         tags = host.tags()
         for decision in decisions:
-            model = decision.model
+            model = self.models[decision.tag]
             self.records.put(model.tag, TagRecord(model.spec_digest, tags.get(model.tag), verified=True))
             if model.rollback_tag in tags:
                 host.copy(model.rollback_tag, model.backup_tag)
                 host.delete(model.rollback_tag)
             if decision.kind is TagKind.VERIFY:
                 self.report.verified.append(model.tag)
-        for tag in plan.deletes:
+        for tag in self.plan.deletes:
             if host.delete(tag):
                 self.report.deleted.append(tag)
 
     def _roll_back(self, host: OllamaHost, touched: list[TagDecision]) -> None:
         """Put back what each touched tag was: its backup, or nothing if this run (or a dead one) created it."""
         for decision in reversed(touched):
-            model = decision.model
+            model = self.models[decision.tag]
             try:
                 tags = host.tags()
                 if model.rollback_tag in tags:

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..fsutil import fsync_path
+from ..fsutil import write_atomic
 
 
 @dataclass(frozen=True)
 class TagRecord:
-    spec: str  # DesiredModel.spec_digest of what was sent
+    spec: str | None  # DesiredModel.spec_digest of what was sent (None: a tag verified, not built, here)
     manifest: str | None  # the host's manifest digest once verified
     verified: bool
     existed_before: bool = True  # False: the run that wrote this created the tag (a rollback deletes it)
@@ -32,16 +31,17 @@ class HostRecords:
 
     def __init__(self, state_dir: Path, url: str):
         self.path = state_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}.json"
+        self.entries: dict[str, TagRecord] = {}
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
             self.entries = {tag: TagRecord(**entry) for tag, entry in raw.items()}
-        except (OSError, ValueError, TypeError):
-            self.entries: dict[str, TagRecord] = {}
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # no journal, or one from another version: it is a hint, start without it
 
-    def verified_as(self, tag: str, spec: str, manifest_digest: str | None) -> bool:
+    def verified_as(self, tag: str, spec: str | None, manifest_digest: str | None) -> bool:
         """True when we verified exactly this spec on this tag, and the host still holds that manifest."""
         entry = self.entries.get(tag)
-        return bool(entry and entry.verified and manifest_digest and entry.manifest == manifest_digest
+        return bool(entry and entry.verified and manifest_digest and spec and entry.manifest == manifest_digest
                     and entry.spec == spec)
 
     def unverified(self, tag: str) -> TagRecord | None:
@@ -56,11 +56,5 @@ class HostRecords:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({tag: asdict(entry) for tag, entry in self.entries.items()}, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        fsync_path(self.path.parent)
+        entries = {tag: asdict(entry) for tag, entry in self.entries.items()}
+        write_atomic(self.path, json.dumps(entries, indent=2, sort_keys=True))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .quality import QuantQuality, as_json
+from .evaluate import QuantQuality, as_json
 
 
 def markdown_table(results: list[QuantQuality]) -> str:

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .external.ollama_host import GenerateFailed, GenerateTimedOut, OllamaHost
-from .manifest import SmokeTest
+from ..external.ollama_host import GenerateFailed, GenerateTimedOut, OllamaHost
+from ..manifest.schema import SmokeTest
 
 # Bounds the reply (a smoke prompt needs a few words); the manifest's own num_predict wins.
 DEFAULT_NUM_PREDICT = 64

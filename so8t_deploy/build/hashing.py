@@ -9,6 +9,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..fsutil import write_atomic
+
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -83,8 +85,5 @@ class DigestCache:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self._entries), encoding="utf-8")
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self._entries))
         self._dirty = False

@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from .errors import ManifestError
-from .manifest import Manifest
+from ..errors import ManifestError
+from .schema import Manifest
 
 # ${VAR} or ${VAR:-default}; "$${" escapes a literal "${".
 _VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -80,7 +81,7 @@ class _UnsetVariable(Exception):
         self.loc, self.name = loc, name
 
 
-def _describe_validation_error(error: dict[str, Any]) -> str:
+def _describe_validation_error(error: ErrorDetails) -> str:
     loc = format_field_path(tuple(error["loc"]))
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":

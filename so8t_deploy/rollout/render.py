@@ -15,9 +15,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import ManifestError
-from .manifest import BUILTIN_TEMPLATE_DIR, OLLAMA_OPTION_TYPES, Modelfile
-from .modelfile import ModelfileSyntaxError, parse_modelfile, quote
+from ..errors import ManifestError
+from ..manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote
+from ..manifest.schema import BUILTIN_TEMPLATE_DIR, OLLAMA_OPTION_TYPES, Modelfile
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,13 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UsageError
+from ..errors import UsageError
 from .modelfile import ModelfileSyntaxError, quote
 from .quant_types import lookup_quant_type
 
 API_VERSION = "so8t-deploy/v1"
 DEFAULT_VARIANT = "default"
-BUILTIN_TEMPLATE_DIR = Path(__file__).parent / "templates"
+BUILTIN_TEMPLATE_DIR = Path(__file__).parents[1] / "templates"
 
 # Ollama's own limits: a model name is lowercase and short. Variant names use the same
 # alphabet, so '{variant}-{quant}' is always a valid Ollama tag (at most 128 characters).
@@ -90,8 +90,8 @@ class AdapterRef(_Frozen):
     @field_validator("path", mode="before")
     @classmethod
     def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, str) and value.strip():
-            return _resolve_local(value, info)
+        if isinstance(value, str | Path) and str(value).strip():
+            return str(_resolve_local(str(value), info))  # a str: JSON validation (the worker's) takes no Path
         raise ValueError("must be a non-empty path")
 
 
@@ -347,14 +347,14 @@ class SmokeTest(_Frozen):
                       description="Sampling seed sent with the prompt, so a smoke test means the same on every "
                       "host (-1: random).")
     temperature: float = Field(default=0.0, ge=0, le=100, description="Sampling temperature; 0 is greedy.")
-    keep_alive: float | str = Field(
+    keep_alive: int | float | str = Field(
         default=0, description="How long the host keeps the model loaded after the test: seconds or a Go "
         "duration ('5m'); 0 unloads it at once, so a rollout never evicts the models serving production.",
     )
 
     @field_validator("keep_alive")
     @classmethod
-    def _check_keep_alive(cls, value: float | str) -> float | str:
+    def _check_keep_alive(cls, value: int | float | str) -> int | float | str:
         if isinstance(value, str) and not GO_DURATION_RE.match(value):
             raise ValueError(f"must be seconds or a Go duration such as '5m', got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -386,7 +386,7 @@ class Quality(_Frozen):
     @field_validator("eval_text", mode="before")
     @classmethod
     def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
-        return _resolve_local(value, info) if isinstance(value, str) and value.strip() else value
+        return str(_resolve_local(value, info)) if isinstance(value, str) and value.strip() else value
 
     @property
     def gated(self) -> bool:

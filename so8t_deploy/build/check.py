@@ -1,0 +1,49 @@
+"""What can be checked about a manifest's local inputs without a network, before anything is built.
+
+Existence and readability always; with the ML stack installed, everything a bake would check
+before writing a byte: the model's shards and headers, each adapter's format, shapes and base
+model, for every variant's scales. A control machine without torch (one that drives a
+`backend: docker` worker) leaves the deep checks to the worker, and says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from ..errors import AdapterError, ModelError
+from ..manifest.schema import Manifest
+
+
+def _readable_dir(path: Path, error: type[AdapterError] | type[ModelError], what: str) -> None:
+    if not path.is_dir():
+        raise error(f"{what}: {path}: directory not found")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise error(f"{what}: {path}: directory not readable")
+
+
+def check_readable(manifest: Manifest) -> None:
+    """Every local input exists and can be read (cheap: plan and apply do this too)."""
+    if manifest.source.is_local:
+        _readable_dir(Path(manifest.source.model), ModelError, "source.model")
+    for i, adapter in enumerate(manifest.source.adapters):
+        _readable_dir(adapter.path, AdapterError, f"source.adapters[{i}].path")
+
+
+def check_local_inputs(manifest: Manifest) -> list[str]:
+    """Check everything knowable offline; returns notes about what could not be checked here."""
+    check_readable(manifest)
+    if importlib.util.find_spec("torch") is None:
+        return ["the ML stack (torch) is not installed here: model and adapter formats are checked by the worker"]
+    from ..bake.adapters import AdapterSpec, load_adapter
+    from ..bake.bake import prepare_bake
+
+    specs = [AdapterSpec(a.kind, a.path, a.allow_base_mismatch) for a in manifest.source.adapters]
+    if not manifest.source.is_local:
+        for spec in specs:
+            load_adapter(spec.path, spec.kind)
+        return [f"source.model {manifest.source.model!r} is a hub model: it is checked once downloaded"]
+    for scales in dict.fromkeys(manifest.bake.variants.values()):
+        prepare_bake(Path(manifest.source.model), specs, scales)
+    return []

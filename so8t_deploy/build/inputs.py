@@ -1,0 +1,55 @@
+"""Resolve a manifest's inputs to digests: the source model (a local directory or a hub revision) and
+each adapter, in fold order.
+
+A local directory is hashed (each file once, remembered by size, mtime and inode). A hub model's
+identity comes from the hub's metadata, never from downloading it: the commit a revision names
+and the digest of each file a bake reads. `plan` resolves without downloading; `apply` also
+downloads, at the commit the plan saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..external.hub import HubUnavailableError, download, resolve_revision
+from ..manifest.schema import Manifest
+from ..progress import Progress
+from .check import check_readable
+from .hashing import combined_digest
+from .plan import AdapterInput, BuildInputs
+from .provenance import adapter_digest, directory_digest
+from .workspace import Workspace
+
+UNKNOWN_UNTIL_DOWNLOAD = "key known after download"
+
+
+def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress, *, download_model: bool,
+                   hub_commit: str | None = None) -> BuildInputs:
+    """Digests of every input; with `download_model`, the model is also on this machine afterwards.
+
+    `hub_commit` pins a hub model to the commit a saved plan resolved, so apply builds what it showed.
+    """
+    check_readable(manifest)
+    digests = workspace.digests()
+    try:
+        adapters = tuple(AdapterInput(ref, adapter_digest(ref.path, digests)[0]) for ref in manifest.source.adapters)
+        source = manifest.source
+        if source.is_local:
+            path = Path(source.model)
+            if not digests.knows_directory(path):
+                progress.step(f"hashing {path}")
+            return BuildInputs(str(path), directory_digest(path, digests)[0], adapters, source_dir=path)
+        try:
+            revision = resolve_revision(source.model, hub_commit or source.revision)
+        except HubUnavailableError as e:
+            if download_model:
+                raise
+            progress.warning(str(e))
+            return BuildInputs(source.model, None, adapters, note=UNKNOWN_UNTIL_DOWNLOAD)
+        model_dir = None
+        if download_model:
+            progress.step(f"download {revision.label}")
+            model_dir = download(revision, workspace.hub)
+        return BuildInputs(revision.label, combined_digest(revision.files), adapters, source_dir=model_dir)
+    finally:
+        digests.save()

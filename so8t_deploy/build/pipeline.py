@@ -1,0 +1,128 @@
+"""Execute a build plan: bake -> convert -> quantize, only for the tags asked for, through the workspace.
+
+Each step runs at most once per key: under the key's lock, a second process finds the first
+one's published artifact and reuses it. A step's output is published atomically with its
+record (for a GGUF: size, sha256, bits per weight, file type), which is all the control plane
+ever reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BuildError
+from ..manifest.schema import Manifest
+from ..progress import Progress
+from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, plan_builds, variant_keys
+from .runner import Runner
+from .steps import BakeStep, ConvertStep, GgufRecord, QuantizeStep
+from .workspace import Workspace
+
+
+@dataclass(frozen=True)
+class BuiltArtifact:
+    tag: str
+    variant: str
+    quant: str
+    path: Path
+    record: GgufRecord
+
+    @property
+    def size(self) -> int:
+        return self.record.size
+
+    @property
+    def sha256(self) -> str:
+        return self.record.sha256
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.record.bits_per_weight
+
+
+@dataclass
+class BuildReport:
+    artifacts: list[BuiltArtifact] = field(default_factory=list)  # the tags asked for
+    references: list[BuiltArtifact] = field(default_factory=list)  # each variant's converted float GGUF
+    built: int = 0  # steps that ran
+    reused: int = 0  # steps found complete in the workspace
+
+
+class Pipeline:
+    def __init__(self, manifest: Manifest, inputs: BuildInputs, workspace: Workspace, runner: Runner,
+                 progress: Progress):
+        if inputs.source_dir is None or inputs.model_digest is None:
+            raise BuildError("internal: a build needs the source model on this machine")
+        self.source_dir: Path = inputs.source_dir
+        self.manifest, self.inputs, self.workspace = manifest, inputs, workspace
+        self.runner, self.progress = runner, progress
+        self.report = BuildReport()
+
+    def build(self, tags: list[str] | None = None) -> BuildReport:
+        """Build the GGUFs of `tags` (default: every tag) and each involved variant's reference."""
+        plan = plan_builds(self.manifest, self.inputs, self.workspace)
+        wanted = [t for t in plan.tags if tags is None or t.tag in tags]
+        for variant in dict.fromkeys(t.variant for t in wanted):
+            converted = self._convert(plan, variant)
+            self.report.references.append(converted)
+            for tag in (t for t in wanted if t.variant == variant):
+                self.report.artifacts.append(converted if tag.stage == "convert" else self._quantize(tag, converted))
+        return self.report
+
+    def _step(self, stage: str, key: str, label: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
+        """The artifact for `key`: published already, or produced now under the key's lock."""
+        found = self.workspace.lookup(stage, key)
+        if found is None:
+            with self.workspace.lock(f"{stage}-{key}"):
+                found = self.workspace.lookup(stage, key)  # published while we waited for the lock
+                if found is None:
+                    self.progress.step(f"{label} ...")
+                    with self.workspace.produce(stage, key) as (staging, record):
+                        record.update(produce(staging))
+                    self.report.built += 1
+                    return self.workspace.artifact_dir(stage, key), self.workspace.lookup(stage, key) or record
+        self.report.reused += 1
+        return self.workspace.artifact_dir(stage, key), found
+
+    def _bake(self, variant: str, bake_key: str) -> Path:
+        scales = self.manifest.bake.variants[variant]
+
+        def bake(staging: Path) -> dict:
+            step = BakeStep(model_dir=self.source_dir, adapters=[a.ref for a in self.inputs.adapters],
+                            out_dir=staging / "model", scales=scales, dtype=self.manifest.bake.dtype,
+                            digests_file=self.workspace.digests_file, label=variant)
+            result = self.runner.run(step)
+            return {"variant": variant, "scales": scales.as_dict(), **result.model_dump()}
+
+        directory, _ = self._step("bake", bake_key, f"bake {variant}", bake)
+        return directory / "model"
+
+    def _convert(self, plan: BuildPlan, variant: str) -> BuiltArtifact:
+        bake_key, metadata, convert_key = variant_keys(self.manifest, self.inputs, variant)
+        reference = next(r for r in plan.references if r.variant == variant)
+        outtype = convert_outtype(self.manifest.quantize)
+
+        def convert(staging: Path) -> dict:
+            baked = self._bake(variant, bake_key)
+            step = ConvertStep(model_dir=baked, out_file=staging / reference.file_name, outtype=outtype,
+                               metadata=metadata)
+            return self.runner.run(step).model_dump()
+
+        directory, record = self._step("convert", convert_key, f"convert {variant} -> {outtype}", convert)
+        return _artifact(reference, directory, record)
+
+    def _quantize(self, tag: TagBuild, converted: BuiltArtifact) -> BuiltArtifact:
+        def quantize(staging: Path) -> dict:
+            step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant)
+            return self.runner.run(step).model_dump()
+
+        assert tag.key is not None
+        directory, record = self._step("quantize", tag.key, f"quantize {tag.variant} -> {tag.quant}", quantize)
+        return _artifact(tag, directory, record)
+
+
+def _artifact(tag: TagBuild, directory: Path, record: dict) -> BuiltArtifact:
+    gguf = GgufRecord.model_validate({k: v for k, v in record.items() if k in GgufRecord.model_fields})
+    return BuiltArtifact(tag.tag, tag.variant, tag.quant, directory / gguf.file, gguf)

@@ -1,0 +1,153 @@
+"""The build plan: every step a manifest needs and the cache key of its output, computed without building.
+
+A key hashes everything that affects an artifact's bytes: the input digests (the source model's
+files and each adapter's, in fold order), the scales and dtype, the pinned llama.cpp and the
+GGUF metadata. With the keys known, `plan` can tell which artifacts are already built and what a
+host's copy of a tag must report, before a single step runs. When an input cannot be known
+without downloading it (a hub model while the hub is unreachable), the keys that depend on it
+are None and the step says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .. import __version__
+from ..manifest.quant_types import lookup_quant_type
+from ..manifest.schema import AdapterRef, Manifest
+from .provenance import gguf_metadata, llama_cpp_label
+from .steps import GgufRecord
+from .workspace import Workspace, cache_key
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    ref: AdapterRef
+    digest: str
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What the keys are made of: resolved once per plan, and again (and compared) by apply."""
+
+    source_label: str  # provenance: a local path, or org/name@commit
+    model_digest: str | None  # None: unknown until downloaded (see note)
+    adapters: tuple[AdapterInput, ...]
+    source_dir: Path | None = None  # where the model is on this machine, once known
+    note: str = ""
+
+    @property
+    def adapter_digests(self) -> list[dict[str, str]]:
+        return [{"kind": a.ref.kind, "digest": a.digest} for a in self.adapters]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BuildStep(_Model):
+    stage: Literal["bake", "convert", "quantize"]
+    variant: str
+    quant: str | None = None  # the GGUF type a convert or quantize writes
+    key: str | None  # None: known only after an input is downloaded (see note)
+    upstream: str | None = None  # the key of the artifact this step reads
+    cached: bool = False
+    note: str = ""
+
+
+class TagBuild(_Model):
+    """How one tag's GGUF is made, what identifies it on a host, and what it is once built."""
+
+    tag: str
+    variant: str
+    quant: str
+    stage: Literal["convert", "quantize"]
+    key: str | None
+    file_name: str
+    identity: dict[str, str] | None  # so8t.bake_key, so8t.llama_cpp, general.file_type; None if unknown
+    record: GgufRecord | None = None  # when already built
+
+    @property
+    def is_float(self) -> bool:
+        return self.quant in ("f32", "bf16", "f16")
+
+
+class BuildPlan(_Model):
+    steps: list[BuildStep]
+    tags: list[TagBuild]
+    references: list[TagBuild]  # each variant's converted float GGUF (the quality gate's reference)
+
+    def tag(self, name: str) -> TagBuild:
+        return next(t for t in self.tags if t.tag == name)
+
+
+def convert_outtype(ladder: list[str]) -> str:
+    """The float type to convert to once, from which every quant level is made.
+
+    f16 unless the ladder itself needs more: f32 when it asks for f32, or for both f16 and
+    bf16 (neither can be made losslessly from the other); bf16 when it asks for bf16.
+    """
+    if "f32" in ladder or {"f16", "bf16"} <= set(ladder):
+        return "f32"
+    return "bf16" if "bf16" in ladder else "f16"
+
+
+def _record(workspace: Workspace, stage: str, key: str | None) -> GgufRecord | None:
+    found = workspace.lookup(stage, key) if key else None
+    return GgufRecord.model_validate({k: v for k, v in found.items() if k in GgufRecord.model_fields}) \
+        if found else None
+
+
+def variant_keys(manifest: Manifest, inputs: BuildInputs, variant: str) -> tuple[str, dict[str, str], str]:
+    """(bake key, GGUF metadata, convert key) of one variant; the inputs' model digest must be known."""
+    scales = manifest.bake.variants[variant].as_dict()
+    bake_key = cache_key(stage="bake", tool=__version__, model=inputs.model_digest, adapters=inputs.adapter_digests,
+                         scales=scales, dtype=manifest.bake.dtype)
+    metadata = gguf_metadata(source=inputs.source_label, adapters=inputs.adapter_digests, scales=scales,
+                             variant=variant, manifest_name=manifest.name, bake_key=bake_key)
+    convert_key = cache_key(stage="convert", bake=bake_key, outtype=convert_outtype(manifest.quantize),
+                            llama=llama_cpp_label(), metadata=metadata)
+    return bake_key, metadata, convert_key
+
+
+def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -> BuildPlan:
+    outtype, llama = convert_outtype(manifest.quantize), llama_cpp_label()
+    steps: list[BuildStep] = []
+    tags: list[TagBuild] = []
+    references: list[TagBuild] = []
+    note = inputs.note if inputs.model_digest is None else ""
+    for variant in manifest.bake.variants:
+        bake_key = convert_key = None
+        if inputs.model_digest is not None:
+            bake_key, _, convert_key = variant_keys(manifest, inputs, variant)
+        steps.append(BuildStep(stage="bake", variant=variant, key=bake_key, note=note,
+                               cached=bool(bake_key and workspace.lookup("bake", bake_key))))
+        converted = _tag_build(manifest, variant, outtype, "convert", convert_key, bake_key, workspace)
+        steps.append(BuildStep(stage="convert", variant=variant, quant=outtype, key=convert_key, upstream=bake_key,
+                               cached=converted.record is not None, note=note))
+        references.append(converted)
+        for quant in manifest.quantize:
+            if quant == outtype:
+                tags.append(converted)
+                continue
+            key = cache_key(stage="quantize", convert=convert_key, quant=quant, llama=llama) if convert_key else None
+            built = _tag_build(manifest, variant, quant, "quantize", key, bake_key, workspace)
+            steps.append(BuildStep(stage="quantize", variant=variant, quant=quant, key=key, upstream=convert_key,
+                                   cached=built.record is not None, note=note))
+            tags.append(built)
+    return BuildPlan(steps=steps, tags=tags, references=references)
+
+
+def _tag_build(manifest: Manifest, variant: str, quant: str, stage: Literal["convert", "quantize"], key: str | None,
+               bake_key: str | None, workspace: Workspace) -> TagBuild:
+    identity = None
+    if bake_key is not None:
+        identity = {"so8t.bake_key": bake_key, "so8t.llama_cpp": llama_cpp_label(),
+                    "general.file_type": str(lookup_quant_type(quant).ftype)}
+    return TagBuild(tag=manifest.tag(variant, quant), variant=variant, quant=quant, stage=stage, key=key,
+                    file_name=f"{manifest.name}-{variant}-{quant}.gguf", identity=identity,
+                    record=_record(workspace, stage, key))

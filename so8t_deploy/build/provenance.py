@@ -1,0 +1,70 @@
+"""Provenance: the one definition of an input's digest and of the so8t.* keys every GGUF carries.
+
+Cache keys, the bake's so8t_bake.json and the GGUF metadata all take an adapter's digest from
+here, so one adapter has one digest on every path. The GGUF keys let a GGUF be traced to its
+inputs, and three of them (`so8t.bake_key`, `so8t.llama_cpp`, with `general.file_type`) identify
+its bytes: a host's copy is recognised from /api/show alone, without any local record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..external.llamacpp import LLAMA_CPP_PYTHON_VERSION
+from .hashing import DigestCache, combined_digest
+
+PROVENANCE_FILE = "so8t_bake.json"  # what a bake writes beside its weights
+
+
+def llama_cpp_label() -> str:
+    """The pinned llama.cpp, as cache keys and GGUFs name it (a checkout set by SO8T_LLAMA_CPP_DIR differs)."""
+    override = os.environ.get("SO8T_LLAMA_CPP_DIR")
+    return f"llama.cpp at {override}" if override else f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"
+
+
+def directory_digest(path: Path, digests: DigestCache) -> tuple[str, dict[str, str]]:
+    """One digest over every file below `path`, and each file's sha256."""
+    files = digests.directory(path)
+    return combined_digest(files), files
+
+
+def adapter_digest(path: Path, digests: DigestCache) -> tuple[str, dict[str, str]]:
+    """An adapter's one digest: over every file in its directory.
+
+    The whole directory, not only the weights: a tokenizer saved beside a resized embedding is
+    part of what the bake writes.
+    """
+    return directory_digest(path, digests)
+
+
+def gguf_metadata(*, source: str, adapters: list[dict[str, str]], scales: dict[str, float], variant: str,
+                  manifest_name: str, bake_key: str) -> dict[str, str]:
+    """The so8t.* keys of a GGUF built from a manifest; `adapters` is [{kind, digest}] in fold order."""
+    return {
+        "so8t.source_model": source,
+        "so8t.adapters": json.dumps(adapters, sort_keys=True),
+        "so8t.scales": json.dumps(scales, sort_keys=True),
+        "so8t.variant": variant,
+        "so8t.manifest_name": manifest_name,
+        "so8t.tool_version": __version__,
+        "so8t.bake_key": bake_key,
+        "so8t.llama_cpp": llama_cpp_label(),
+    }
+
+
+def bake_output_metadata(model_dir: Path) -> dict[str, str]:
+    """so8t.* keys for `so8t-deploy convert` of a directory: from its so8t_bake.json when it is a bake output."""
+    path = model_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return {"so8t.tool_version": __version__}
+    bake = json.loads(path.read_text(encoding="utf-8"))
+    adapters = [{"kind": a["kind"], "digest": a["digest"]} for a in bake.get("adapters", [])]
+    return {
+        "so8t.source_model": str(bake.get("source", "")),
+        "so8t.adapters": json.dumps(adapters, sort_keys=True),
+        "so8t.scales": json.dumps(bake.get("scales", {}), sort_keys=True),
+        "so8t.tool_version": __version__,
+    }

@@ -1,0 +1,131 @@
+"""The worker contract: every heavy step as one typed, serialisable spec, and its typed result.
+
+Both runners execute exactly these: the local runner in this process, the docker runner by
+writing the spec as JSON into the workspace and running `so8t-deploy worker run SPEC` in a
+container, which writes the result beside it. One definition, so the two can never disagree on
+an argument. Nothing here imports the ML stack: a control machine without torch can build specs
+and read results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..manifest.schema import AdapterRef, Scales
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GgufRecord(_Model):
+    """What a GGUF is: recorded in its artifact's marker and read by the control plane."""
+
+    file: str
+    size: int
+    sha256: str
+    bits_per_weight: float
+    file_type: int | None
+    architecture: str | None
+    metadata: dict[str, str] = Field(default_factory=dict)  # the so8t.* provenance keys
+
+
+class BakeResult(_Model):
+    folded: int
+    copied: int
+
+
+class QuantMetrics(_Model):
+    """One quant level against its variant's float reference, on the same token windows."""
+
+    candidate: Path
+    mean_kl: float
+    p99_kl: float
+    top1: float
+    perplexity: float
+    tokens_per_second: float
+
+
+class EvalResult(_Model):
+    metrics: list[QuantMetrics]
+
+
+class _Step(_Model):
+    result_model: ClassVar[type[BaseModel]]
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        """(read-only inputs, read-write outputs) a container running this step needs."""
+        raise NotImplementedError
+
+
+class BakeStep(_Step):
+    kind: Literal["bake"] = "bake"
+    model_dir: Path
+    adapters: list[AdapterRef]
+    out_dir: Path
+    scales: Scales
+    dtype: str
+    digests_file: Path  # the workspace's input digests: hashed once, shared with the control plane
+    label: str = ""  # what progress calls it (the variant)
+    result_model: ClassVar[type[BaseModel]] = BakeResult
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return [self.model_dir, *(a.path for a in self.adapters)], [self.out_dir, self.digests_file.parent]
+
+
+class ConvertStep(_Step):
+    kind: Literal["convert"] = "convert"
+    model_dir: Path
+    out_file: Path
+    outtype: str
+    metadata: dict[str, str]
+    result_model: ClassVar[type[BaseModel]] = GgufRecord
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return [self.model_dir], [self.out_file.parent]
+
+
+class QuantizeStep(_Step):
+    kind: Literal["quantize"] = "quantize"
+    in_file: Path
+    out_file: Path
+    quant: str
+    result_model: ClassVar[type[BaseModel]] = GgufRecord
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return [self.in_file.parent], [self.out_file.parent]
+
+
+class InspectStep(_Step):
+    kind: Literal["inspect"] = "inspect"
+    path: Path
+    result_model: ClassVar[type[BaseModel]] = GgufRecord
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return [self.path.parent], []
+
+
+class EvalStep(_Step):
+    kind: Literal["eval"] = "eval"
+    reference: Path
+    candidates: list[Path]
+    text: str
+    windows: int
+    context: int
+    result_model: ClassVar[type[BaseModel]] = EvalResult
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return sorted({p.parent for p in (self.reference, *self.candidates)}), []
+
+
+WorkerStep = Annotated[BakeStep | ConvertStep | QuantizeStep | InspectStep | EvalStep, Field(discriminator="kind")]
+
+
+class StepEnvelope(_Model):
+    """What the docker runner hands the worker: the step, and where to write its result."""
+
+    step: WorkerStep
+    result_file: Path

@@ -1,0 +1,98 @@
+"""Execute one worker step in this process: what the local runner calls, and the container's entry point.
+
+This is the only module of the build that reaches the ML stack (torch through the bake, llama.cpp,
+numpy for the metrics), and it imports them only when a step runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from ..errors import BuildError
+from ..fsutil import write_atomic
+from ..progress import SILENT, Progress
+from .hashing import DigestCache, sha256_file
+from .steps import (
+    BakeResult,
+    BakeStep,
+    ConvertStep,
+    EvalStep,
+    GgufRecord,
+    InspectStep,
+    QuantizeStep,
+    StepEnvelope,
+    WorkerStep,
+)
+
+
+def gguf_record(path: Path) -> GgufRecord:
+    from ..external.gguf_info import read_gguf_info
+
+    info = read_gguf_info(path)
+    return GgufRecord(file=path.name, size=path.stat().st_size, sha256=sha256_file(path),
+                      bits_per_weight=round(info.bits_per_weight, 4), file_type=info.file_type,
+                      architecture=info.architecture, metadata=info.metadata)
+
+
+def _bake(step: BakeStep, progress: Progress) -> BakeResult:
+    from ..bake.bake import bake_model
+
+    adapters = [(a.kind, a.path, a.allow_base_mismatch) for a in step.adapters]
+    total = sum(p.stat().st_size for p in step.model_dir.glob("*.safetensors"))
+    advance = progress.transfer(f"bake {step.label}", total)
+    result = bake_model(step.model_dir, adapters, step.out_dir, step.scales, step.dtype, advance,
+                        DigestCache(step.digests_file))
+    return BakeResult(folded=result.folded, copied=result.copied)
+
+
+def _convert(step: ConvertStep, converter_root: Path | None) -> GgufRecord:
+    from ..external.llamacpp import convert_to_gguf, locate_converter
+
+    convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype, step.metadata)
+    return gguf_record(step.out_file)
+
+
+def _quantize(step: QuantizeStep) -> GgufRecord:
+    from ..external.llamacpp import quantize_gguf
+    from ..manifest.quant_types import lookup_quant_type
+
+    quantize_gguf(step.in_file, step.out_file, lookup_quant_type(step.quant))
+    return gguf_record(step.out_file)
+
+
+def _evaluate(step: EvalStep) -> BaseModel:
+    from ..quality.metrics import evaluate_step
+
+    return evaluate_step(step)
+
+
+def execute(step: WorkerStep, progress: Progress = SILENT, converter_root: Path | None = None) -> BaseModel:
+    """Run one step here; the result is an instance of `step.result_model`."""
+    if isinstance(step, BakeStep):
+        return _bake(step, progress)
+    if isinstance(step, ConvertStep):
+        return _convert(step, converter_root)
+    if isinstance(step, QuantizeStep):
+        return _quantize(step)
+    if isinstance(step, InspectStep):
+        return gguf_record(step.path)
+    return _evaluate(step)
+
+
+def run_envelope(spec_file: Path, progress: Progress = SILENT) -> None:
+    """The container's side: read the envelope, run its step, write the result where it says."""
+    try:
+        envelope = StepEnvelope.model_validate_json(spec_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise BuildError(f"worker: cannot read the step spec {spec_file}: {e.strerror} (the docker runner mounts "
+                         "the workspace at its own path)") from e
+    except ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise BuildError(f"worker: {spec_file} is not a step this worker (so8t-deploy {__version__}) can run: "
+                         f"{where}: {error['msg']}; build the image from the so8t-deploy that drives it") from e
+    result = execute(envelope.step, progress)
+    write_atomic(envelope.result_file, result.model_dump_json())

@@ -1,0 +1,139 @@
+"""The workspace: every path under --cache-dir, its locks, and content-addressed artifacts.
+
+    CACHE_DIR/
+      objects/STAGE/KEY/     a published artifact: its files plus artifact.json (the completion marker)
+      digests.json           input file digests, remembered by (size, mtime, inode)
+      hosts/                 per-host journals of what was created and verified
+      releases/NAME/TAG/     each tag's Modelfile and a link to its GGUF, for `ollama create -f`
+      hub/                   hub downloads (huggingface_hub's cache layout)
+      converter/             llama.cpp's converter, extracted from the pinned sdist
+      locks/                 one lock file per artifact key and per host
+
+An artifact's KEY hashes everything that affects its bytes. It is produced under a lock for its
+key, in a staging directory named after its writer, published atomically, and only then marked
+complete; a second build of the same key waits for the first and reuses its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..fsutil import publish_dir, remove_stale_staging, staging_path, write_atomic
+from .hashing import DigestCache
+
+MARKER = "artifact.json"
+SO8T_CACHE_ENV = "SO8T_CACHE_DIR"  # where commands without --cache-dir (and the worker image) keep things
+
+
+def cache_key(**inputs: object) -> str:
+    """A stable digest of JSON-serialisable inputs."""
+    encoded = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def default_root() -> Path:
+    """For commands that have no --cache-dir: $SO8T_CACHE_DIR, else the user's cache directory."""
+    return Path(os.environ.get(SO8T_CACHE_ENV) or Path.home() / ".cache" / "so8t-deploy")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", self.root.expanduser().absolute())
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    @property
+    def objects(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def digests_file(self) -> Path:
+        return self.root / "digests.json"
+
+    @property
+    def hosts(self) -> Path:
+        return self.root / "hosts"
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def hub(self) -> Path:
+        return self.root / "hub"
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "converter"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    def digests(self) -> DigestCache:
+        return DigestCache(self.digests_file)
+
+    def artifact_dir(self, stage: str, key: str) -> Path:
+        return self.objects / stage / key
+
+    # -- locks -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive lock shared by every process using this workspace (a file lock)."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.locks / f"{name}.lock")):
+            yield
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def lookup(self, stage: str, key: str) -> dict | None:
+        """The artifact's recorded info if it is complete, else None."""
+        marker = self.artifact_dir(stage, key) / MARKER
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    @contextmanager
+    def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict]]:
+        """Yield (staging dir, info dict) under the key's lock; on success the info becomes the marker.
+
+        The caller checks `lookup` again inside: another process may have published the key while
+        this one waited for the lock.
+        """
+        final = self.artifact_dir(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(final)
+        staging = staging_path(final)
+        staging.mkdir()
+        info: dict = {}
+        try:
+            yield staging, info
+            info["key"] = key
+            write_atomic(staging / MARKER, json.dumps(info, indent=2, sort_keys=True) + "\n")
+            publish_dir(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def scratch(self, name: str) -> Path:
+        """A private directory for one process's temporary files, inside the workspace (those of
+        processes that are gone are removed first)."""
+        remove_stale_staging(self.root / "tmp" / name)
+        path = staging_path(self.root / "tmp" / name)
+        path.mkdir(parents=True, exist_ok=True)
+        return path

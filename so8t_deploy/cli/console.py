@@ -1,0 +1,199 @@
+"""Human and machine output for commands: rich tables on a terminal, JSON with --json, Markdown for a PR.
+
+The only module that prints what the domain reports; `ConsoleProgress` is the CLI's implementation
+of the domain's Progress protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from ..build.pipeline import BuildReport
+    from ..deploy.execute import ApplyResult
+    from ..deploy.plan import DeployPlan
+    from ..manifest.schema import Manifest
+    from ..quality.evaluate import QuantQuality
+    from ..rollout.smoke import SmokeResult
+
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def print_json(data: object) -> None:
+    console.out(json.dumps(data, indent=2, default=str), highlight=False)
+
+
+class ConsoleProgress:
+    """The CLI's `Progress`: step lines and warnings on stderr, byte bars on a terminal.
+
+    Concurrent transfers share one live display (rich allows one per console); piped output gets
+    the lines only, so --json on stdout stays clean.
+    """
+
+    def __init__(self) -> None:
+        self._err = Console(stderr=True, highlight=False, soft_wrap=True)  # a log line stays one line
+        self._bars: Progress | None = None
+
+    def __enter__(self) -> ConsoleProgress:
+        if sys.stderr.isatty():
+            columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            self._bars = Progress("{task.description}", *columns, console=self._err)
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bars is not None:
+            self._bars.stop()
+
+    def step(self, message: str) -> None:
+        self._err.print(f"[bold]>[/bold] {escape(message)}")
+
+    def warning(self, message: str) -> None:
+        self._err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
+
+    def transfer(self, label: str, total: int) -> Callable[[int], None] | None:
+        if self._bars is None:
+            return None
+        bars, task = self._bars, self._bars.add_task(label, total=total or None)
+        return lambda n: bars.advance(task, n)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape(str(cell)) for cell in row))
+    console.print(table)
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return str(size)
+
+
+# -- plan -----------------------------------------------------------------------------------------------
+
+def plan_summary(plan: DeployPlan) -> dict:
+    """What --json prints for a plan (the full plan is what --out saves)."""
+    return {"manifest": plan.manifest, "source": plan.source, "drift": plan.drift, "note": plan.note,
+            "builds": [s.model_dump(mode="json") for s in plan.builds.steps],
+            "hosts": [{"target": h.target, "url": h.url, "error": h.error, "warnings": h.warnings,
+                       "upload_bytes": plan.upload_bytes(h),
+                       "actions": [a.model_dump(mode="json") for a in plan.actions(h)]} for h in plan.hosts]}
+
+
+def print_deploy_plan(plan: DeployPlan, fmt: str) -> None:
+    if fmt == "json":
+        print_json(plan_summary(plan))
+        return
+    if fmt == "markdown":
+        console.out(plan_markdown(plan), highlight=False)
+        return
+    steps = [(s.variant, s.stage, s.quant or "-", (s.key or "unknown")[:16], "cached" if s.cached else
+              (s.note or "to build")) for s in plan.builds.steps]
+    print_table(f"Build ({plan.source})", ["variant", "step", "type", "key", "state"], steps)
+    for host in plan.hosts:
+        if host.error:
+            console.print(f"[bold]{host.target}[/bold] ({host.url}): [red]{escape(host.error)}[/red]")
+            continue
+        rows = [(a.kind, a.tag, a.detail, human_size(a.bytes) if a.bytes != 0 else "") for a in plan.actions(host)]
+        print_table(f"{host.target} ({host.url})", ["action", "tag", "detail", "bytes"], rows)
+
+
+def plan_markdown(plan: DeployPlan) -> str:
+    """A summary fit for a pull-request comment."""
+    name = plan.tags[0].tag.split(":")[0] if plan.tags else plan.manifest
+    to_build = [s for s in plan.builds.steps if not s.cached]
+    lines = [f"### so8t-deploy plan: `{name}`", ""]
+    hosts = f"{len(plan.hosts)} host" + ("" if len(plan.hosts) == 1 else "s")
+    lines.append(f"**{'Changes' if plan.drift else 'No changes'}** on {hosts}; "
+                 f"{len(to_build)} of {len(plan.builds.steps)} build steps to run (source `{plan.source}`).")
+    lines += ["", "| host | upload | create | verify | unchanged | held | delete |", "|---|---|---|---|---|---|---|"]
+    for host in plan.hosts:
+        if host.error:
+            lines.append(f"| {host.target} | host error: {host.error} |||||")
+            continue
+        kinds = [str(a.kind) for a in plan.actions(host)]
+        counts = [str(kinds.count(k)) for k in ("create", "verify", "unchanged", "held", "delete")]
+        lines.append(f"| {host.target} | {human_size(plan.upload_bytes(host))} | " + " | ".join(counts) + " |")
+    changes = [(h.target, a) for h in plan.hosts for a in plan.actions(h) if a.kind != "unchanged"]
+    if changes:
+        lines += ["", "<details><summary>Actions</summary>", ""]
+        lines += [f"- `{target}` **{a.kind}** `{a.tag}` {a.detail}".rstrip() for target, a in changes]
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+# -- build, smoke, apply, quality --------------------------------------------------------------------------
+
+def print_build_report(report: BuildReport, *, as_json: bool) -> None:
+    if as_json:
+        print_json({"built": report.built, "reused": report.reused,
+                    "artifacts": [{"tag": a.tag, "variant": a.variant, "quant": a.quant, "path": str(a.path),
+                                   **a.record.model_dump(mode="json")} for a in report.artifacts]})
+        return
+    rows = [(a.tag, a.path.name, human_size(a.size), f"{a.bits_per_weight:.2f}", a.sha256[:16])
+            for a in report.artifacts]
+    print_table("Build", ["tag", "file", "size", "bpw", "sha256"], rows)
+    if report.built == 0:
+        console.print(f"nothing to rebuild: all {report.reused} steps are up to date")
+    else:
+        console.print(f"built {report.built} steps, reused {report.reused}")
+
+
+def print_smoke_results(results: Sequence[SmokeResult], *, as_json: bool) -> None:
+    if as_json:
+        print_json([dataclasses.asdict(r) for r in results])
+        return
+    rows = [(r.host, r.tag, "pass" if r.passed else "FAIL", r.reason, f"{r.tokens_per_second:.1f}",
+             f"{r.seconds:.2f}") for r in results]
+    print_table("Smoke tests", ["host", "tag", "result", "reason", "tokens/s", "seconds"], rows)
+
+
+def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
+    if as_json:
+        print_json({"build": {"built": result.build.built, "reused": result.build.reused},
+                    "gated": result.gated, "forced": result.forced,
+                    "hosts": [dataclasses.asdict(h) | {"outcome": h.outcome} for h in result.hosts]})
+        return
+    if result.build.built:
+        console.print(f"build: built {result.build.built} steps, reused {result.build.reused}")
+    smoke = [r for h in result.hosts for r in h.smoke]
+    if smoke:
+        print_smoke_results(smoke, as_json=False)
+    rows = [(h.target, h.status, h.outcome, human_size(h.uploaded_bytes), len(h.created), len(h.unchanged),
+             len(h.held), len(h.deleted), ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
+    print_table("Rollout", ["host", "status", "host state", "uploaded", "created", "unchanged", "held", "deleted",
+                            "rolled back", "error"], rows)
+
+
+def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_json: bool) -> None:
+    from ..quality.evaluate import gate_failures
+
+    verdicts = [gate_failures(manifest, dataclasses.asdict(r)) for r in results]
+    if as_json:
+        print_json([dataclasses.asdict(r) | {"gate": v} for r, v in zip(results, verdicts, strict=True)])
+        return
+    rows = [(r.tag, r.reference, f"{r.mean_kl:.5f}", f"{r.p99_kl:.5f}", f"{r.top1:.3f}", f"{r.perplexity:.2f}",
+             human_size(r.size), f"{r.bits_per_weight:.2f}", f"{r.tokens_per_second:.0f}",
+             "; ".join(v) or ("pass" if manifest.quality.gated else "-"))
+            for r, v in zip(results, verdicts, strict=True)]
+    print_table("Quality", ["tag", "vs", "mean KL", "p99 KL", "top-1", "ppl", "size", "bpw", "tokens/s", "gate"],
+                rows)

@@ -1,0 +1,31 @@
+"""The typer application objects and the options several commands share; commands register on these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="so8t-deploy",
+    help="Bake SO8T/LoRA adapters exactly, build GGUF quant ladders, and roll them out to Ollama.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+demo_app = typer.Typer(help="A self-contained offline demo.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+image_app = typer.Typer(help="The worker image for runtime.backend: docker.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+worker_app = typer.Typer(help="Steps run inside the worker container (its entry point).", no_args_is_help=True,
+                         hidden=True)
+app.add_typer(worker_app, name="worker")
+
+state = {"verbose": False}
+
+DEFAULT_CACHE = Path(".so8t/cache")
+ManifestArg = Annotated[Path, typer.Argument(help="Path to the manifest YAML.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="The workspace: artifacts, digests, host journals, "
+                                        "releases, hub downloads, the converter.")]

@@ -1,0 +1,59 @@
+"""What the commands do, each one library call: plan, apply, smoke, build and eval of a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..build.inputs import resolve_inputs
+from ..build.pipeline import BuildReport, Pipeline
+from ..build.runner import runner_for
+from ..build.workspace import Workspace
+from ..cancel import CancelToken
+from ..errors import HostError
+from ..manifest.schema import Manifest
+from ..progress import SILENT, Progress
+from ..quality.evaluate import QuantQuality, evaluate
+from ..rollout.host_apply import connect
+from ..rollout.smoke import SmokeResult, run_smoke_tests
+from .execute import ApplyResult, apply_plan
+from .plan import DeployPlan, load_plan, make_plan
+
+
+def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
+                  observe_hosts: bool = True) -> DeployPlan:
+    return make_plan(manifest, manifest_path, workspace, progress, observe_hosts=observe_hosts)
+
+
+def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
+                   cancel: CancelToken | None = None, force: bool = False,
+                   plan_file: Path | None = None) -> ApplyResult:
+    """Execute a saved plan, or make one now and execute it: the same decisions either way."""
+    plan = load_plan(plan_file) if plan_file else make_plan(manifest, manifest_path, workspace, progress)
+    return apply_plan(manifest, plan, workspace, progress, cancel or CancelToken(), saved=plan_file is not None,
+                      force=force)
+
+
+def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT) -> BuildReport:
+    """Every tag's GGUF, reusing whatever the workspace already holds."""
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True)
+    return Pipeline(manifest, inputs, workspace, runner_for(manifest, workspace, progress), progress).build()
+
+
+def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT) -> list[QuantQuality]:
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True)
+    runner = runner_for(manifest, workspace, progress)
+    report = Pipeline(manifest, inputs, workspace, runner, progress).build()
+    return evaluate(manifest, report, workspace, runner)
+
+
+def smoke_manifest(manifest: Manifest) -> list[SmokeResult]:
+    """Run the smoke tests against every tag on every host, as deployed now; a down host is one row."""
+    tags = manifest.tags()
+    results: list[SmokeResult] = []
+    for target in manifest.targets:
+        with connect(target) as host:
+            try:
+                results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
+            except HostError as e:
+                results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
+    return results

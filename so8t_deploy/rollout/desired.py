@@ -1,0 +1,94 @@
+"""The desired state of every host: one model per tag, its rendered Modelfile and what identifies its GGUF.
+
+Known before anything is built: the template, system prompt and parameters (rendered from the
+manifest) and the GGUF keys that identify its bytes (from the build keys). Known once built: the
+GGUF itself, its sha256 and size, which an upload and a create need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..build.pipeline import BuiltArtifact
+from ..build.plan import BuildPlan
+from ..errors import BuildError
+from ..fsutil import symlink_atomic, write_atomic
+from ..manifest.schema import Manifest
+from .render import render_modelfile
+
+# No quant level ends like these, so a backup tag never shadows a real one (manifest.TAG_SUFFIXES).
+BACKUP_SUFFIX = "-prev"  # the tag's previous verified model, kept after a rollout converged
+ROLLBACK_SUFFIX = "-rollback"  # the tag's model while this run replaces it, until the host converged
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    tag: str
+    gguf_name: str
+    template: str
+    system: str | None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, str] | None = None  # GGUF keys that identify its bytes; None if not known yet
+    gguf: Path | None = None  # once built
+    sha256: str | None = None  # once built
+    size: int | None = None  # once built
+
+    @property
+    def digest(self) -> str:
+        if self.sha256 is None:
+            raise ValueError(f"{self.tag}: not built yet")
+        return f"sha256:{self.sha256}"
+
+    @property
+    def backup_tag(self) -> str:
+        return self.tag + BACKUP_SUFFIX
+
+    @property
+    def rollback_tag(self) -> str:
+        return self.tag + ROLLBACK_SUFFIX
+
+    @property
+    def spec_digest(self) -> str | None:
+        """Everything a create sends: equal digests mean an identical model (None until built)."""
+        if self.sha256 is None:
+            return None
+        spec = {"gguf": self.sha256, "template": self.template, "system": self.system,
+                "parameters": self.parameters}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def built_file(self) -> tuple[Path, str, int]:
+        """(path, digest, size) of the GGUF; only a built model can be uploaded or created."""
+        if self.gguf is None or self.sha256 is None or self.size is None:
+            raise BuildError(f"{self.tag}: its GGUF is not built (internal: create needs the built file)")
+        return self.gguf, self.digest, self.size
+
+    def built(self, artifact: BuiltArtifact) -> DesiredModel:
+        return replace(self, gguf=artifact.path, sha256=artifact.sha256, size=artifact.size)
+
+
+def desired_models(manifest: Manifest, plan: BuildPlan) -> list[DesiredModel]:
+    """One model per tag, from the manifest and the build plan; GGUFs already built are filled in."""
+    models = []
+    for tag in plan.tags:
+        rendered = render_modelfile(manifest.modelfile, Path(tag.file_name))
+        model = DesiredModel(tag=tag.tag, gguf_name=tag.file_name, template=rendered.template,
+                             system=rendered.system, parameters=rendered.parameters, identity=tag.identity)
+        if tag.record is not None:
+            model = replace(model, sha256=tag.record.sha256, size=tag.record.size)
+        models.append(model)
+    return models
+
+
+def write_release(releases: Path, manifest: Manifest, artifact: BuiltArtifact) -> Path:
+    """releases/NAME/TAG/: the GGUF (a link into the workspace) and its Modelfile, for `ollama create -f`."""
+    rendered = render_modelfile(manifest.modelfile, artifact.path)
+    release_dir = releases / manifest.name / artifact.tag.split(":", 1)[1]
+    symlink_atomic(release_dir / artifact.path.name, artifact.path)
+    modelfile = release_dir / "Modelfile"
+    if not modelfile.is_file() or modelfile.read_text(encoding="utf-8") != rendered.text:
+        write_atomic(modelfile, rendered.text)
+    return release_dir

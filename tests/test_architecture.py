@@ -1,0 +1,112 @@
+"""The package's shape: no import cycle, presentation only in cli/, and a control plane without the ML stack.
+
+Read from the source with `ast`: every import counts, also one inside a function, so a cycle cannot
+hide behind a lazy import.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+PACKAGE = REPO / "so8t_deploy"
+ML_STACK = {"torch", "numpy", "transformers", "safetensors", "gguf", "llama_cpp", "peft", "sentencepiece"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
+    """The so8t_deploy modules `path` imports (a package's `from . import x` names its submodule x)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("so8t_deploy")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("so8t_deploy"):
+                target = node.module
+            else:
+                continue
+            submodules = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known}
+            found |= submodules or {target}
+    return {m for m in found if m in known and m != name}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    known = modules()
+    graph = {name: imports_of(path, known) for name, path in known.items()}
+    assert sum(map(len, graph.values())) > 100  # the graph really was read
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_a_cycle_is_found():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_nothing_below_the_cli_imports_it_or_prints():
+    known = modules()
+    for name, path in known.items():
+        if name.startswith("so8t_deploy.cli") or name == "so8t_deploy.__main__":  # the entry points
+            continue
+        assert not any(m.startswith("so8t_deploy.cli") for m in imports_of(path, known)), name
+        assert "rich" not in {n.split(".")[0] for n in _external_imports(path)}, name
+        calls = [n for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+        assert not calls, f"{name} prints (line {calls[0].lineno}); report through Progress instead"
+
+
+def _external_imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_control_plane_imports_no_ml_stack():
+    """Planning, applying and smoke-testing a `backend: docker` manifest must work where torch is not installed:
+    importing the commands must not pull the ML stack in."""
+    code = ("import sys; import so8t_deploy.cli.app, so8t_deploy.deploy.commands, so8t_deploy.build.runner; "
+            f"print(sorted(m for m in {sorted(ML_STACK)!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

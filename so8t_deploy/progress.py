@@ -19,8 +19,9 @@ class Progress(Protocol):
     def warning(self, message: str) -> None:
         """Something the operator should read, that does not stop the run."""
 
-    def transfer(self, label: str, total: int) -> Advance | None:
-        """Start a byte counter of `total` bytes; returns advance(n), or None when nobody watches."""
+    def transfer(self, label: str, total: int, *, unit: str = "bytes") -> Advance | None:
+        """Start a counter of `total` (bytes, or another `unit` such as "percent"); returns advance(n), or
+        None when nobody watches."""
 
 
 class _Silent:
@@ -30,7 +31,7 @@ class _Silent:
     def warning(self, message: str) -> None:
         pass
 
-    def transfer(self, label: str, total: int) -> Advance | None:
+    def transfer(self, label: str, total: int, *, unit: str = "bytes") -> Advance | None:
         return None
 
 

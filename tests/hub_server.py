@@ -24,7 +24,7 @@ What it serves, as the Hub answers huggingface_hub 2.4 (model repos only):
 - GET /api/agent-harnesses: an empty registry (huggingface_hub asks the endpoint for it unless telemetry is off).
 
 Test-only, not the Hub:
-- POST /_test/faults (see FAULT_DEFAULTS): cut the next GETs of a file after N body bytes.
+- POST /_test/faults (see FAULT_DEFAULTS): cut the next GETs of a file after N body bytes, or at an offset in the file.
 - GET /_test/requests: every request to either port; POST /_test/reset clears the log and the faults.
 - `HubTestServer` starts and controls the process from tests.
 """
@@ -55,6 +55,8 @@ FAULT_DEFAULTS: dict = {
     "cut_after_bytes": 0,  # body bytes sent before the connection goes
     "cut_times": 1,  # how many GETs in a row are cut
     "cut_mode": "close",  # "close": a clean close, the body is short; "reset": a TCP reset
+    "cut_counted_from": "body",  # "body": cut_after_bytes of this answer's body; "file": an offset in the file,
+                                 # so a GET that resumes at or past it is cut before its first byte
 }
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -85,19 +87,24 @@ class App:
             raise HubError(400, None, f"unknown faults: {sorted(unknown)}")
         if req.get("cut_mode", "close") not in ("close", "reset"):
             raise HubError(400, None, "cut_mode is 'close' or 'reset'")
+        if req.get("cut_counted_from", "body") not in ("body", "file"):
+            raise HubError(400, None, "cut_counted_from is 'body' or 'file'")
         with self.lock:
             if req.get("reset"):
                 self.faults = dict(FAULT_DEFAULTS)
             self.faults.update({k: v for k, v in req.items() if k != "reset"})
             return dict(self.faults)
 
-    def take_cut(self, path: str) -> tuple[int, str] | None:
-        """(bytes, mode) if this GET of `path` is to be cut."""
+    def take_cut(self, path: str, start: int) -> tuple[int, str] | None:
+        """(body bytes to send, mode) if this GET of `path`, from byte `start`, is to be cut."""
         with self.lock:
             pattern = self.faults["cut_file"]
             if pattern is None or not fnmatch.fnmatchcase(path, pattern):
                 return None
-            cut = (int(self.faults["cut_after_bytes"]), self.faults["cut_mode"])
+            after = int(self.faults["cut_after_bytes"])
+            if self.faults["cut_counted_from"] == "file":
+                after = max(after - start, 0)
+            cut = (after, self.faults["cut_mode"])
             self.faults["cut_times"] -= 1
             if self.faults["cut_times"] <= 0:
                 self.faults.update(cut_file=None, cut_times=1)
@@ -196,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.entry["status"] = status
         if method == "HEAD":
             return
-        cut = self.app.take_cut(repo_path)
+        cut = self.app.take_cut(repo_path, start)
         remaining = end - start + 1 if cut is None else min(cut[0], end - start + 1)
         with content.open("rb") as f:
             f.seek(start)

@@ -41,13 +41,15 @@ class ServerProcess:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, module_and_args: list[str], data_dir: Path):
+    def __init__(self, module_and_args: list[str], data_dir: Path, *, name: str = ""):
         self.command = [sys.executable, "-m", *module_and_args]
+        self.name = name or module_and_args[0]
         self.log_path = Path(data_dir).with_name(Path(data_dir).name + ".log")
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def start(self, timeout: float = 30) -> str:
+        """Start the process and wait for its `listening on` line; returns the base URL."""
         if self.proc is not None:
             raise RuntimeError(f"already running at {self.url}")
         with self.log_path.open("ab") as log_file:
@@ -57,7 +59,7 @@ class ServerProcess:
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("listening on "):
             self.stop()
-            raise RuntimeError(f"{self.command[2]} did not start ({line!r}); see {self.log_path}:\n"
+            raise RuntimeError(f"{self.name} did not start ({line!r}); see {self.log_path}:\n"
                                + self.log_path.read_text()[-2000:])
         self.url = line.split()[-1]
         return self.url

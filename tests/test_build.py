@@ -59,6 +59,8 @@ def test_build_makes_every_tag_and_a_rerun_rebuilds_nothing(demo, tmp_path, run_
 
     result = run_cli("build", manifest, "--cache-dir", cache)
     assert result.code == 0
+    assert max(map(len, result.out.splitlines())) <= 80  # piped output fits 80 columns, nothing cut
+    assert all(f" {tag} " in result.out for tag in tags)
     assert "nothing to rebuild: all 4 steps are up to date" in result.out  # converts and quantizes: no bake needed
     assert "so8t-demo:light-q8_0" in result.out
 

@@ -71,6 +71,11 @@ def test_plan_of_a_hub_model_on_the_docker_backend_downloads_nothing(demo, pool,
     assert all(len(step["key"]) == 64 for step in plan["builds"])  # keys from the hub's metadata alone
     assert actions(result) == {"host-0": {(k, t) for t in TAGS for k in ("upload", "create")}}
     assert hub.fetched() == []  # metadata only: not one file's content was sent
+    asked = len(hub.requests())
+    result = run_cli("plan", path, "--offline", "--cache-dir", tmp_path / "cache", "--json")
+    assert result.code == 0 and len(hub.requests()) == asked  # --offline asks no hub (and no host)
+    assert json.loads(result.out)["hosts"] == []
+    assert all(step["key"] is None for step in json.loads(result.out)["builds"])
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub unreachable: keys unknown, the plan still made
     from so8t_deploy.external import hub as hub_module

@@ -163,3 +163,10 @@ def test_llama_cpp_is_pinned_in_one_version():
     assert f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}" in extras
     assert f"LLAMA_CPP_PYTHON_VERSION = \"{LLAMA_CPP_PYTHON_VERSION}\"" in (
         REPO / "so8t_deploy" / "external" / "llamacpp.py").read_text()
+
+
+def test_llama_cpps_own_log_shows_only_with_verbose(f16_256, run_cli, tmp_path):
+    quiet = run_cli("quantize", f16_256, "--out", tmp_path / "a.gguf", "--type", "q8_0")
+    assert quiet.code == 0 and "llama_model_quantize" not in quiet.err and "[ " not in quiet.err
+    loud = run_cli("-v", "quantize", f16_256, "--out", tmp_path / "b.gguf", "--type", "q8_0")
+    assert loud.code == 0 and "so8t_deploy.llama_cpp: llama_model_quantize" in loud.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -147,6 +148,18 @@ def test_range_requests(hub, hub_model):
     lfs = httpx.get(f"{hub.url}/{hub_model.repo_id}/resolve/main/model.safetensors", headers={"Range": "bytes=0-7"},
                     follow_redirects=True)
     assert lfs.status_code == 206 and lfs.content == hub_model.repo.read("model.safetensors")[:8]
+
+
+def test_a_cut_counted_from_the_file_cuts_a_resumed_get_at_the_same_place(hub, hub_model):
+    """cut_counted_from="file": the cut is an offset in the file, so a GET that resumes past it gets nothing."""
+    url = f"{hub.url}/{hub_model.repo_id}/resolve/main/config.json"
+    config = hub_model.repo.read("config.json")
+    hub.faults(cut_file="config.json", cut_after_bytes=10, cut_counted_from="file", cut_times=3)
+    for start in (0, 4, 12, 12):
+        with contextlib.suppress(httpx.RemoteProtocolError):  # a body shorter than its Content-Length
+            httpx.get(url, headers={"Range": f"bytes={start}-"})
+    assert [(r["bytes"], r.get("cut")) for r in hub.requests(method="GET")] == [
+        (10, "close"), (6, "close"), (0, "close"), (len(config) - 12, None)]
 
 
 # --- interrupted downloads -------------------------------------------------------------------------------------

@@ -122,11 +122,17 @@ def test_schema_is_valid_json_schema_and_describes_fields(run_cli):
     assert schema["additionalProperties"] is False
     assert "apiVersion" in schema["required"]
     assert schema["$defs"]["Target"]["properties"]["host"]["description"]
+    undescribed = [f"{where}.{name}" for where, model in [("manifest", schema), *schema["$defs"].items()]
+                   for name, prop in model.get("properties", {}).items() if not prop.get("description")]
+    assert undescribed == []  # every field, top-level sections included, says what it is for
 
 
 # (edit to VALID, field path expected in the message, a fragment of the explanation)
 INVALID = {
     "unknown-top-key": (("quantize:", "quantise: [f16]\nquantize:"), "quantise", "unknown key"),
+    "typo-hides-nothing": (("quantize:", "quantise:"), "quantise", "unknown key; did you mean 'quantize'?"),
+    "nested-typo": (("timeout_s: 120", "timeout: 120"), "smoke[0].timeout", "did you mean 'timeout_s'?"),
+    "variant-typo": (("ffn: 0.05", "fnn: 0.05"), "bake.variants.light.fnn", "did you mean 'ffn'?"),
     "unknown-nested-key": (("  template: phi3", "  templat: phi3"), "modelfile.templat", "unknown key"),
     "wrong-api-version": (("so8t-deploy/v1", "so8t-deploy/v2"), "apiVersion", "so8t-deploy/v1"),
     "missing-name": (("name: phi35-so8t\n", ""), "name", "required"),
@@ -215,3 +221,11 @@ def test_verbose_flag_shows_traceback(run_cli, tmp_path):
 def test_loader_raises_manifest_error_with_field_path(tmp_path):
     with pytest.raises(ManifestError, match=r"targets\[0\]\.host: invalid URL"):
         load_manifest(write(tmp_path, edit(VALID, "http://127.0.0.1:11434", "ftp://x")))
+
+
+def test_verbose_works_after_the_command_too(run_cli, tmp_path):
+    bad = write(tmp_path, edit(VALID, "name: phi35-so8t", "name: BAD"))
+    for args in (("-v", "validate", bad), ("validate", bad, "-v"), ("validate", "--verbose", bad)):
+        result = run_cli(*args)
+        assert result.code == 2 and "Traceback" in result.err, args
+        assert result.err.strip().splitlines()[-1].startswith(f"{bad}: name: ")

@@ -57,6 +57,7 @@ def test_kl_grows_as_bits_shrink_and_the_report_is_written(demo, tmp_path, run_c
     cache = tmp_path / "cache"
     result = run_cli("eval", manifest, "--cache-dir", cache, "--json", "--report", tmp_path / "report")
     assert result.code == 0, result.err
+    assert "n_ctx_train" not in result.err and "llama_" not in result.err  # llama.cpp's log only with -v
     by_quant = {r["quant"]: r for r in json.loads(result.out)}
     assert by_quant["f16"]["mean_kl"] < 1e-9 and by_quant["f16"]["top1"] == 1.0  # the reference against itself
     assert 0 < by_quant["q8_0"]["mean_kl"] < by_quant["q6_k"]["mean_kl"] < by_quant["q4_k_m"]["mean_kl"]

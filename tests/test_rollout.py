@@ -150,7 +150,14 @@ def test_a_down_host_is_reported_and_the_others_continue(demo, hosts, tmp_path, 
     assert result.code == 1
     statuses = {h["target"]: h["status"] for h in report["hosts"]}
     assert statuses == {"host-0": "ok", "host-1": "unreachable"}
-    assert "host-1: unreachable" in result.err
+    [line] = [line for line in result.err.splitlines() if line.startswith(f"{manifest}: ")]  # one line, last
+    assert "host-1: unreachable" in line and line == result.err.strip().splitlines()[-1]
+
+    result = run_cli("smoke", manifest, "--json")  # a host that is down is one row, not one per tag
+    assert result.code == 1
+    rows = [r for r in json.loads(result.out) if r["host"] == "host-1"]
+    assert len(rows) == 1 and rows[0]["tag"] == "*" and "unreachable" in rows[0]["reason"]
+    assert "ollama.com" not in result.out + result.err  # not the client's "download Ollama" text
 
 
 def test_a_cut_upload_leaves_nothing_and_a_rerun_converges(demo, hosts, tmp_path, run_cli):

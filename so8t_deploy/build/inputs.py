@@ -24,10 +24,13 @@ UNKNOWN_UNTIL_DOWNLOAD = "key known after download"
 
 
 def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress, *, download_model: bool,
-                   hub_commit: str | None = None) -> BuildInputs:
+                   hub_commit: str | None = None, manifest_path: Path | None = None,
+                   offline: bool = False) -> BuildInputs:
     """Digests of every input; with `download_model`, the model is also on this machine afterwards.
 
+    `offline` asks no hub: a hub model's keys are then unknown (plan --offline).
     `hub_commit` pins a hub model to the commit a saved plan resolved, so apply builds what it showed.
+    `manifest_path` is named in hub errors ("MANIFEST: source.model: 'org/name' ...").
     """
     check_readable(manifest)
     digests = workspace.digests()
@@ -39,8 +42,11 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
             if not digests.knows_directory(path):
                 progress.step(f"hashing {path}")
             return BuildInputs(str(path), directory_digest(path, digests)[0], adapters, source_dir=path)
+        if offline:
+            return BuildInputs(source.model, None, adapters, note=UNKNOWN_UNTIL_DOWNLOAD)
+        origin = f"{manifest_path}: source.model" if manifest_path else "source.model"
         try:
-            revision = resolve_revision(source.model, hub_commit or source.revision)
+            revision = resolve_revision(source.model, hub_commit or source.revision, origin=origin)
         except HubUnavailableError as e:
             if download_model:
                 raise
@@ -49,7 +55,7 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
         model_dir = None
         if download_model:
             progress.step(f"download {revision.label}")
-            model_dir = download(revision, workspace.hub)
+            model_dir = download(revision, workspace.hub, origin=origin)
         return BuildInputs(revision.label, combined_digest(revision.files), adapters, source_dir=model_dir)
     finally:
         digests.save()

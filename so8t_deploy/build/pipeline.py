@@ -71,14 +71,14 @@ class Pipeline:
                 self.report.artifacts.append(converted if tag.stage == "convert" else self._quantize(tag, converted))
         return self.report
 
-    def _step(self, stage: str, key: str, label: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
-        """The artifact for `key`: published already, or produced now under the key's lock."""
+    def _step(self, stage: str, key: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
+        """The artifact for `key`: published already, or produced now under the key's lock (`produce`
+        announces itself once its own inputs are ready)."""
         found = self.workspace.lookup(stage, key)
         if found is None:
             with self.workspace.lock(f"{stage}-{key}"):
                 found = self.workspace.lookup(stage, key)  # published while we waited for the lock
                 if found is None:
-                    self.progress.step(f"{label} ...")
                     with self.workspace.produce(stage, key) as (staging, record):
                         record.update(produce(staging))
                     self.report.built += 1
@@ -93,10 +93,11 @@ class Pipeline:
             step = BakeStep(model_dir=self.source_dir, adapters=[a.ref for a in self.inputs.adapters],
                             out_dir=staging / "model", scales=scales, dtype=self.manifest.bake.dtype,
                             digests_file=self.workspace.digests_file, label=variant)
+            self.progress.step(f"bake {variant} ...")
             result = self.runner.run(step)
             return {"variant": variant, "scales": scales.as_dict(), **result.model_dump()}
 
-        directory, _ = self._step("bake", bake_key, f"bake {variant}", bake)
+        directory, _ = self._step("bake", bake_key, bake)
         return directory / "model"
 
     def _convert(self, plan: BuildPlan, variant: str) -> BuiltArtifact:
@@ -108,18 +109,20 @@ class Pipeline:
             baked = self._bake(variant, bake_key)
             step = ConvertStep(model_dir=baked, out_file=staging / reference.file_name, outtype=outtype,
                                metadata=metadata)
+            self.progress.step(f"convert {variant} -> {outtype} ...")
             return self.runner.run(step).model_dump()
 
-        directory, record = self._step("convert", convert_key, f"convert {variant} -> {outtype}", convert)
+        directory, record = self._step("convert", convert_key, convert)
         return _artifact(reference, directory, record)
 
     def _quantize(self, tag: TagBuild, converted: BuiltArtifact) -> BuiltArtifact:
         def quantize(staging: Path) -> dict:
             step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant)
+            self.progress.step(f"quantize {tag.variant} -> {tag.quant} ...")
             return self.runner.run(step).model_dump()
 
         assert tag.key is not None
-        directory, record = self._step("quantize", tag.key, f"quantize {tag.variant} -> {tag.quant}", quantize)
+        directory, record = self._step("quantize", tag.key, quantize)
         return _artifact(tag, directory, record)
 
 

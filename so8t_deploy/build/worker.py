@@ -6,6 +6,7 @@ numpy for the metrics), and it imports them only when a step runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -41,25 +42,50 @@ def _bake(step: BakeStep, progress: Progress) -> BakeResult:
     from ..bake.bake import bake_model
 
     adapters = [(a.kind, a.path, a.allow_base_mismatch) for a in step.adapters]
+    # The bar counts the tensor bytes written; the shards' size is the honest estimate before the bake
+    # (headers, and any dtype change or grown vocabulary, move it a little): the bar is filled at the end.
     total = sum(p.stat().st_size for p in step.model_dir.glob("*.safetensors"))
-    advance = progress.transfer(f"bake {step.label}", total)
-    result = bake_model(step.model_dir, adapters, step.out_dir, step.scales, step.dtype, advance,
+    advance, written = progress.transfer(f"bake {step.label}", total), [0]
+
+    def count(n: int) -> None:
+        written[0] += n
+        if advance is not None:
+            advance(n)
+
+    result = bake_model(step.model_dir, adapters, step.out_dir, step.scales, step.dtype, count,
                         DigestCache(step.digests_file))
+    if advance is not None and written[0] < total:
+        advance(total - written[0])
     return BakeResult(folded=result.folded, copied=result.copied)
 
 
-def _convert(step: ConvertStep, converter_root: Path | None) -> GgufRecord:
+def _percent(progress: Progress, label: str) -> Callable[[int], None]:
+    """A 0-100 bar; the callback takes the percentage done so far."""
+    advance, shown = progress.transfer(label, 100, unit="percent"), [0]
+
+    def update(percent: int) -> None:
+        if advance is not None and percent > shown[0]:
+            advance(percent - shown[0])
+            shown[0] = percent
+
+    return update
+
+
+def _convert(step: ConvertStep, progress: Progress, converter_root: Path | None) -> GgufRecord:
     from ..external.llamacpp import convert_to_gguf, locate_converter
 
-    convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype, step.metadata)
+    convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype, step.metadata,
+                    on_progress=_percent(progress, f"convert -> {step.out_file.name}"))
     return gguf_record(step.out_file)
 
 
-def _quantize(step: QuantizeStep) -> GgufRecord:
+def _quantize(step: QuantizeStep, progress: Progress) -> GgufRecord:
     from ..external.llamacpp import quantize_gguf
     from ..manifest.quant_types import lookup_quant_type
 
-    quantize_gguf(step.in_file, step.out_file, lookup_quant_type(step.quant))
+    update = _percent(progress, f"quantize -> {step.out_file.name}")
+    quantize_gguf(step.in_file, step.out_file, lookup_quant_type(step.quant),
+                  on_progress=lambda done, total: update(100 * done // max(total, 1)))
     return gguf_record(step.out_file)
 
 
@@ -74,9 +100,9 @@ def execute(step: WorkerStep, progress: Progress = SILENT, converter_root: Path 
     if isinstance(step, BakeStep):
         return _bake(step, progress)
     if isinstance(step, ConvertStep):
-        return _convert(step, converter_root)
+        return _convert(step, progress, converter_root)
     if isinstance(step, QuantizeStep):
-        return _quantize(step)
+        return _quantize(step, progress)
     if isinstance(step, InspectStep):
         return gguf_record(step.path)
     return _evaluate(step)

@@ -5,7 +5,7 @@
       digests.json           input file digests, remembered by (size, mtime, inode)
       hosts/                 per-host journals of what was created and verified
       releases/NAME/TAG/     each tag's Modelfile and a link to its GGUF, for `ollama create -f`
-      hub/                   hub downloads (huggingface_hub's cache layout)
+      hub/                   hub downloads (huggingface_hub's cache layout; .partial/: LFS files to resume)
       converter/             llama.cpp's converter, extracted from the pinned sdist
       locks/                 one lock file per artifact key and per host
 

@@ -6,6 +6,8 @@ or an input changed since the plan), 130 interrupted. See README.
 
 from __future__ import annotations
 
+import logging
+import sys
 import traceback
 from typing import Annotated
 
@@ -25,22 +27,67 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks on errors, and llama.cpp's "
+                                          "own log.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ) -> None:
     state["verbose"] = verbose
+    _show_library_logs(verbose)
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever sys.stderr is when a record arrives (a test may have replaced it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+_LOG_HANDLER = _Stderr()
+_LOG_HANDLER.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+
+def _show_library_logs(verbose: bool) -> None:
+    """The package's logs (llama.cpp's own messages among them) are shown with -v only."""
+    logger = logging.getLogger("so8t_deploy")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose:
+        logger.addHandler(_LOG_HANDLER)
+    else:
+        logger.removeHandler(_LOG_HANDLER)
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def _verbose_first(argv: list[str]) -> list[str]:
+    """`-v` is a global option, but people type it after the command too: move it to the front."""
+    rest = [arg for arg in argv if arg not in VERBOSE_FLAGS]
+    return ["-v", *rest] if len(rest) != len(argv) else rest
+
+
+def error_line(error: So8tError) -> str:
+    """One line; it names the manifest a command worked on, unless it already starts with it."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    manifest = state["manifest"]
+    if manifest is not None and not line.startswith(str(manifest)):
+        line = f"{manifest}: {line}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point and the single error boundary."""
     command = typer.main.get_command(app)
+    state.update(verbose=False, manifest=None)
+    _show_library_logs(False)
     try:
         # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
-        command.main(args=argv, prog_name="so8t-deploy", standalone_mode=True)
+        command.main(args=_verbose_first(sys.argv[1:] if argv is None else argv), prog_name="so8t-deploy",
+                     standalone_mode=True)
     except So8tError as e:
         if state["verbose"]:
             traceback.print_exc()
-        typer.echo(str(e).splitlines()[0] if str(e) else type(e).__name__, err=True)
+        typer.echo(error_line(e), err=True)
         return e.exit_code
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_OPERATIONAL

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError, VerifyError
-from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app, image_app
+from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app, image_app, load
 
 AdapterOpt = Annotated[
     list[Path], typer.Option("--adapter", help="Adapter directory (SO8T or PEFT LoRA); repeat to chain, in order.")
@@ -114,11 +114,10 @@ def build(
     """Bake, convert and quantize every variant of a manifest; reuse what is already built."""
     from ..build.workspace import Workspace
     from ..deploy.commands import build_manifest
-    from ..manifest.loader import load_manifest
     from .console import ConsoleProgress, print_build_report
 
     with ConsoleProgress() as progress:
-        report = build_manifest(load_manifest(manifest), Workspace(cache_dir), progress)
+        report = build_manifest(load(manifest), Workspace(cache_dir), progress, manifest_path=manifest)
     print_build_report(report, as_json=as_json)
 
 
@@ -132,13 +131,12 @@ def eval_quality(
     """Measure each quant level against its variant's float GGUF: KL divergence, top-1, perplexity, speed."""
     from ..build.workspace import Workspace
     from ..deploy.commands import eval_manifest
-    from ..manifest.loader import load_manifest
     from ..quality.report import write_report
     from .console import ConsoleProgress, print_quality
 
-    loaded = load_manifest(manifest)
+    loaded = load(manifest)
     with ConsoleProgress() as progress:
-        results = eval_manifest(loaded, Workspace(cache_dir), progress)
+        results = eval_manifest(loaded, Workspace(cache_dir), progress, manifest_path=manifest)
     print_quality(results, loaded, as_json=as_json)
     if report is not None:
         paths = write_report(results, report, loaded.name)
@@ -155,10 +153,9 @@ def image_build(
 ) -> None:
     """Build the worker image with the docker SDK (build args, streamed log)."""
     from ..external.docker_engine import build_image
-    from ..manifest.loader import load_manifest
     from .console import ConsoleProgress
 
-    image = tag or (load_manifest(manifest).runtime.image if manifest else "so8t-deploy-worker:latest")
+    image = tag or (load(manifest).runtime.image if manifest else "so8t-deploy-worker:latest")
     args = {}
     for item in build_arg:
         key, sep, value = item.partition("=")

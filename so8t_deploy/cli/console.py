@@ -12,10 +12,20 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from ..build.pipeline import BuildReport
@@ -23,10 +33,12 @@ if TYPE_CHECKING:
     from ..deploy.plan import DeployPlan
     from ..manifest.schema import Manifest
     from ..quality.evaluate import QuantQuality
+    from ..rollout.host_apply import HostReport
     from ..rollout.smoke import SmokeResult
 
-# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# The terminal's width, or 80 columns when piped: every table folds long cells (paths, digests, errors)
+# onto more lines instead of cutting them.
+console = Console(highlight=False)
 
 
 def print_json(data: object) -> None:
@@ -46,7 +58,8 @@ class ConsoleProgress:
 
     def __enter__(self) -> ConsoleProgress:
         if sys.stderr.isatty():
-            columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+            columns = (BarColumn(), _BytesOr(DownloadColumn(), TaskProgressColumn()),
+                       _BytesOr(TransferSpeedColumn(), None), TimeRemainingColumn())
             self._bars = Progress("{task.description}", *columns, console=self._err)
             self._bars.start()
         return self
@@ -61,17 +74,30 @@ class ConsoleProgress:
     def warning(self, message: str) -> None:
         self._err.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
 
-    def transfer(self, label: str, total: int) -> Callable[[int], None] | None:
+    def transfer(self, label: str, total: int, *, unit: str = "bytes") -> Callable[[int], None] | None:
         if self._bars is None:
             return None
-        bars, task = self._bars, self._bars.add_task(label, total=total or None)
+        bars, task = self._bars, self._bars.add_task(label, total=total or None, unit=unit)
         return lambda n: bars.advance(task, n)
+
+
+class _BytesOr(ProgressColumn):
+    """`for_bytes` on a byte transfer, `otherwise` (or nothing) on a bar counting something else."""
+
+    def __init__(self, for_bytes: ProgressColumn, otherwise: ProgressColumn | None):
+        super().__init__()
+        self.for_bytes, self.otherwise = for_bytes, otherwise
+
+    def render(self, task: Task) -> RenderableType:
+        if task.fields.get("unit") == "bytes":
+            return self.for_bytes.render(task)
+        return self.otherwise.render(task) if self.otherwise is not None else Text("")
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(escape(str(cell)) for cell in row))
     console.print(table)
@@ -149,9 +175,8 @@ def print_build_report(report: BuildReport, *, as_json: bool) -> None:
                     "artifacts": [{"tag": a.tag, "variant": a.variant, "quant": a.quant, "path": str(a.path),
                                    **a.record.model_dump(mode="json")} for a in report.artifacts]})
         return
-    rows = [(a.tag, a.path.name, human_size(a.size), f"{a.bits_per_weight:.2f}", a.sha256[:16])
-            for a in report.artifacts]
-    print_table("Build", ["tag", "file", "size", "bpw", "sha256"], rows)
+    rows = [(a.tag, human_size(a.size), f"{a.bits_per_weight:.2f}", a.sha256[:16]) for a in report.artifacts]
+    print_table("Build (--json has each file's path)", ["tag", "size", "bpw", "sha256"], rows)
     if report.built == 0:
         console.print(f"nothing to rebuild: all {report.reused} steps are up to date")
     else:
@@ -178,10 +203,15 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
     smoke = [r for h in result.hosts for r in h.smoke]
     if smoke:
         print_smoke_results(smoke, as_json=False)
-    rows = [(h.target, h.status, h.outcome, human_size(h.uploaded_bytes), len(h.created), len(h.unchanged),
-             len(h.held), len(h.deleted), ", ".join(h.rolled_back) or "-", h.error or "") for h in result.hosts]
-    print_table("Rollout", ["host", "status", "host state", "uploaded", "created", "unchanged", "held", "deleted",
-                            "rolled back", "error"], rows)
+    rows = [(h.target, h.status, h.outcome, human_size(h.uploaded_bytes), _tag_counts(h), h.error or "")
+            for h in result.hosts]
+    print_table("Rollout", ["host", "status", "host state", "uploaded", "tags", "error"], rows)
+
+
+def _tag_counts(host: HostReport) -> str:
+    counts = {"created": host.created, "verified": host.verified, "unchanged": host.unchanged, "held": host.held,
+              "deleted": host.deleted, "rolled back": host.rolled_back}
+    return ", ".join(f"{len(tags)} {what}" for what, tags in counts.items() if tags) or "-"
 
 
 def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_json: bool) -> None:

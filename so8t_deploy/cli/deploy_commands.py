@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from ..errors import EXIT_DRIFT, DriftError, HostError, Interrupted, RolloutError, UsageError
-from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app
+from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app, load
 
 Format = Literal["table", "json", "markdown"]
 
@@ -17,9 +17,8 @@ Format = Literal["table", "json", "markdown"]
 def validate(manifest: ManifestArg) -> None:
     """Check a manifest and its local inputs (no network); exit 2 with one line naming the field if it fails."""
     from ..build.check import check_local_inputs
-    from ..manifest.loader import load_manifest
 
-    loaded = load_manifest(manifest)
+    loaded = load(manifest)
     for note in check_local_inputs(loaded):
         typer.echo(f"{manifest}: note: {note}", err=True)
     typer.echo(f"{manifest}: ok")
@@ -49,15 +48,14 @@ def plan(
     held, delete. Changes nothing."""
     from ..build.workspace import Workspace
     from ..deploy.commands import plan_manifest
-    from ..manifest.loader import load_manifest
     from .console import ConsoleProgress, print_deploy_plan
 
     fmt = _format(output, as_json)
     if offline and check:
         raise UsageError("--offline --check: a drift check needs the hosts, which --offline does not ask")
-    loaded = load_manifest(manifest)
+    loaded = load(manifest)
     with ConsoleProgress() as progress:
-        made = plan_manifest(loaded, manifest, Workspace(cache_dir), progress, observe_hosts=not offline)
+        made = plan_manifest(loaded, manifest, Workspace(cache_dir), progress, offline=offline)
     if out is not None:
         made.save(out)
     print_deploy_plan(made, fmt)
@@ -91,11 +89,10 @@ def apply(
     from ..build.workspace import Workspace
     from ..cancel import CancelToken
     from ..deploy.commands import apply_manifest
-    from ..manifest.loader import load_manifest
     from .console import ConsoleProgress, print_apply_result
     from .interrupts import interrupts_ask
 
-    loaded, cancel = load_manifest(manifest), CancelToken()
+    loaded, cancel = load(manifest), CancelToken()
     with interrupts_ask(cancel), ConsoleProgress() as progress:
         result = apply_manifest(loaded, manifest, Workspace(cache_dir), progress, cancel=cancel, force=force,
                                 plan_file=saved_plan)
@@ -118,10 +115,9 @@ def smoke(manifest: ManifestArg, as_json: JsonOpt = False) -> None:
     """Run the manifest's smoke tests against every tag on every host."""
     from ..deploy.commands import smoke_manifest
     from ..errors import SmokeTestError
-    from ..manifest.loader import load_manifest
     from .console import print_smoke_results
 
-    results = smoke_manifest(load_manifest(manifest))
+    results = smoke_manifest(load(manifest))
     print_smoke_results(results, as_json=as_json)
     failed = [r for r in results if not r.passed]
     if failed:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from ..manifest.schema import Manifest
 
 app = typer.Typer(
     name="so8t-deploy",
@@ -22,10 +25,18 @@ worker_app = typer.Typer(help="Steps run inside the worker container (its entry 
                          hidden=True)
 app.add_typer(worker_app, name="worker")
 
-state = {"verbose": False}
+state: dict = {"verbose": False, "manifest": None}
 
 DEFAULT_CACHE = Path(".so8t/cache")
 ManifestArg = Annotated[Path, typer.Argument(help="Path to the manifest YAML.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="The workspace: artifacts, digests, host journals, "
                                         "releases, hub downloads, the converter.")]
+
+
+def load(path: Path) -> Manifest:
+    """Load the manifest a command works on; from here on, every error line names it."""
+    from ..manifest.loader import load_manifest
+
+    state["manifest"] = path
+    return load_manifest(path)

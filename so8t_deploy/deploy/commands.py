@@ -20,8 +20,8 @@ from .plan import DeployPlan, load_plan, make_plan
 
 
 def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
-                  observe_hosts: bool = True) -> DeployPlan:
-    return make_plan(manifest, manifest_path, workspace, progress, observe_hosts=observe_hosts)
+                  offline: bool = False) -> DeployPlan:
+    return make_plan(manifest, manifest_path, workspace, progress, offline=offline)
 
 
 def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
@@ -33,14 +33,16 @@ def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace
                       force=force)
 
 
-def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT) -> BuildReport:
+def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
+                   manifest_path: Path | None = None) -> BuildReport:
     """Every tag's GGUF, reusing whatever the workspace already holds."""
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=True)
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
     return Pipeline(manifest, inputs, workspace, runner_for(manifest, workspace, progress), progress).build()
 
 
-def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT) -> list[QuantQuality]:
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=True)
+def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
+                  manifest_path: Path | None = None) -> list[QuantQuality]:
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
     runner = runner_for(manifest, workspace, progress)
     report = Pipeline(manifest, inputs, workspace, runner, progress).build()
     return evaluate(manifest, report, workspace, runner)

@@ -9,6 +9,7 @@ merging it does.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
@@ -67,7 +68,8 @@ def _check_inputs_unchanged(manifest: Manifest, plan: DeployPlan, inputs: BuildI
 
 def _build(manifest: Manifest, plan: DeployPlan, tags: list[str], workspace: Workspace, progress: Progress,
            saved: bool) -> tuple[BuildReport, Runner]:
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=_hub_commit(plan))
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=_hub_commit(plan),
+                            manifest_path=Path(plan.manifest))
     if saved:
         _check_inputs_unchanged(manifest, plan, inputs, workspace)
     runner = runner_for(manifest, workspace, progress)

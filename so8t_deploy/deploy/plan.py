@@ -145,8 +145,9 @@ def manifest_digest(manifest: Manifest) -> str:
 
 
 def make_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
-              observe_hosts: bool = True) -> DeployPlan:
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=False)
+              offline: bool = False) -> DeployPlan:
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
+                            offline=offline)
     builds = plan_builds(manifest, inputs, workspace)
     gate = cached_gate(manifest, builds, workspace)
     tags = []
@@ -154,7 +155,7 @@ def make_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pro
         tags.append(PlannedTag(tag=model.tag, gguf_name=model.gguf_name, template=model.template,
                                system=model.system, parameters=model.parameters, identity=model.identity,
                                sha256=model.sha256, size=model.size, gate=gate[model.tag]))
-    hosts = plan_hosts(manifest, [t.desired() for t in tags], workspace) if observe_hosts else []
+    hosts = plan_hosts(manifest, [t.desired() for t in tags], workspace) if not offline else []
     return DeployPlan(manifest=str(manifest_path), manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,
                       llama_cpp=llama_cpp_label(), source=inputs.source_label, note=inputs.note, builds=builds,

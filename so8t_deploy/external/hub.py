@@ -4,22 +4,49 @@
 commit and every file's digest is taken from the hub's metadata (an LFS file's sha256, a small
 file's git blob id), for exactly the files a bake reads. `download` then fetches those files at
 that commit into the workspace, so the key computed by `plan` is the key `apply` builds.
+
+Downloads resume. huggingface_hub resumes only within one call, only past its 10 MiB write pieces,
+and not after a reset connection; what a failed call received is deleted. A multi-GB safetensors
+file cut near its end, or a killed run, would start again from byte 0. Each LFS file (the weights)
+is therefore fetched here into `CACHE/.partial/<sha256>`, written as it arrives, asked for with a
+`Range` from what is there, retried within the run while attempts add bytes, and kept for the next
+run when they stop doing so. Only a file whose sha256 is the hub's moves into huggingface_hub's
+blob store, where `snapshot_download` finds it and fetches only the small files around it; those
+are then checked against their git blob ids. A cut never leaves a file the bake trusts, and a
+cached snapshot of the commit is never taken on faith.
+
+Every error names what named the repo (`origin`: "MANIFEST: source.model") and the next step: a
+local directory, HF_TOKEN or HF_ENDPOINT.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from ..errors import BuildError, InvalidInputError
+from filelock import FileLock
+
+from ..errors import BuildError, InvalidInputError, So8tError
 
 # What a bake and a conversion read; everything else in a repo (.bin, .pth, ONNX, ...) stays there.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.py"]
+ATTEMPTS_WITHOUT_PROGRESS = 3  # attempts in a row that add no byte to a file before a run gives up on it
+RETRY_PAUSE_S = 1.0  # before an attempt that follows one that added nothing; doubles each time
+PARTIAL_DIR = ".partial"  # under the hub cache: LFS files being downloaded, named by their sha256
+MIB = 1 << 20
 
 
 class HubUnavailableError(BuildError):
-    """The hub could not be asked (offline, DNS, timeout): what depends on it is unknown for now."""
+    """The hub could not be asked (offline, DNS, timeout, 5xx): what depends on it is unknown for now."""
+
+
+class HubDownloadError(HubUnavailableError):
+    """A download kept failing: what arrived is kept, and the next run resumes from there."""
 
 
 @dataclass(frozen=True)
@@ -45,31 +72,49 @@ def _endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def _translate(repo: str, revision: str | None, e: Exception) -> Exception:
-    hub = _hub()
-    errors = hub.errors
-    where = f"source.model: {repo!r}" + (f" at revision {revision!r}" if revision else "")
-    if isinstance(e, errors.GatedRepoError):
-        return BuildError(f"{where} is gated: accept its terms on the hub and set HF_TOKEN to a token that may "
-                          "read it")
+def _endpoint_label() -> str:
+    return _endpoint() or _hub().constants.ENDPOINT
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    import httpx2  # huggingface_hub's HTTP client: its connection errors come out raw
+
+    return (httpx2.TransportError,)
+
+
+def _translate(origin: str, repo: str, revision: str | None, e: Exception) -> Exception:
+    """The one place a hub error becomes ours: one line, what named the repo, and what to do next."""
+    errors = _hub().errors
+    where = f"{origin}: {repo!r}" + (f" at revision {revision!r}" if revision else "")
+    if isinstance(e, errors.GatedRepoError):  # a RepositoryNotFoundError too: ask first
+        status = getattr(e.response, "status_code", None)
+        token = ("no token was sent" if status == 401 else "the token sent (HF_TOKEN) is not granted access")
+        return BuildError(f"{where} is gated on the hub and {token}: accept its terms on the hub, then set HF_TOKEN "
+                          "to a token of that account (or use a local directory)")
     if isinstance(e, errors.RepositoryNotFoundError):
-        return InvalidInputError(f"{where}: no such repository on the hub (private? set HF_TOKEN), or use a "
-                                 "local directory")
+        return InvalidInputError(f"{where}: no such repository on {_endpoint_label()} (a private one needs "
+                                 "HF_TOKEN; a mirror is set with HF_ENDPOINT), or use a local directory")
     if isinstance(e, errors.RevisionNotFoundError):
-        return InvalidInputError(f"{where}: no such revision (source.revision)")
-    if isinstance(e, errors.HfHubHTTPError):
-        return BuildError(f"{where}: the hub answered {str(e).splitlines()[0][:200]}")
-    return HubUnavailableError(f"{where}: the hub is not reachable ({type(e).__name__}); use a local "
-                               "directory, or set HF_ENDPOINT to a mirror")
+        return InvalidInputError(f"{where}: no such revision on the hub: set source.revision to a commit, branch or "
+                                 "tag of it")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, errors.HfHubHTTPError) and not (status is not None and (status >= 500 or status == 429)):
+        return BuildError(f"{where}: the hub answered {str(e).splitlines()[0][:200]} (a mirror is set with "
+                          "HF_ENDPOINT; or use a local directory)")
+    reason = f"answered {status}" if status is not None else f"is not reachable ({type(e).__name__})"
+    return HubUnavailableError(f"{where}: the hub at {_endpoint_label()} {reason}; use a local directory, or set "
+                               "HF_ENDPOINT to a mirror")
 
 
-def resolve_revision(repo: str, revision: str | None) -> HubRevision:
-    """The commit a revision names and the digests of the files a bake reads, without downloading them."""
+def resolve_revision(repo: str, revision: str | None, *, origin: str = "source.model") -> HubRevision:
+    """The commit a revision names and the digests of the files a bake reads, without downloading them.
+
+    A gated repo's metadata is public: one HEAD of a file tells whether the token may read it."""
     hub = _hub()
     try:
         info = hub.HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except Exception as e:  # the client raises its own errors and raw transport errors alike
-        raise _translate(repo, revision, e) from e
+        raise _translate(origin, repo, revision, e) from e
     wanted = set(hub.utils.filter_repo_objects([s.rfilename for s in info.siblings or []],
                                                allow_patterns=HUB_PATTERNS))
     files = {}
@@ -78,17 +123,150 @@ def resolve_revision(repo: str, revision: str | None) -> HubRevision:
             files[sibling.rfilename] = (f"sha256:{sibling.lfs.sha256}" if sibling.lfs is not None
                                         else f"git-blob:{sibling.blob_id}")
     if not any(path.endswith(".safetensors") for path in files):
-        raise InvalidInputError(f"source.model: {repo!r} at {info.sha} has no .safetensors weights (only "
-                                "safetensors are read; convert .bin checkpoints first)")
+        raise InvalidInputError(f"{origin}: {repo!r} at {info.sha} has no .safetensors weights (only safetensors "
+                                "are read; convert .bin checkpoints first, or use a local directory)")
+    if info.gated:
+        try:
+            hub.get_hf_file_metadata(hub.hf_hub_url(repo, min(files), revision=info.sha, endpoint=_endpoint()),
+                                     endpoint=_endpoint())
+        except Exception as e:
+            raise _translate(origin, repo, revision, e) from e
     return HubRevision(repo, info.sha, dict(sorted(files.items())))
 
 
-def download(revision: HubRevision, cache_dir: Path) -> Path:
+def download(revision: HubRevision, cache_dir: Path, *, origin: str = "source.model") -> Path:
     """Fetch the bake's files at the resolved commit into the hub cache; returns the snapshot directory."""
     hub = _hub()
+    storage = cache_dir / f"models--{revision.repo.replace('/', '--')}"  # huggingface_hub's layout
     try:
-        path = hub.snapshot_download(revision.repo, revision=revision.commit, cache_dir=cache_dir,
-                                     allow_patterns=HUB_PATTERNS, endpoint=_endpoint())
+        for path, digest in revision.files.items():
+            if digest.startswith("sha256:"):
+                _fetch_lfs_file(revision, path, digest.removeprefix("sha256:"), cache_dir, storage, origin)
+        snapshot = _with_retries(lambda: Path(hub.snapshot_download(
+            revision.repo, revision=revision.commit, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
+            endpoint=_endpoint())))
+    except So8tError:
+        raise
     except Exception as e:
-        raise _translate(revision.repo, revision.commit, e) from e
-    return Path(path)
+        raise _translate(origin, revision.repo, revision.commit, e) from e
+    _check_snapshot(snapshot, revision, origin)
+    return snapshot
+
+
+def _with_retries(call):
+    """`call()`, again after a transport error (a reset, a timeout), ATTEMPTS_WITHOUT_PROGRESS times in all: for
+    snapshot_download, whose files are small once the LFS files are in place, and start again from byte 0."""
+    for attempt in range(ATTEMPTS_WITHOUT_PROGRESS - 1):
+        try:
+            return call()
+        except _transport_errors():
+            time.sleep(RETRY_PAUSE_S * 2 ** attempt)
+    return call()
+
+
+# --- LFS files: resumable, verified --------------------------------------------------------------------------
+
+def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Path, storage: Path,
+                    origin: str) -> None:
+    """Put the file into huggingface_hub's blob store (named by its ETag, the sha256), resuming what earlier
+    attempts and runs left in `.partial/<sha256>`; a file whose sha256 is not the hub's never gets there."""
+    hub = _hub()
+    if (storage / "blobs" / sha256).exists():
+        return
+    url = hub.hf_hub_url(revision.repo, path, revision=revision.commit, endpoint=_endpoint())
+    meta = hub.get_hf_file_metadata(url, endpoint=_endpoint())  # a HEAD: where the bytes are (the CDN), size, ETag
+    blob = storage / "blobs" / (meta.etag or sha256)
+    if blob.exists() or meta.size is None:  # no size to resume against: snapshot_download fetches it
+        return
+    headers = {**hub.utils.build_hf_headers(), "Accept-Encoding": "identity"}
+    if urlsplit(meta.location)[:2] != urlsplit(url)[:2]:
+        headers.pop("authorization", None)  # a signed CDN URL: the token stays with the hub
+    what = f"{origin}: {revision.repo!r}: {path}"
+    partial = cache_dir / PARTIAL_DIR / sha256
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{partial}.lock"):
+        # What an earlier run left may not be a prefix of this file (a crash, a disk): then once more from byte 0.
+        for _ in range(2 if _size(partial) else 1):
+            if blob.exists():  # another process stored it while this one waited
+                return
+            _download_resuming(meta.location, headers, partial, meta.size, what)
+            if _sha256(partial) == sha256:
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial, blob)
+                return
+            partial.unlink()
+    raise BuildError(f"{what}: the file downloaded does not have the sha256 the hub lists for it; run again, or set "
+                     "HF_ENDPOINT to another mirror")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _download_resuming(url: str, headers: dict[str, str], partial: Path, size: int, what: str) -> None:
+    """Append to `partial` until it holds `size` bytes. Attempts go on while they add bytes; after
+    ATTEMPTS_WITHOUT_PROGRESS that add none, the run gives up and leaves the bytes for the next one."""
+    if _size(partial) > size:
+        partial.unlink()
+    stalled = 0
+    while (have := _size(partial)) < size:
+        try:
+            _append_rest(url, headers, partial, have)
+            continue
+        except _transport_errors() as e:
+            error = e
+        stalled = 0 if _size(partial) > have else stalled + 1
+        if stalled >= ATTEMPTS_WITHOUT_PROGRESS:
+            raise HubDownloadError(
+                f"{what}: the download was interrupted {stalled} times in a row ({type(error).__name__}); "
+                f"{_size(partial) / MIB:.1f} of {size / MIB:.1f} MiB are kept and the next run resumes from there: "
+                "run again, or set HF_ENDPOINT to a mirror") from error
+        if stalled:
+            time.sleep(RETRY_PAUSE_S * 2 ** (stalled - 1))
+    if _size(partial) != size:
+        partial.unlink()
+        raise BuildError(f"{what}: the hub sent more bytes than it lists for the file; run again, or set HF_ENDPOINT "
+                         "to another mirror")
+
+
+def _append_rest(url: str, headers: dict[str, str], partial: Path, have: int) -> None:
+    """One GET of the bytes from `have` on, written as they arrive, so a cut keeps all that came."""
+    hub = _hub()
+    ranged = {**headers, "Range": f"bytes={have}-"} if have else headers
+    timeout = hub.constants.HF_HUB_DOWNLOAD_TIMEOUT
+    with hub.utils.get_session().stream("GET", url, headers=ranged, timeout=timeout) as response:
+        hub.utils.hf_raise_for_status(response)
+        # A server that ignores the Range answers 200 with the whole file: start over rather than append.
+        with partial.open("ab" if response.status_code == 206 else "wb") as f:
+            for chunk in response.iter_bytes():
+                f.write(chunk)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_blob_id(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _check_snapshot(snapshot: Path, revision: HubRevision, origin: str) -> None:
+    """Every file the plan saw is there with its digest (an LFS blob was checked before it was stored)."""
+    for path, digest in revision.files.items():
+        local = snapshot / path
+        kind, _, expected = digest.partition(":")
+        ok = local.is_file() and (kind == "sha256" or _git_blob_id(local) == expected)
+        if not ok:
+            for bad in (Path(os.path.realpath(local)), local):  # a bad copy: the next run fetches it again
+                with contextlib.suppress(OSError):
+                    bad.unlink()
+            raise BuildError(f"{origin}: {revision.repo!r} at {revision.commit}: {path} is missing or differs from "
+                             "the hub's after download; run again, or set HF_ENDPOINT to another mirror")

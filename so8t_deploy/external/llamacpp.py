@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..errors import BuildError, ModelError, UsageError
 from ..fsutil import publish_dir, publish_file, staging_path
 from ..manifest.quant_types import QuantType
 from .imatrix import load_imatrix
+from .llama_log import route_llama_log, tensor_progress, watching
 
 if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is used
     from llama_cpp import Llama
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is u
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_WRITING = re.compile(r"Writing:\s+(\d+)%")  # the converter's tqdm bar
 FLOAT_FILE_TYPES = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16: what quantize may start from
 _RUNNER = Path(__file__).with_name("convert_runner.py")
 _MARKER = ".so8t-converter.json"
@@ -86,7 +89,7 @@ def _find_or_download_sdist(workdir: Path) -> Path:
     local = os.environ.get("SO8T_LLAMA_CPP_SDIST")
     if local:
         return Path(local)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-q",
                "--disable-pip-version-check", "-d", str(workdir), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0 or not (workdir / name).is_file():
@@ -126,9 +129,31 @@ def _last_lines(text: str, n: int = 5) -> str:
     return " | ".join(deque((line.strip() for line in text.splitlines() if line.strip()), maxlen=n))
 
 
+def _run_converter(command: list[str], on_progress: Callable[[int], None] | None) -> tuple[int, str]:
+    """Run the converter, reporting its "Writing: N%" progress; returns (exit code, its last output)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "NO_LOCAL_GGUF": "1"})
+    tail: deque[str] = deque(maxlen=200)
+    assert proc.stderr is not None
+    pending = b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):  # what is there now: progress arrives in \r pieces
+        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+        for raw in lines:
+            line = raw.decode("utf-8", errors="replace")
+            tail.append(line)
+            if on_progress and (match := _WRITING.search(line)):
+                on_progress(int(match[1]))
+    tail.append(pending.decode("utf-8", errors="replace"))
+    return proc.wait(), "\n".join(tail)
+
+
 def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str,
-                    metadata: dict[str, str] | None = None) -> None:
-    """Run the pinned converter; the GGUF appears at out_file only if it fully succeeded."""
+                    metadata: dict[str, str] | None = None,
+                    on_progress: Callable[[int], None] | None = None) -> None:
+    """Run the pinned converter; the GGUF appears at out_file only if it fully succeeded.
+
+    `on_progress(percent)` follows the converter's own progress bar while it writes.
+    """
     if outtype not in CONVERT_OUTTYPES:
         raise UsageError(f"--outtype: must be one of {', '.join(CONVERT_OUTTYPES)}, got {outtype!r}")
     if not (model_dir / "config.json").is_file():
@@ -140,13 +165,12 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
     try:
         command = [sys.executable, str(_RUNNER), str(converter.root), str(meta), "--",
                    str(model_dir), "--outfile", str(staging), "--outtype", outtype]
-        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": "1"})
-        if proc.returncode != 0:
-            log = proc.stderr + proc.stdout
+        returncode, log = _run_converter(command, on_progress)
+        if returncode != 0:
             if "is not supported" in log:
                 raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
                                  f"({_last_lines(log, 1)})")
-            raise BuildError(f"{model_dir}: conversion failed (exit {proc.returncode}): {_last_lines(log)}")
+            raise BuildError(f"{model_dir}: conversion failed (exit {returncode}): {_last_lines(log)}")
         publish_file(staging, out_file)
     finally:
         meta.unlink(missing_ok=True)
@@ -160,8 +184,12 @@ def gguf_file_type(path: Path) -> int | None:
 
 
 def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: Path | None = None,
-                  allow_requantize: bool = False, threads: int | None = None) -> None:
-    """llama.cpp's quantizer through the pinned library; out_file appears only on success."""
+                  allow_requantize: bool = False, threads: int | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> None:
+    """llama.cpp's quantizer through the pinned library; out_file appears only on success.
+
+    `on_progress(tensors done, tensors)` follows llama.cpp's per-tensor log lines.
+    """
     if quant.needs_imatrix and imatrix is None:
         raise UsageError(f"--type {quant.name}: needs an importance matrix; pass --imatrix FILE")
     file_type = gguf_file_type(in_file)
@@ -182,8 +210,8 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
     out_file.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(out_file)
     try:
-        _silence_llama_log()
-        rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
+        with watching(tensor_progress(on_progress or (lambda done, total: None))):
+            rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
         if rc != 0 or not staging.is_file():
             raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (code {rc})")
         publish_file(staging, out_file)
@@ -209,16 +237,11 @@ def _imatrix_array(entries: dict[str, list[float]]):
     return array, buffers
 
 
-def _silence_llama_log() -> None:
-    """llama-cpp-python forwards llama.cpp's log to this logger; keep only errors (one line per tensor otherwise)."""
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-
-
 def _open_for_logits(path: Path, n_ctx: int) -> Llama:
     library_version()
     import llama_cpp
 
-    _silence_llama_log()
+    route_llama_log()
     f32 = 0  # GGML_TYPE_F32
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, type_k=f32, type_v=f32,
                            n_threads=os.cpu_count() or 1)
@@ -254,7 +277,7 @@ def gguf_tokenize(path: Path, text: str) -> list[int]:
     library_version()
     import llama_cpp
 
-    _silence_llama_log()
+    route_llama_log()
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     try:
         return llm.tokenize(text.encode("utf-8"), add_bos=False)

@@ -5,11 +5,12 @@ Every failure becomes one ManifestError line of the form ``FILE: FIELD.PATH: pro
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
@@ -81,11 +82,39 @@ class _UnsetVariable(Exception):
         self.loc, self.name = loc, name
 
 
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows in the mapping that holds `loc`'s last part (by alias where one is set)."""
+    annotation: Any = Manifest
+    for part in loc[:-1]:
+        if get_origin(annotation) in (list, dict):  # an index or a free key (a variant's name): its value's type
+            annotation = get_args(annotation)[-1]
+            continue
+        model = _model_of(annotation)
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return []
+        annotation = field.annotation
+    model = _model_of(annotation)
+    return [f.alias or name for name, f in model.model_fields.items()] if model is not None else []
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model an annotation names, directly or as one member of a union."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    if get_origin(annotation) in (list, dict):
+        return None
+    return next((m for arg in get_args(annotation) if (m := _model_of(arg)) is not None), None)
+
+
 def _describe_validation_error(error: ErrorDetails) -> str:
     loc = format_field_path(tuple(error["loc"]))
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         message = "unknown key"
+        close = difflib.get_close_matches(str(error["loc"][-1]), _keys_at(tuple(error["loc"])), n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
     elif kind == "missing":
         message = "required key is missing"
     elif kind in ("literal_error", "enum"):
@@ -116,7 +145,8 @@ def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None
     try:
         return Manifest.model_validate(raw, context={"base_dir": source.resolve().parent})
     except ValidationError as e:
-        errors = e.errors()
+        # A typo ('quantise:') also makes the key it meant missing: report the unknown key first.
+        errors = sorted(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
         extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ManifestError(f"{source}: {_describe_validation_error(errors[0])}{extra}") from e
 

@@ -396,13 +396,18 @@ class Quality(_Frozen):
 class Manifest(_Frozen):
     api_version: Literal["so8t-deploy/v1"] = Field(alias="apiVersion", description="Always so8t-deploy/v1.")
     name: str = Field(description="Ollama model name: lowercase [a-z0-9][a-z0-9._-]*, at most 64 characters.")
-    source: Source
-    bake: Bake = Field(default_factory=Bake)
+    source: Source = Field(description="The base model (a local directory or a hub repo id, at a revision) and the "
+                           "adapters folded into it, in order.")
+    bake: Bake = Field(default_factory=Bake, description="How the adapters are folded: the output dtype, and the "
+                       "variants, each with its own scales per adapter group.")
     quantize: list[str] = Field(description="llama.cpp quant types, case-insensitive, no duplicates.")
-    modelfile: Modelfile = Field(default_factory=Modelfile)
-    runtime: Runtime = Field(default_factory=Runtime)
+    modelfile: Modelfile = Field(default_factory=Modelfile, description="What every tag's Modelfile says: the "
+                                 "chat template, the system prompt and the Ollama parameters.")
+    runtime: Runtime = Field(default_factory=Runtime, description="Where bake, convert and quantize run: in this "
+                             "process, or in a worker container (image, GPUs, timeout).")
     targets: list[Target] = Field(default_factory=list, description="Ollama hosts; empty means build only.")
-    rollout: Rollout = Field(default_factory=Rollout)
+    rollout: Rollout = Field(default_factory=Rollout, description="How the hosts are updated: canaries first, "
+                             "parallelism, what a failed host means for the others, and pruning.")
     smoke: list[SmokeTest] = Field(default_factory=list, description="Prompts every deployed variant must pass.")
     quality: Quality = Field(default_factory=Quality, description="Quant quality evaluation and gate.")
 

@@ -2,64 +2,44 @@
 
 from __future__ import annotations
 
-import os
-import select
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.gotemplate import end_child, ensure_binary
+from tests.gotemplate import ensure_binary
+from tests.server_process import ServerProcess
 
-from .common import REPO
 from .store import PRUNE_GRACE_S
 
 # --- starting servers from tests -------------------------------------------------------------------------
 
-class OllamaTestServer:
+class OllamaTestServer(ServerProcess):
     """One server process: OllamaTestServer(data_dir).start() -> url; .stop(); .restart(); .faults(...); .stats();
-    .requests(); .clear_requests()."""
+    .requests(); .clear_requests(). `port` 0 (the default) picks a free port at every start."""
 
-    __test__ = False  # not a pytest test class
-
-    def __init__(self, data_dir: Path, *, version: str = "0.32.15", host: str = "127.0.0.1", seed: int = -1,
-                 prune_grace: float = PRUNE_GRACE_S):
-        self.data_dir, self.version, self.host, self.seed = Path(data_dir), version, host, seed
+    def __init__(self, data_dir: Path, *, version: str = "0.32.15", host: str = "127.0.0.1", port: int = 0,
+                 seed: int = -1, prune_grace: float = PRUNE_GRACE_S):
+        self.data_dir, self.version, self.host, self.port, self.seed = Path(data_dir), version, host, port, seed
         self.prune_grace = prune_grace
-        self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
+        super().__init__(self._arguments(prune_grace), self.data_dir, name="ollama test server")
+
+    def _arguments(self, prune_grace: float) -> list[str]:
+        return ["tests.ollama_server", "--port", str(self.port), "--host", self.host, "--data", str(self.data_dir),
+                "--version", self.version, "--seed", str(self.seed), "--prune-grace", str(prune_grace)]
 
     def start(self, timeout: float = 30, *, prune_grace: float | None = None) -> str:
         """Start the process and wait for its `listening on` line; returns the base URL. Raises
         GoToolchainMissing when the Go helper can be neither found nor built."""
-        if self.proc is not None:
-            raise RuntimeError(f"already running at {self.url}")
-        ensure_binary()  # one clear error here rather than a server that dies at start
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        grace = self.prune_grace if prune_grace is None else prune_grace
-        command = [sys.executable, "-m", "tests.ollama_server", "--port", "0", "--host", self.host,
-                   "--data", str(self.data_dir), "--version", self.version, "--seed", str(self.seed),
-                   "--prune-grace", str(grace)]
-        with self.log_path.open("ab") as log_file:
-            self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log_file,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("listening on "):
-            self.stop()
-            raise RuntimeError(f"ollama test server did not start ({line!r}); see {self.log_path}:\n"
-                               + self.log_path.read_text()[-2000:])
-        self.url = line.split()[-1]
-        return self.url
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            end_child(self.proc, timeout=10)
-            self.proc = None
+        if self.proc is None:
+            ensure_binary()  # one clear error here rather than a server that dies at start
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            grace = self.prune_grace if prune_grace is None else prune_grace
+            self.command = [sys.executable, "-m", *self._arguments(grace)]
+        return super().start(timeout)
 
     def restart(self, *, prune_grace: float | None = None) -> str:
-        """Stop and start on the same data directory (a new port): models survive; unreferenced blobs older than
-        the grace period (prune_grace for this start, else the server's: an hour) are pruned."""
+        """Stop and start on the same data directory (a new port unless `port` is fixed): models survive;
+        unreferenced blobs older than the grace period (prune_grace for this start, else the server's: an hour)
+        are pruned."""
         self.stop()
         return self.start(prune_grace=prune_grace)
 
@@ -80,13 +60,6 @@ class OllamaTestServer:
 
     def clear_requests(self) -> list[dict]:
         return self._http("DELETE", "/_test/requests")["requests"]
-
-    def __enter__(self) -> OllamaTestServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class ServerPool:

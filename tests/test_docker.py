@@ -95,9 +95,13 @@ def build(run_cli, manifest, cache):
     return result, (json.loads(result.out) if result.code == 0 else None)
 
 
-def error_lines(stderr: str) -> list[str]:
-    """What stderr says besides progress ('> ...') and warnings: the error boundary's one line."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("> ", "warning: "))]
+def error_lines(stderr: str, manifest) -> list[str]:
+    """What stderr says besides progress ('> ...') and warnings: the error boundary's one line, which
+    must name the manifest; returned without that prefix."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("> ", "warning: "))]
+    for line in lines:
+        assert line.startswith(f"{manifest}: "), line
+    return [line.removeprefix(f"{manifest}: ") for line in lines]
 
 
 def leftovers(cache: Path) -> list[Path]:
@@ -157,7 +161,7 @@ def test_a_container_killed_mid_bake_leaves_nothing_and_a_rerun_converges(engine
     killer.join()
     assert killed.is_set(), "the bake container was never seen running"
     assert proc.returncode == 1, err
-    assert error_lines(err)[0].startswith("bake: worker container failed (killed)"), err
+    assert error_lines(err, demo / "docker.yaml")[0].startswith("bake: worker container failed (killed)"), err
     bake_objects = cache / "objects" / "bake"
     assert not bake_objects.exists() or list(bake_objects.iterdir()) == []
     assert leftovers(cache) == []
@@ -173,7 +177,7 @@ def test_a_failing_step_reports_the_workers_own_error(engine, demo, tmp_path, ru
     weights.write_bytes(weights.read_bytes()[:4096])
     result, _ = build(run_cli, broken / "docker.yaml", tmp_path / "cache")
     assert result.code == 1
-    [line] = error_lines(result.err)
+    [line] = error_lines(result.err, broken / "docker.yaml")
     assert line.startswith("bake: worker container failed (exit 2): "), line
     assert str(weights.parent) in line, line  # the worker's own message, naming the model
     assert leftovers(tmp_path / "cache") == []
@@ -183,8 +187,9 @@ def test_a_failing_step_reports_the_workers_own_error(engine, demo, tmp_path, ru
 def test_a_gpu_request_without_a_gpu_runtime_is_a_clear_error(engine, demo, tmp_path, run_cli):
     result, _ = build(run_cli, demo / "gpu.yaml", tmp_path / "cache")
     assert result.code == 1
-    assert error_lines(result.err) == ["runtime.gpus: 'all', but the Docker engine has no GPU runtime "
-                                       "(install the NVIDIA container toolkit, or set gpus: none)"]
+    assert error_lines(result.err, demo / "gpu.yaml") == [
+        "runtime.gpus: 'all', but the Docker engine has no GPU runtime "
+        "(install the NVIDIA container toolkit, or set gpus: none)"]
 
 
 @needs_docker
@@ -193,8 +198,8 @@ def test_a_missing_image_is_a_clear_error(engine, demo, tmp_path, run_cli):
     manifest.write_text((demo / "docker.yaml").read_text().replace(IMAGE, "so8t-no-such-image:1"))
     result, _ = build(run_cli, manifest, tmp_path / "cache")
     assert result.code == 1
-    assert error_lines(result.err) == ["runtime.image: so8t-no-such-image:1 not found; build it with "
-                                       "`so8t-deploy image build`"]
+    assert error_lines(result.err, manifest) == [
+        "runtime.image: so8t-no-such-image:1 not found; build it with `so8t-deploy image build`"]
 
 
 @needs_docker
@@ -211,9 +216,9 @@ def test_an_image_with_another_llama_cpp_is_refused(engine, demo, tmp_path, run_
     finally:
         engine.images.remove(tag, force=True)
     assert result.code == 1
-    assert error_lines(result.err) == [f"runtime.image: {tag} carries llama-cpp-python 0.0.1, but this so8t-deploy "
-                                       f"is pinned to {LLAMA_CPP_PYTHON_VERSION}; rebuild it with "
-                                       "`so8t-deploy image build`"]
+    assert error_lines(result.err, manifest) == [
+        f"runtime.image: {tag} carries llama-cpp-python 0.0.1, but this so8t-deploy "
+        f"is pinned to {LLAMA_CPP_PYTHON_VERSION}; rebuild it with `so8t-deploy image build`"]
     assert not (tmp_path / "cache" / "objects" / "bake").exists() or \
         list((tmp_path / "cache" / "objects" / "bake").iterdir()) == []
 

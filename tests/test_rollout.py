@@ -315,12 +315,13 @@ def test_sigint_between_two_creates_rolls_the_host_back_and_exits_130(demo, host
     before = tag_digests(url)
     second = sorted(TAGS)[1]
     hosts.server(url).faults(create_rules=[{"model": second, "action": "silence", "seconds": 4}])
-    proc = apply_in_subprocess(write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two."), cache)
+    manifest = write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two.")
+    proc = apply_in_subprocess(manifest, cache)
     wait_for(lambda: creates_by_model(url)[second] >= 2, what="the second create of the second apply")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("apply: interrupted;")
+    assert err.strip().splitlines()[-1].startswith(f"{manifest}: apply: interrupted;")
     assert "restored to how it was" in err
     assert tag_digests(url) == before
 

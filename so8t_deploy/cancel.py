@@ -8,6 +8,7 @@ section (a build, say) an interrupt stops the work at once.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,3 +44,13 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Interrupted("interrupted")
+
+
+def leave_interrupts_to_the_main_thread() -> None:
+    """Run first in every worker thread we start.
+
+    The kernel hands a process-wide signal to any thread that does not block it. Taken by a worker,
+    Ctrl-C would only set a flag while the main thread sleeps on a lock or a pipe, and the interrupt
+    would wait for that to end; blocked here, it always wakes the main thread, which handles it.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

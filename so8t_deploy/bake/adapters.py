@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import AdapterError
 from . import lora_adapter, peft_config, so8t_adapter
 from .base_check import BaseIdentity, check_base_name
+from .input_files import check_input_tree
 from .layout import layout_from_config
 from .lora_adapter import LoraAdapter
 from .model_dir import ModelDirectory
@@ -35,8 +36,11 @@ def as_specs(items: AdapterSpecs) -> list[AdapterSpec]:
 
 
 def detect_kind(path: Path) -> str:
+    """The adapter's kind, from its config file; only once every entry is known safe to read."""
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter directory not found")
+    # Before any file is opened: a FIFO named adapter_config.json would block, a link out would be read.
+    check_input_tree(path, AdapterError)
     if (path / so8t_adapter.CONFIG_FILE).is_file():
         return "so8t"
     if (path / peft_config.CONFIG_FILE).is_file():

@@ -25,6 +25,7 @@ from .. import __version__
 from ..build.hashing import DigestCache
 from ..build.provenance import PROVENANCE_FILE, adapter_digest
 from ..build.workspace import Workspace, default_root
+from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import AdapterError, UsageError
 from ..fsutil import fsync_path
 from ..manifest.schema import Scales
@@ -32,10 +33,10 @@ from .adapters import Adapter, AdapterSpec, AdapterSpecs, as_specs, kind_of, loa
 from .edits import fold_in_chunks
 from .layout import EMBED, layout_from_config
 from .lora_adapter import TOKENIZER_FILES, LoraAdapter, TensorRef
-from .model_dir import INDEX_FILE, ModelDirectory, open_model_dir
+from .model_dir import INDEX_FILE, ModelDirectory, check_shapes, open_model_dir
 from .plan import BakePlan, BaseTensor
 from .planners import plan_bake
-from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter
+from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter, nonfinite_at
 from .stream import ShardReader, Source, SourceTensor, read_ahead
 from .vocab import tokenizer_for
 
@@ -128,7 +129,8 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="so8t-fold") as folders:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="so8t-fold",
+                                initializer=leave_interrupts_to_the_main_thread) as folders:
             for file_name, items in _shard_layout(model, plan, dtype).items():
                 source = model.path / file_name
                 reader = ShardReader(source, items, known_sha256=digests.known(source))
@@ -141,10 +143,10 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
 
 def _source_weight(tensor: SourceTensor) -> torch.Tensor:
     source = tensor.source
-    weight = tensor.data.view(DTYPES[source.dtype][0]).reshape(source.shape)
-    if isinstance(source, TensorRef) and not torch.isfinite(weight).all():
-        raise AdapterError(f"{source.path}: a tensor for {tensor.out.name!r} contains NaN or infinity")
-    return weight
+    if isinstance(source, TensorRef) and (found := nonfinite_at(tensor.data, source.dtype, source.shape)):
+        raise AdapterError(f"{source.path}: tensor {source.entry.name!r} (for {tensor.out.name!r}) contains "
+                           f"NaN or infinity (first: {found})")
+    return tensor.data.view(DTYPES[source.dtype][0]).reshape(source.shape)
 
 
 def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: ThreadPoolExecutor,
@@ -226,6 +228,7 @@ def prepare_bake(model_dir: Path, adapter_specs: AdapterSpecs, scales: Scales) -
     """Everything decided before a byte is written: the inputs validated, the plan, the tokenizer."""
     model = open_model_dir(model_dir)
     layout = layout_from_config(model.config, str(model_dir / "config.json"))
+    check_shapes(model, layout)
     specs = as_specs(adapter_specs)
     adapters = load_adapters(specs, model)
     shapes = {name: entry.shape for shard in model.shards for name, entry in shard.tensors.items()}

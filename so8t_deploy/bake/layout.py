@@ -26,9 +26,14 @@ class Slot:
         return self.weight.removesuffix(".weight") + ".bias"
 
 
+# A size in a tensor's shape, and the config.json fields it comes from (for messages).
+Dim = tuple[int, str]
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     model_type: str
+    vocab_size: int
     hidden_size: int
     num_layers: int
     q_rows: int
@@ -57,6 +62,25 @@ class ModelLayout:
         rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}
         fused = "self_attn.qkv_proj" if role in ("q", "k", "v") else "mlp.gate_up_proj"
         return Slot(f"{p}.{fused}.weight", rows[role])
+
+    def expected_shapes(self) -> dict[str, tuple[Dim, ...]]:
+        """Every tensor config.json implies, with the fields behind each size (lm_head: unless tied away)."""
+        v, h = (self.vocab_size, "vocab_size"), (self.hidden_size, "hidden_size")
+        i = (self.intermediate_size, "intermediate_size")
+        q, kv = (self.q_rows, "num_attention_heads*head_dim"), (self.kv_rows, "num_key_value_heads*head_dim")
+        shapes: dict[str, tuple[Dim, ...]] = {EMBED: (v, h), LM_HEAD: (v, h), "model.norm.weight": (h,)}
+        for layer in range(self.num_layers):
+            p = self._prefix(layer)
+            shapes |= {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
+                       f"{p}.self_attn.o_proj.weight": (h, q), f"{p}.mlp.down_proj.weight": (h, i)}
+            if self.fused:
+                qkv = (q[0] + 2 * kv[0], "(num_attention_heads+2*num_key_value_heads)*head_dim")
+                shapes[f"{p}.self_attn.qkv_proj.weight"] = (qkv, h)
+                shapes[f"{p}.mlp.gate_up_proj.weight"] = ((2 * i[0], "2*intermediate_size"), h)
+            else:
+                for role, rows in (("q", q), ("k", kv), ("v", kv), ("gate", i), ("up", i)):
+                    shapes[self.projection(layer, role).weight] = (rows, h)
+        return shapes
 
     def attention_inputs(self, layer: int) -> list[Slot]:
         """The weights that read the attention input (whole tensors; a fused one once)."""
@@ -96,25 +120,45 @@ def _whole_tensors(slots) -> list[Slot]:
     return [Slot(name) for name in names]
 
 
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_DERIVED_SIZES = ("num_key_value_heads", "head_dim")  # absent or null: taken from the others
+
+
+def _sizes(config: dict, where: str) -> dict[str, int]:
+    """config.json's sizes, each a positive integer (true, 2.0 and "2" are not sizes)."""
+    sizes = {}
+    for key in (*_REQUIRED_SIZES, *_DERIVED_SIZES):
+        value = config.get(key)
+        if value is None and key in _DERIVED_SIZES:
+            continue
+        if type(value) is not int or value < 1:
+            raise ModelError(f"{where}: {key}: must be a positive integer, got {value!r}")
+        sizes[key] = value
+    return sizes
+
+
 def layout_from_config(config: dict, where: str) -> ModelLayout:
+    """The layout config.json describes; sizes that cannot make a model (0 heads, 5 heads in 64) are refused."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"{where}: unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        return ModelLayout(
-            model_type=model_type,
-            hidden_size=hidden,
-            num_layers=int(config["num_hidden_layers"]),
-            q_rows=heads * head_dim,
-            kv_rows=kv_heads * head_dim,
-            intermediate_size=int(config["intermediate_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelError(f"{where}: config.json lacks a valid {e}") from e
+    sizes = _sizes(config, where)
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    kv_heads = sizes.get("num_key_value_heads", heads)
+    if hidden % heads:
+        raise ModelError(f"{where}: num_attention_heads: {heads} does not divide hidden_size {hidden}")
+    if heads % kv_heads:
+        raise ModelError(f"{where}: num_key_value_heads: {kv_heads} does not divide num_attention_heads {heads}")
+    head_dim = sizes.get("head_dim", hidden // heads)
+    return ModelLayout(
+        model_type=model_type,
+        vocab_size=sizes["vocab_size"],
+        hidden_size=hidden,
+        num_layers=sizes["num_hidden_layers"],
+        q_rows=heads * head_dim,
+        kv_rows=kv_heads * head_dim,
+        intermediate_size=sizes["intermediate_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )

@@ -1,20 +1,25 @@
 """A Hugging Face model directory, validated before anything is read in bulk.
 
-Missing shards, truncated files and index entries that point nowhere are input errors
-(ModelError, exit 2), found up front rather than halfway through a bake.
+Missing shards, truncated files, index entries that point nowhere, and entries that are not
+regular files (a FIFO, a link out of the directory) are input errors (ModelError, exit 2),
+found up front rather than halfway through a bake.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError
 from ..jsonfile import read_json_object
-from .safetensors_io import ShardHeader, TensorEntry, read_header
+from .input_files import check_input_tree
+from .layout import LM_HEAD, ModelLayout
+from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,10 @@ class ModelDirectory:
 
 
 def open_model_dir(path: Path) -> ModelDirectory:
-    """Validate a model directory: config, index, every shard present and complete."""
+    """Validate a model directory: only safe entries, config, index, every shard present and complete."""
     if not path.is_dir():
         raise ModelError(f"{path}: not a model directory")
+    check_input_tree(path, ModelError)
     config = read_json_object(path / "config.json", ModelError)
     index_path = path / INDEX_FILE
     if index_path.exists():
@@ -73,3 +79,37 @@ def open_model_dir(path: Path) -> ModelDirectory:
         found = "pytorch_model.bin" if any(path.glob("*.bin")) else "no weights"
         raise ModelError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} ({found}; only safetensors is supported)")
     return ModelDirectory(path, config, shards, metadata)
+
+
+def check_shapes(model: ModelDirectory, layout: ModelLayout) -> None:
+    """The checkpoint is the model config.json describes: every implied tensor present (lm_head unless tied
+    away), a float tensor of the implied shape; each bias as long as its weight; no layer past the last.
+
+    A wrong size would otherwise surface late and obscurely: a fold that cannot broadcast, or a
+    converter or quantize that dies on the GGUF (an empty lm_head gave SIGFPE, exit 136)."""
+    config = model.path / "config.json"
+    expected = layout.expected_shapes()
+    for name, dims in expected.items():
+        found = model.locate(name)
+        if found is None:
+            if name == LM_HEAD and layout.tie_word_embeddings:
+                continue
+            untied = " (tie_word_embeddings is false)" if name == LM_HEAD else ""
+            raise ModelError(f"{config}: implies tensor {name!r}{untied}, which the checkpoint lacks")
+        shard, entry = found
+        if entry.shape != tuple(size for size, _ in dims):
+            implied = ", ".join(f"{size} ({field})" for size, field in dims)
+            raise ModelError(f"{shard.path}: tensor {name!r} has shape {list(entry.shape)}, "
+                             f"but config.json implies [{implied}]")
+        if entry.dtype not in FLOAT_DTYPES:
+            raise ModelError(f"{shard.path}: tensor {name!r} is {entry.dtype}, not a float tensor")
+    for shard in model.shards:
+        for name, entry in shard.tensors.items():
+            layer = _LAYER_RE.match(name)
+            if layer and int(layer[1]) >= layout.num_layers:
+                raise ModelError(f"{shard.path}: tensor {name!r} is past the last layer "
+                                 f"(config.json num_hidden_layers: {layout.num_layers})")
+            weight = expected.get(name.removesuffix(".bias") + ".weight") if name.endswith(".bias") else None
+            if weight is not None and entry.shape != (weight[0][0],):
+                raise ModelError(f"{shard.path}: tensor {name!r} has shape {list(entry.shape)}, "
+                                 f"but its weight has {weight[0][0]} rows ({weight[0][1]})")

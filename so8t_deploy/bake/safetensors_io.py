@@ -77,11 +77,14 @@ def read_header(path: Path, error: type[InvalidInputError] = ModelError) -> Shar
     data_end = data_start
     for name, info in raw.items():
         try:
-            dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
-            begin, end = (int(n) for n in info["data_offsets"])
+            dtype, shape = info["dtype"], tuple(_integer(n) for n in info["shape"])
+            begin, end = (_integer(n) for n in info["data_offsets"])
             _, itemsize = DTYPES[dtype]
         except (KeyError, TypeError, ValueError) as e:
             raise error(f"{path}: tensor {name!r} has an invalid header entry") from e
+        if any(n <= 0 for n in shape):
+            # Negative sizes can multiply to a plausible byte count; an empty weight poisons the GGUF.
+            raise error(f"{path}: tensor {name!r} has shape {list(shape)}: every dimension must be at least 1")
         if end - begin != math.prod(shape) * itemsize or begin < 0:
             raise error(f"{path}: tensor {name!r} has inconsistent offsets")
         tensors[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
@@ -89,6 +92,13 @@ def read_header(path: Path, error: type[InvalidInputError] = ModelError) -> Shar
     if data_end > size:
         raise error(f"{path}: truncated safetensors file ({size} bytes, header promises {data_end})")
     return ShardHeader(path, tensors, metadata)
+
+
+def _integer(value: object) -> int:
+    """A JSON integer as such: 2.5, "2" and true are not sizes."""
+    if type(value) is not int:
+        raise TypeError(f"not an integer: {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,24 @@ def byte_view(data: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU uint8 tensor as a memoryview, without copying (for writes and hashing)."""
     # memoryview(ndarray) is the same view, but numpy's stubs declare the buffer protocol only on Python 3.12+.
     return data.numpy().data
+
+
+def nonfinite_at(data: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> str | None:
+    """Where a tensor's raw bytes hold their first NaN or infinity ("NaN at [3, 17]"); None if all are finite.
+
+    One read at memory speed and no temporary: min and max propagate NaN and keep any infinity,
+    so a finite min and max prove every element finite (isfinite() would write a bool per element).
+    Only a tensor that fails is searched for the index. Integer tensors are finite by nature.
+    """
+    if dtype not in FLOAT_DTYPES or data.numel() == 0:
+        return None
+    values = data.view(DTYPES[dtype][0])
+    low, high = (float(v) for v in torch.aminmax(values))
+    if math.isfinite(low) and math.isfinite(high):
+        return None
+    flat = int(torch.nonzero(~torch.isfinite(values))[0])
+    index = [int(i) for i in torch.unravel_index(torch.tensor(flat), shape)]
+    return f"{'NaN' if math.isnan(float(values[flat])) else 'infinity'} at {index}"
 
 
 def read_range(fd: int, offset: int, nbytes: int) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Read a shard's tensors in file order on a background thread, hashing the file on the way.
+"""Read a shard's tensors in file order on a background thread, hashing and checking them on the way.
 
 Every byte of a source shard passes through here exactly once: the header, each tensor,
 and any padding. Feeding them to sha256 in file order yields the shard's digest for the
 provenance file without reading it a second time, and the read-ahead thread keeps the
-disk busy while the main thread folds the previous tensor.
+disk busy while the main thread folds the previous tensor. Each tensor the output uses is
+also proven finite here, as it is read: a NaN in a weight that no adapter touches still
+poisons the GGUF, and quantize would only fail much later ("code 1").
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from .safetensors_io import OutputTensor, TensorEntry, byte_view, map_range, read_range
+from ..cancel import leave_interrupts_to_the_main_thread
+from ..errors import ModelError
+from .safetensors_io import OutputTensor, TensorEntry, byte_view, map_range, nonfinite_at, read_range
 
 T = TypeVar("T")
 _DONE = object()
@@ -84,6 +88,7 @@ class ShardReader:
                 _hash_range(digest, fd, position, entry.start)  # the header, padding, or a replaced tensor
                 data = map_range(fd, entry.start, entry.nbytes)
                 digest.update(byte_view(data))
+                self._check_finite(entry, data)
                 position = entry.end
                 yield SourceTensor(out, entry, data)
             _hash_range(digest, fd, position, size)
@@ -91,15 +96,25 @@ class ShardReader:
         finally:
             os.close(fd)
 
-
     def _read_only(self) -> Iterator[SourceTensor]:
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            checked: set[str] = set()
             for out, entry in self.items:
-                data = map_range(fd, entry.start, entry.nbytes) if isinstance(entry, TensorEntry) else entry.read()
+                if not isinstance(entry, TensorEntry):
+                    yield SourceTensor(out, entry, entry.read())
+                    continue
+                data = map_range(fd, entry.start, entry.nbytes)
+                if entry.name not in checked:  # a second output from the same bytes (an untied lm_head)
+                    self._check_finite(entry, data)
+                    checked.add(entry.name)
                 yield SourceTensor(out, entry, data)
         finally:
             os.close(fd)
+
+    def _check_finite(self, entry: TensorEntry, data: torch.Tensor) -> None:
+        if found := nonfinite_at(data, entry.dtype, entry.shape):
+            raise ModelError(f"{self.path}: tensor {entry.name!r} contains NaN or infinity (first: {found})")
 
 
 def _hash_range(digest, fd: int, start: int, stop: int) -> None:
@@ -113,6 +128,7 @@ def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     stop = threading.Event()
 
     def produce() -> None:
+        leave_interrupts_to_the_main_thread()
         try:
             for item in items:
                 while not stop.is_set():

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from ..bake.input_files import check_input_tree
 from ..errors import AdapterError, ModelError
 from ..manifest.schema import Manifest
 
@@ -21,6 +22,7 @@ def _readable_dir(path: Path, error: type[AdapterError] | type[ModelError], what
         raise error(f"{what}: {path}: directory not found")
     if not os.access(path, os.R_OK | os.X_OK):
         raise error(f"{what}: {path}: directory not readable")
+    check_input_tree(path, error)  # before plan hashes it: a FIFO would hang, a link out would be read
 
 
 def check_readable(manifest: Manifest) -> None:

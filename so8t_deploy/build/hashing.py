@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..cancel import leave_interrupts_to_the_main_thread
 from ..fsutil import write_atomic
 
 _CHUNK = 8 * 1024 * 1024
@@ -70,7 +71,8 @@ class DigestCache:
     def directory(self, root: Path) -> dict[str, str]:
         """{relative path: sha256} of every file below root; unknown files are hashed in parallel."""
         files = sorted(p for p in root.rglob("*") if p.is_file())
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashlib releases the GIL
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1,  # hashlib releases the GIL
+                                initializer=leave_interrupts_to_the_main_thread) as pool:
             digests = list(pool.map(self.file, files))
         return {str(p.relative_to(root)): d for p, d in zip(files, digests, strict=True)}
 

@@ -52,12 +52,12 @@ class BuildReport:
 
 class Pipeline:
     def __init__(self, manifest: Manifest, inputs: BuildInputs, workspace: Workspace, runner: Runner,
-                 progress: Progress):
+                 progress: Progress, *, verify_cache: bool = False):
         if inputs.source_dir is None or inputs.model_digest is None:
             raise BuildError("internal: a build needs the source model on this machine")
         self.source_dir: Path = inputs.source_dir
         self.manifest, self.inputs, self.workspace = manifest, inputs, workspace
-        self.runner, self.progress = runner, progress
+        self.runner, self.progress, self.verify_cache = runner, progress, verify_cache
         self.report = BuildReport()
 
     def build(self, tags: list[str] | None = None) -> BuildReport:
@@ -74,10 +74,10 @@ class Pipeline:
     def _step(self, stage: str, key: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
         """The artifact for `key`: published already, or produced now under the key's lock (`produce`
         announces itself once its own inputs are ready)."""
-        found = self.workspace.lookup(stage, key)
+        found = self._intact(stage, key)
         if found is None:
             with self.workspace.lock(f"{stage}-{key}"):
-                found = self.workspace.lookup(stage, key)  # published while we waited for the lock
+                found = self._intact(stage, key)  # published while we waited for the lock
                 if found is None:
                     with self.workspace.produce(stage, key) as (staging, record):
                         record.update(produce(staging))
@@ -85,6 +85,13 @@ class Pipeline:
                     return self.workspace.artifact_dir(stage, key), self.workspace.lookup(stage, key) or record
         self.report.reused += 1
         return self.workspace.artifact_dir(stage, key), found
+
+    def _intact(self, stage: str, key: str) -> dict | None:
+        """A published artifact that is still what was published; a damaged one is said and rebuilt."""
+        found, damage = self.workspace.inspect(stage, key, verify=self.verify_cache)
+        if damage:
+            self.progress.warning(f"{damage}: rebuilding it")
+        return found
 
     def _bake(self, variant: str, bake_key: str) -> Path:
         scales = self.manifest.bake.variants[variant]

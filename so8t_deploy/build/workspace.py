@@ -16,6 +16,7 @@ complete; a second build of the same key waits for the first and reuses its resu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..fsutil import publish_dir, remove_stale_staging, staging_path, write_atomic
+from ..errors import BuildError
+from ..fsutil import fsync_tree, publish_dir, remove_stale_staging, staging_path, write_atomic
 from .hashing import DigestCache
 
 MARKER = "artifact.json"
@@ -99,14 +101,25 @@ class Workspace:
 
     # -- artifacts ---------------------------------------------------------------------------------
 
-    def lookup(self, stage: str, key: str) -> dict | None:
-        """The artifact's recorded info if it is complete, else None."""
-        marker = self.artifact_dir(stage, key) / MARKER
+    def lookup(self, stage: str, key: str, *, verify: bool = False) -> dict | None:
+        """The artifact's recorded info if it is complete and intact, else None (a damaged one is rebuilt)."""
+        return self.inspect(stage, key, verify=verify)[0]
+
+    def inspect(self, stage: str, key: str, *, verify: bool = False) -> tuple[dict | None, str | None]:
+        """(record, None) for a complete, intact artifact; (None, why) for a damaged one; (None, None) if absent.
+
+        Intact means every file it was published with is still there with its size and mtime
+        (cheap: a stat per file); with `verify`, a GGUF's bytes are also hashed against its sha256.
+        """
+        directory = self.artifact_dir(stage, key)
         try:
-            record = json.loads(marker.read_text(encoding="utf-8"))
+            record = json.loads((directory / MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+            return None, None
+        if not isinstance(record, dict):
+            return None, f"{directory / MARKER}: not an artifact record"
+        damage = _damage(directory, record.get("files", {}), record if verify else None)
+        return (None, damage) if damage else (record, None)
 
     @contextmanager
     def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict]]:
@@ -124,8 +137,16 @@ class Workspace:
         try:
             yield staging, info
             info["key"] = key
+            fsync_tree(staging)  # before the stamps: what is stamped is what is on disk
+            info["files"] = _stamps(staging)
             write_atomic(staging / MARKER, json.dumps(info, indent=2, sort_keys=True) + "\n")
             publish_dir(staging, final)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a fault of the machine, not of this run's inputs
+                raise BuildError(f"{stage}: no space left on the device of {self.root} (nothing partial was kept); "
+                                 "free some, or choose another --cache-dir") from e
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -137,3 +158,30 @@ class Workspace:
         path = staging_path(self.root / "tmp" / name)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _stamps(directory: Path) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of every file an artifact is published with."""
+    stamps = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            stamps[str(path.relative_to(directory))] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def _damage(directory: Path, stamps: dict[str, list[int]], verify_record: dict | None) -> str | None:
+    """Why a published artifact cannot be trusted any more, or None."""
+    for name, (size, mtime_ns) in stamps.items():
+        try:
+            stat = (directory / name).stat()
+        except OSError:
+            return f"{directory / name} is missing"
+        if stat.st_size != size or stat.st_mtime_ns != mtime_ns:
+            return f"{directory / name} changed since it was built (size {stat.st_size}, was {size})"
+    if verify_record and verify_record.get("sha256") and verify_record.get("file"):
+        from .hashing import sha256_file
+
+        if sha256_file(directory / verify_record["file"]) != verify_record["sha256"]:
+            return f"{directory / verify_record['file']} does not hash to its recorded sha256"
+    return None

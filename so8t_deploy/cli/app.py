@@ -7,8 +7,12 @@ or an input changed since the plan), 130 interrupted. See README.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -27,11 +31,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show tracebacks on errors, and llama.cpp's "
                                           "own log.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True)] = False,
 ) -> None:
-    state["verbose"] = verbose
+    state.update(verbose=verbose, step=ctx.invoked_subcommand)
     _show_library_logs(verbose)
 
 
@@ -66,32 +71,72 @@ def _verbose_first(argv: list[str]) -> list[str]:
     return ["-v", *rest] if len(rest) != len(argv) else rest
 
 
-def error_line(error: So8tError) -> str:
-    """One line; it names the manifest a command worked on, unless it already starts with it."""
+def error_line(error: BaseException) -> str:
+    """One line; it names the manifest a command worked on, unless it already starts with it.
+
+    An error that is not one of ours (a bug, a full disk) is named by its type and the step it
+    happened in, and points to -v: no traceback without it, ever.
+    """
     line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if not isinstance(error, So8tError):
+        line = f"{state['step'] or 'so8t-deploy'}: unexpected {type(error).__name__}: {line}; " \
+               "run with -v for the traceback"
     manifest = state["manifest"]
     if manifest is not None and not line.startswith(str(manifest)):
         line = f"{manifest}: {line}"
-    return line
+    return _redacted(line)
+
+
+def _redacted(text: str) -> str:
+    redact = state["redact"]
+    return redact(text) if redact is not None else text
+
+
+def _print_traceback() -> None:
+    """With -v only: the traceback, with the manifest's secrets redacted like every other line."""
+    typer.echo(_redacted(traceback.format_exc()).rstrip("\n"), err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point and the single error boundary."""
     command = typer.main.get_command(app)
-    state.update(verbose=False, manifest=None)
+    state.update(verbose=False, manifest=None, step=None, redact=None)
     _show_library_logs(False)
     try:
-        # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
-        command.main(args=_verbose_first(sys.argv[1:] if argv is None else argv), prog_name="so8t-deploy",
-                     standalone_mode=True)
+        with _sigterm_interrupts():
+            # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
+            command.main(args=_verbose_first(sys.argv[1:] if argv is None else argv), prog_name="so8t-deploy",
+                         standalone_mode=True)
     except So8tError as e:
         if state["verbose"]:
-            traceback.print_exc()
+            _print_traceback()
         typer.echo(error_line(e), err=True)
         return e.exit_code
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else EXIT_OPERATIONAL
-        if code == EXIT_INTERRUPTED:
-            typer.echo("interrupted", err=True)
+        if code == EXIT_INTERRUPTED:  # every step publishes atomically: what it had begun was discarded
+            typer.echo("interrupted; nothing partial was kept", err=True)
         return code
+    except Exception as e:  # the last resort: a bug or the system (ENOSPC) is still one line
+        if state["verbose"]:
+            _print_traceback()
+        typer.echo(error_line(e), err=True)
+        return EXIT_OPERATIONAL
     return 0
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a CI job cancelled, a container stopped) is handled like Ctrl-C: undo, then exit 130."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError, VerifyError
-from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app, image_app, load
+from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, VerifyCacheOpt, app, image_app, load
 
 AdapterOpt = Annotated[
     list[Path], typer.Option("--adapter", help="Adapter directory (SO8T or PEFT LoRA); repeat to chain, in order.")
@@ -109,6 +109,7 @@ def quantize(
 def build(
     manifest: ManifestArg,
     cache_dir: CacheOpt = DEFAULT_CACHE,
+    verify_cache: VerifyCacheOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Bake, convert and quantize every variant of a manifest; reuse what is already built."""
@@ -117,7 +118,8 @@ def build(
     from .console import ConsoleProgress, print_build_report
 
     with ConsoleProgress() as progress:
-        report = build_manifest(load(manifest), Workspace(cache_dir), progress, manifest_path=manifest)
+        report = build_manifest(load(manifest), Workspace(cache_dir), progress, manifest_path=manifest,
+                                verify_cache=verify_cache)
     print_build_report(report, as_json=as_json)
 
 

@@ -69,6 +69,9 @@ class ConsoleProgress:
             self._bars.stop()
 
     def step(self, message: str) -> None:
+        from .typer_app import state
+
+        state["step"] = message.removesuffix(" ...")  # what a last-resort error line names
         self._err.print(f"[bold]>[/bold] {escape(message)}")
 
     def warning(self, message: str) -> None:

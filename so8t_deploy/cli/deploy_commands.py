@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from ..errors import EXIT_DRIFT, DriftError, HostError, Interrupted, RolloutError, UsageError
-from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, app, load
+from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, VerifyCacheOpt, app, load
 
 Format = Literal["table", "json", "markdown"]
 
@@ -84,6 +84,7 @@ def apply(
     force: Annotated[bool, typer.Option("--force", help="Roll out tags that fail the quality gate.")] = False,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = DEFAULT_CACHE,
+    verify_cache: VerifyCacheOpt = False,
 ) -> None:
     """Build, register, smoke-test and roll out every tag: canary first, all or nothing per host, prune."""
     from ..build.workspace import Workspace
@@ -95,7 +96,7 @@ def apply(
     loaded, cancel = load(manifest), CancelToken()
     with interrupts_ask(cancel), ConsoleProgress() as progress:
         result = apply_manifest(loaded, manifest, Workspace(cache_dir), progress, cancel=cancel, force=force,
-                                plan_file=saved_plan)
+                                plan_file=saved_plan, verify_cache=verify_cache)
     print_apply_result(result, as_json=as_json)
     states = "; ".join(f"{h.target}: {h.status}, {h.outcome}" + (f" ({h.error})" if h.error else "")
                        for h in result.hosts if h.status != "ok")

@@ -25,11 +25,15 @@ worker_app = typer.Typer(help="Steps run inside the worker container (its entry 
                          hidden=True)
 app.add_typer(worker_app, name="worker")
 
-state: dict = {"verbose": False, "manifest": None}
+# step: what an unexpected error names; redact: what the error boundary passes every line through.
+state: dict = {"verbose": False, "manifest": None, "step": None, "redact": None}
 
 DEFAULT_CACHE = Path(".so8t/cache")
 ManifestArg = Annotated[Path, typer.Argument(help="Path to the manifest YAML.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+VerifyCacheOpt = Annotated[bool, typer.Option("--verify-cache", help="Hash every cached GGUF against its "
+                                              "recorded sha256 before trusting it (a size-and-mtime check is "
+                                              "always done); a damaged artifact is rebuilt.")]
 CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="The workspace: artifacts, digests, host journals, "
                                         "releases, hub downloads, the converter.")]
 
@@ -37,6 +41,9 @@ CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="The workspace: arti
 def load(path: Path) -> Manifest:
     """Load the manifest a command works on; from here on, every error line names it."""
     from ..manifest.loader import load_manifest
+    from ..manifest.secrets import Redactor
 
     state["manifest"] = path
-    return load_manifest(path)
+    manifest = load_manifest(path)
+    state["redact"] = Redactor.for_manifest(manifest)  # an unexpected error may quote a header value
+    return manifest

@@ -11,9 +11,10 @@ from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..errors import HostError
 from ..manifest.schema import Manifest
+from ..manifest.secrets import Redactor
 from ..progress import SILENT, Progress
 from ..quality.evaluate import QuantQuality, evaluate
-from ..rollout.host_apply import connect
+from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.smoke import SmokeResult, run_smoke_tests
 from .execute import ApplyResult, apply_plan
 from .plan import DeployPlan, load_plan, make_plan
@@ -26,18 +27,19 @@ def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace,
 
 def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
                    cancel: CancelToken | None = None, force: bool = False,
-                   plan_file: Path | None = None) -> ApplyResult:
+                   plan_file: Path | None = None, verify_cache: bool = False) -> ApplyResult:
     """Execute a saved plan, or make one now and execute it: the same decisions either way."""
     plan = load_plan(plan_file) if plan_file else make_plan(manifest, manifest_path, workspace, progress)
     return apply_plan(manifest, plan, workspace, progress, cancel or CancelToken(), saved=plan_file is not None,
-                      force=force)
+                      force=force, verify_cache=verify_cache)
 
 
 def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
-                   manifest_path: Path | None = None) -> BuildReport:
-    """Every tag's GGUF, reusing whatever the workspace already holds."""
+                   manifest_path: Path | None = None, verify_cache: bool = False) -> BuildReport:
+    """Every tag's GGUF, reusing whatever the workspace already holds (intact: see Workspace.inspect)."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
-    return Pipeline(manifest, inputs, workspace, runner_for(manifest, workspace, progress), progress).build()
+    runner = runner_for(manifest, workspace, progress)
+    return Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build()
 
 
 def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
@@ -50,7 +52,7 @@ def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress =
 
 def smoke_manifest(manifest: Manifest) -> list[SmokeResult]:
     """Run the smoke tests against every tag on every host, as deployed now; a down host is one row."""
-    tags = manifest.tags()
+    tags, redact = manifest.tags(), Redactor.for_manifest(manifest)
     results: list[SmokeResult] = []
     for target in manifest.targets:
         with connect(target) as host:
@@ -58,4 +60,4 @@ def smoke_manifest(manifest: Manifest) -> list[SmokeResult]:
                 results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
             except HostError as e:
                 results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
-    return results
+    return [redact_smoke(result, redact) for result in results]

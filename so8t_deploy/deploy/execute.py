@@ -67,17 +67,17 @@ def _check_inputs_unchanged(manifest: Manifest, plan: DeployPlan, inputs: BuildI
 
 
 def _build(manifest: Manifest, plan: DeployPlan, tags: list[str], workspace: Workspace, progress: Progress,
-           saved: bool) -> tuple[BuildReport, Runner]:
+           saved: bool, verify_cache: bool) -> tuple[BuildReport, Runner]:
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=_hub_commit(plan),
                             manifest_path=Path(plan.manifest))
     if saved:
         _check_inputs_unchanged(manifest, plan, inputs, workspace)
     runner = runner_for(manifest, workspace, progress)
-    return Pipeline(manifest, inputs, workspace, runner, progress).build(tags), runner
+    return Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags), runner
 
 
 def apply_plan(manifest: Manifest, plan: DeployPlan, workspace: Workspace, progress: Progress, cancel: CancelToken,
-               *, saved: bool, force: bool = False) -> ApplyResult:
+               *, saved: bool, force: bool = False, verify_cache: bool = False) -> ApplyResult:
     """Execute `plan`; `saved` (apply --plan) first checks that nothing moved since it was made."""
     if saved and plan.manifest_digest != manifest_digest(manifest):
         raise DriftError(f"apply: {plan.manifest} changed since the plan was made; run plan again")
@@ -87,7 +87,7 @@ def apply_plan(manifest: Manifest, plan: DeployPlan, workspace: Workspace, progr
     failing = {t.tag: list(t.gate or []) for t in plan.tags if t.gate and t.tag in creating}  # known from the plan
     to_build = sorted(creating if force else creating - set(failing))
     if to_build:
-        result.build, runner = _build(manifest, plan, to_build, workspace, progress, saved)
+        result.build, runner = _build(manifest, plan, to_build, workspace, progress, saved, verify_cache)
         for artifact in result.build.artifacts:
             models[artifact.tag] = models[artifact.tag].built(artifact)
             write_release(workspace.releases, manifest, artifact)

@@ -1,6 +1,7 @@
 """Run llama.cpp's own convert_hf_to_gguf.py with extra GGUF metadata keys.
 
-Executed as a script in a child process: ``python convert_runner.py CONVERTER_DIR METADATA_JSON -- ARGS``.
+Executed in a child process that dies with its parent (see child.py):
+``python -m so8t_deploy.external.convert_runner CONVERTER_DIR METADATA_JSON -- ARGS``.
 The converter has no option for arbitrary keys (its --metadata file only overrides
 general.* authorship fields), so this adds the so8t.* provenance keys to every GGUFWriter
 just before it writes its header; the converter itself runs unmodified.
@@ -13,8 +14,11 @@ import runpy
 import sys
 from pathlib import Path
 
+from .child import die_with_parent
+
 
 def main(argv: list[str]) -> None:
+    die_with_parent()
     converter_dir, metadata_path, separator, *converter_args = argv
     if separator != "--":
         raise SystemExit("usage: convert_runner.py CONVERTER_DIR METADATA_JSON -- CONVERTER_ARGS")

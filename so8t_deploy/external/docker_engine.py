@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import BuildError
 from ..progress import SILENT, Progress
 
@@ -130,6 +131,7 @@ class ContainerStep:
     def _stream_logs(self, container, lines: list[str]) -> None:
         import docker.errors  # binds `docker` too
 
+        leave_interrupts_to_the_main_thread()  # it waits on the container, and must hear a Ctrl-C
         buffer = b""
         with contextlib.suppress(docker.errors.APIError):  # the container was removed under us
             for chunk in container.logs(stream=True, follow=True):

@@ -7,7 +7,6 @@ directory; its compiled library provides `llama_model_quantize` and inference.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -28,8 +27,10 @@ from ..build.workspace import Workspace, default_root
 from ..errors import BuildError, ModelError, UsageError
 from ..fsutil import publish_dir, publish_file, staging_path
 from ..manifest.quant_types import QuantType
+from .child import run_child
 from .imatrix import load_imatrix
-from .llama_log import route_llama_log, tensor_progress, watching
+from .llama_log import LOGGER, route_llama_log
+from .quantize_runner import PROGRESS_PREFIX
 
 if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is used
     from llama_cpp import Llama
@@ -39,7 +40,6 @@ CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 CONVERT_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _WRITING = re.compile(r"Writing:\s+(\d+)%")  # the converter's tqdm bar
 FLOAT_FILE_TYPES = {0, 1, 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16: what quantize may start from
-_RUNNER = Path(__file__).with_name("convert_runner.py")
 _MARKER = ".so8t-converter.json"
 
 
@@ -129,24 +129,6 @@ def _last_lines(text: str, n: int = 5) -> str:
     return " | ".join(deque((line.strip() for line in text.splitlines() if line.strip()), maxlen=n))
 
 
-def _run_converter(command: list[str], on_progress: Callable[[int], None] | None) -> tuple[int, str]:
-    """Run the converter, reporting its "Writing: N%" progress; returns (exit code, its last output)."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "NO_LOCAL_GGUF": "1"})
-    tail: deque[str] = deque(maxlen=200)
-    assert proc.stderr is not None
-    pending = b""
-    while chunk := os.read(proc.stderr.fileno(), 65536):  # what is there now: progress arrives in \r pieces
-        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
-        for raw in lines:
-            line = raw.decode("utf-8", errors="replace")
-            tail.append(line)
-            if on_progress and (match := _WRITING.search(line)):
-                on_progress(int(match[1]))
-    tail.append(pending.decode("utf-8", errors="replace"))
-    return proc.wait(), "\n".join(tail)
-
-
 def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str,
                     metadata: dict[str, str] | None = None,
                     on_progress: Callable[[int], None] | None = None) -> None:
@@ -163,9 +145,15 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
     meta = staging.with_name(staging.name + ".metadata.json")  # beside the output: nothing left in /tmp
     meta.write_text(json.dumps(metadata or {}), encoding="utf-8")
     try:
-        command = [sys.executable, str(_RUNNER), str(converter.root), str(meta), "--",
+        command = [sys.executable, "-m", "so8t_deploy.external.convert_runner", str(converter.root), str(meta), "--",
                    str(model_dir), "--outfile", str(staging), "--outtype", outtype]
-        returncode, log = _run_converter(command, on_progress)
+
+        def follow(line: str) -> None:
+            if on_progress and (match := _WRITING.search(line)):
+                on_progress(int(match[1]))
+
+        # TMPDIR: whatever the converter spools lives beside its output, in the step's staging directory.
+        returncode, log = run_child(command, follow, env={"NO_LOCAL_GGUF": "1", "TMPDIR": str(out_file.parent)})
         if returncode != 0:
             if "is not supported" in log:
                 raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
@@ -197,44 +185,30 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
         raise UsageError(f"{in_file}: already quantized (file type {file_type}); "
                          "requantizing loses quality, pass --allow-requantize to do it anyway")
     library_version()
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = quant.ftype
-    params.nthread = threads or os.cpu_count() or 1
-    params.allow_requantize = allow_requantize
-    keepalive = None
     if imatrix is not None:
-        keepalive = _imatrix_array(load_imatrix(imatrix))
-        params.imatrix = ctypes.cast(keepalive[0], type(params.imatrix))
+        load_imatrix(imatrix)  # refused here, as invalid input, rather than in the child
     out_file.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(out_file)
+    command = [sys.executable, "-m", "so8t_deploy.external.quantize_runner", str(in_file), str(staging),
+               str(quant.ftype), "--threads", str(threads or os.cpu_count() or 1)]
+    command += ["--imatrix", str(imatrix)] if imatrix is not None else []
+    command += ["--allow-requantize"] if allow_requantize else []
+
+    def follow(line: str) -> None:
+        if line.startswith(PROGRESS_PREFIX):
+            done, total = line[len(PROGRESS_PREFIX):].split()
+            if on_progress:
+                on_progress(int(done), int(total))
+        elif line.strip():
+            LOGGER.debug(line)
+
     try:
-        with watching(tensor_progress(on_progress or (lambda done, total: None))):
-            rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(staging).encode(), ctypes.byref(params))
+        rc, log = run_child(command, follow, env={"TMPDIR": str(out_file.parent)})
         if rc != 0 or not staging.is_file():
-            raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (code {rc})")
+            raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (exit {rc}): {_last_lines(log)}")
         publish_file(staging, out_file)
     finally:
         staging.unlink(missing_ok=True)
-        del keepalive
-
-
-def _imatrix_array(entries: dict[str, list[float]]):
-    """A NULL-terminated llama_model_imatrix_data[] plus the buffers it points into."""
-    import llama_cpp
-
-    struct = llama_cpp.llama_model_imatrix_data
-    array = (struct * (len(entries) + 1))()
-    buffers = []
-    for i, (name, values) in enumerate(entries.items()):
-        data = (ctypes.c_float * len(values))(*values)
-        encoded = name.encode()
-        buffers.append((data, encoded))
-        # The field is a float*: cast views the array's first element (no copy); `buffers` keeps it alive.
-        pointer = ctypes.cast(data, ctypes.POINTER(ctypes.c_float))
-        array[i].name, array[i].data, array[i].size = encoded, pointer, len(values)
-    return array, buffers
 
 
 def _open_for_logits(path: Path, n_ctx: int) -> Llama:

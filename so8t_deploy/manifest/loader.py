@@ -1,6 +1,8 @@
-"""Read a manifest file: YAML, then ${VAR} interpolation, then schema validation.
+"""Read a manifest file: bounded, then YAML (strict_yaml), then ${VAR} interpolation, then schema validation.
 
-Every failure becomes one ManifestError line of the form ``FILE: FIELD.PATH: problem``.
+Every failure becomes one ManifestError line of the form ``FILE: FIELD.PATH: problem``. None that comes from
+the file's content is chained to the exception it came from: pydantic's and PyYAML's messages quote the input
+(a header's value, the manifest's lines), and `-v` prints a chained exception in full.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -18,29 +21,13 @@ from pydantic_core import ErrorDetails
 
 from ..errors import ManifestError
 from .schema import Manifest
+from .strict_yaml import YamlLimitError, load_yaml
 
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a few kilobytes; more is a mistake or an attack
 # ${VAR} or ${VAR:-default}; "$${" escapes a literal "${".
 _VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def format_field_path(loc: tuple[Any, ...]) -> str:
@@ -55,14 +42,31 @@ def format_field_path(loc: tuple[Any, ...]) -> str:
 
 
 def interpolate_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()) -> Any:
-    """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
-    if isinstance(value, dict):
-        return {k: interpolate_env(v, env, (*loc, k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate_env(v, env, (*loc, i)) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
+    """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree.
 
+    A list or mapping met twice (what a YAML alias makes; the manifest's loader refuses them) is copied once and
+    shared again, so the work is the size of the text, never the size of an alias expansion."""
+    copies: dict[int, Any] = {}
+
+    def walk(node: Any, where: tuple[Any, ...]) -> Any:
+        if isinstance(node, str):
+            return _substitute(node, env, where)
+        if not isinstance(node, dict | list):
+            return node
+        if id(node) in copies:
+            return copies[id(node)]
+        copy: Any = {} if isinstance(node, dict) else []
+        copies[id(node)] = copy  # before the children: a self-referencing tree ends here too
+        if isinstance(node, dict):
+            copy.update((k, walk(v, (*where, k))) for k, v in node.items())
+        else:
+            copy.extend(walk(v, (*where, i)) for i, v in enumerate(node))
+        return copy
+
+    return walk(value, loc)
+
+
+def _substitute(text: str, env: Mapping[str, str], loc: tuple[Any, ...]) -> str:
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
             return "${"
@@ -73,7 +77,7 @@ def interpolate_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = (
             return default
         raise _UnsetVariable(loc, name)
 
-    return _VAR_RE.sub(substitute, value)
+    return _VAR_RE.sub(substitute, text)
 
 
 class _UnsetVariable(Exception):
@@ -127,12 +131,15 @@ def _describe_validation_error(error: ErrorDetails) -> str:
 def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None) -> Manifest:
     """Validate manifest text; ``source`` names the file in errors and anchors relative paths."""
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ManifestError(f"{source}{where}: invalid YAML: {problem}") from e
+        kind = "" if isinstance(e, YamlLimitError) else "invalid YAML: "
+        raise ManifestError(f"{source}{where}: {kind}{problem}") from None
+    except RecursionError:  # the depth limit should stop it first; never a traceback either way
+        raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{source}: the manifest must be a YAML mapping")
     try:
@@ -148,14 +155,52 @@ def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None
         # A typo ('quantise:') also makes the key it meant missing: report the unknown key first.
         errors = sorted(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
         extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ManifestError(f"{source}: {_describe_validation_error(errors[0])}{extra}") from e
+        # Not chained: pydantic's own message quotes each input, header values included. The other errors
+        # follow on lines of their own, which only -v shows.
+        others = "".join(f"\n  {_describe_validation_error(error)}" for error in errors[1:])
+        raise ManifestError(f"{source}: {_describe_validation_error(errors[0])}{extra}{others}") from None
+
+
+def read_manifest_text(path: Path) -> str:
+    """The file's text, if it is a regular file of at most MAX_MANIFEST_BYTES of UTF-8.
+
+    Opened without blocking and checked on the open descriptor: a FIFO cannot hang the open or the read, nor
+    /dev/zero fill memory, nor a file swapped in after a check slip past it."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ManifestError(f"{path}: cannot read manifest: not a regular file ({kind})")
+        data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: cannot read manifest: larger than {MAX_MANIFEST_BYTES >> 20} MiB, the limit "
+                            "for a manifest")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: cannot read manifest: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit:
+        chunk = os.read(fd, min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def load_manifest(path: str | Path, env: Mapping[str, str] | None = None) -> Manifest:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ManifestError(f"{path}: cannot read manifest: {reason}") from e
-    return parse_manifest(text, path, env)
+    return parse_manifest(read_manifest_text(path), path, env)

@@ -1,8 +1,9 @@
 """Manifest v1: the declarative, user-facing contract (see README "Manifest").
 
 Every model here is frozen and forbids unknown keys, so a typo is an error instead of a
-silently ignored setting. Paths are resolved against the manifest's own directory, which
-validators receive through pydantic's validation context (``{"base_dir": Path}``).
+silently ignored setting (base.Frozen). This module holds the build half (source, bake,
+Modelfile, runtime) and the manifest itself; deploy_schema the hosts, rollout, smoke tests
+and the quality gate.
 """
 
 from __future__ import annotations
@@ -11,20 +12,12 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import UsageError
+from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
+from .deploy_schema import Quality, Rollout, SmokeTest, Target
 from .modelfile import ModelfileSyntaxError, quote
 from .quant_types import lookup_quant_type
 
@@ -33,11 +26,12 @@ DEFAULT_VARIANT = "default"
 BUILTIN_TEMPLATE_DIR = Path(__file__).parents[1] / "templates"
 
 # Ollama's own limits: a model name is lowercase and short. Variant names use the same
-# alphabet, so '{variant}-{quant}' is always a valid Ollama tag (at most 128 characters).
+# alphabet (base.SLUG_RE), so '{variant}-{quant}' is always a valid Ollama tag (at most 128 characters).
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 IMAGE_REF_RE = re.compile(r"^[a-z0-9][a-z0-9._/:@-]*(:[\w][\w.-]{0,127})?$")
+MAX_SCALE = 100.0  # a bake scale is a multiple of the trained adapter: 1.0 reproduces it
+MAX_GPUS = 1024
 
 # Options the Ollama server knows (server 0.32.x), by the type it expects.
 OLLAMA_OPTION_TYPES: dict[str, type] = {
@@ -55,30 +49,17 @@ OLLAMA_OPTION_TYPES: dict[str, type] = {
     "stop": list,
 }
 DEFAULT_PARAMETERS = {"temperature": 0.7}
-MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo, and an infinite one a hang
-DEFAULT_SMOKE_SEED = 42
-GO_DURATION_RE = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+(\.\d+)?$")
+# Ollama reads integer options into Go ints and float options into float32: keep both well inside, so a typo
+# (an extra digit run) is an error here rather than an overflow on every host.
+OPTION_INT_MAX = 2**31 - 1
+OPTION_FLOAT_MAX = 1e6
 # Ollama's limit on each part of a model name (namespace, model, tag), and the longest suffix this
 # tool appends to a tag: `-rollback` holds the tag being replaced until the host has converged.
 OLLAMA_NAME_PART_MAX = 80
 TAG_SUFFIXES = ("-prev", "-rollback")  # desired.BACKUP_SUFFIX, desired.ROLLBACK_SUFFIX
 
 
-def _base_dir(info: ValidationInfo) -> Path:
-    context = info.context or {}
-    return Path(context.get("base_dir", "."))
-
-
-def _resolve_local(raw: str, info: ValidationInfo) -> Path:
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else (_base_dir(info) / path).resolve()
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AdapterRef(_Frozen):
+class AdapterRef(Frozen):
     kind: Literal["so8t", "lora"] = Field(description="Adapter format: an SO8T v1 directory or a PEFT LoRA.")
     path: Path = Field(description="Adapter directory; relative paths resolve against the manifest's directory.")
     allow_base_mismatch: bool = Field(
@@ -91,11 +72,11 @@ class AdapterRef(_Frozen):
     @classmethod
     def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str | Path) and str(value).strip():
-            return str(_resolve_local(str(value), info))  # a str: JSON validation (the worker's) takes no Path
+            return str(resolve_local(str(value), info))  # a str: JSON validation (the worker's) takes no Path
         raise ValueError("must be a non-empty path")
 
 
-class Source(_Frozen):
+class Source(Frozen):
     model: str = Field(
         description="Base model: a local directory (relative to the manifest) or a Hugging Face hub repo id."
     )
@@ -110,9 +91,9 @@ class Source(_Frozen):
         value = value.strip()
         if not value:
             raise ValueError("must name a local directory or a hub repo id")
-        looks_local = value.startswith(("/", "./", "../", "~")) or (_base_dir(info) / value).exists()
+        looks_local = value.startswith(("/", "./", "../", "~")) or (base_dir(info) / value).exists()
         if looks_local or not HUB_ID_RE.match(value):
-            return str(_resolve_local(value, info))
+            return str(resolve_local(value, info))
         return value
 
     @field_validator("revision")
@@ -128,19 +109,14 @@ class Source(_Frozen):
         return Path(self.model).is_absolute()
 
 
-class Scales(_Frozen):
+class Scales(Frozen):
     """Bake scales per adapter group; 1.0 reproduces the trained adapter, 0 disables the group."""
 
-    rotation: float = Field(default=1.0, description="Scale of attn_in, attn_out and final maps.")
-    ffn: float = Field(default=1.0, description="Scale of mlp_in and mlp_out maps.")
-    triality: float = Field(default=1.0, description="Scale of the three triality maps.")
-
-    @field_validator("rotation", "ffn", "triality")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    rotation: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE,
+                            description="Scale of attn_in, attn_out and final maps.")
+    ffn: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE, description="Scale of mlp_in and mlp_out maps.")
+    triality: float = Field(default=1.0, ge=-MAX_SCALE, le=MAX_SCALE,
+                            description="Scale of the three triality maps.")
 
     def as_dict(self) -> dict[str, float]:
         return {"rotation": self.rotation, "ffn": self.ffn, "triality": self.triality}
@@ -162,7 +138,7 @@ def parse_scales(text: str) -> Scales:
         raise UsageError(f"--scales: {error['loc'][0]}: {message}") from None
 
 
-class Bake(_Frozen):
+class Bake(Frozen):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Output dtype of the baked model; auto keeps each tensor's source dtype."
     )
@@ -189,7 +165,7 @@ class Bake(_Frozen):
         return value
 
 
-class Modelfile(_Frozen):
+class Modelfile(Frozen):
     template: str = Field(
         default="phi3", description="Built-in template name (see templates/) or a path to a .j2 file."
     )
@@ -203,7 +179,7 @@ class Modelfile(_Frozen):
     @classmethod
     def _resolve_template(cls, value: str, info: ValidationInfo) -> str:
         if value.endswith(".j2"):
-            return str(_resolve_local(value, info))
+            return str(resolve_local(value, info))
         if not (BUILTIN_TEMPLATE_DIR / f"{value}.j2").is_file():
             known = sorted(p.stem for p in BUILTIN_TEMPLATE_DIR.glob("*.j2"))
             raise ValueError(f"unknown built-in template {value!r} (known: {', '.join(known)}; or a .j2 path)")
@@ -228,6 +204,9 @@ class Modelfile(_Frozen):
                 raise ValueError(f"unknown Ollama option {key!r}")
             if not _option_has_type(option, expected):
                 raise ValueError(f"option {key!r} must be of type {expected.__name__}, got {option!r}")
+            limit = {int: OPTION_INT_MAX, float: OPTION_FLOAT_MAX}.get(expected)
+            if limit is not None and not abs(option) <= limit:
+                raise ValueError(f"option {key!r} must be from {-limit} to {limit}, got {option!r}")
             for text in (option if isinstance(option, list) else [option]):
                 try:
                     quote(text)
@@ -250,7 +229,7 @@ def _option_has_type(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-class Runtime(_Frozen):
+class Runtime(Frozen):
     backend: Literal["local", "docker"] = Field(
         default="local", description="Where bake/convert/quantize run: in-process, or in a worker container."
     )
@@ -264,9 +243,9 @@ class Runtime(_Frozen):
     @field_validator("gpus", mode="before")
     @classmethod
     def _check_gpus(cls, value: Any) -> Any:
-        if value in ("none", "all") or (type(value) is int and value >= 1):
+        if value in ("none", "all") or (type(value) is int and 1 <= value <= MAX_GPUS):
             return value
-        raise ValueError(f"must be 'none', 'all' or a positive count, got {value!r}")
+        raise ValueError(f"must be 'none', 'all' or a positive count (at most {MAX_GPUS}), got {value!r}")
 
     @field_validator("image")
     @classmethod
@@ -276,124 +255,7 @@ class Runtime(_Frozen):
         return value
 
 
-def normalize_host_url(value: str) -> str:
-    """Return ``scheme://host[:port]`` or raise ValueError naming the URL."""
-    try:
-        parts = urlsplit(value)
-        port = parts.port  # parses, and raises on a bad port
-    except ValueError as e:
-        raise ValueError(f"invalid URL {value!r}: {e}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"invalid URL {value!r}: scheme must be http or https")
-    if not parts.hostname:
-        raise ValueError(f"invalid URL {value!r}: no host")
-    if parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise ValueError(f"invalid URL {value!r}: expected scheme://host[:port] with no path")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
-
-
-class Target(_Frozen):
-    name: str = Field(description="Short host name used in plans and reports.")
-    host: str = Field(description="Ollama server URL, http(s)://host[:port].")
-    headers: dict[str, SecretStr] = Field(
-        default_factory=dict, description="Extra HTTP headers (e.g. Authorization); values are never printed."
-    )
-    timeout_s: float = Field(
-        default=30, gt=0, le=MAX_TIMEOUT_S,
-        description="Read timeout of every call to this host but create, upload and smoke generation. A create "
-        "waits 10 minutes plus 1 s per 8 MiB of GGUF: Ollama rewrites the file silently.",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not SLUG_RE.match(value):
-            raise ValueError(f"target name {value!r} must match [a-z0-9][a-z0-9._-]*")
-        return value
-
-    @field_validator("host")
-    @classmethod
-    def _check_host(cls, value: str) -> str:
-        return normalize_host_url(value.strip())
-
-    @field_validator("headers")
-    @classmethod
-    def _check_header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        for name in value:
-            if not re.match(r"^[A-Za-z0-9-]+$", name):
-                raise ValueError(f"invalid HTTP header name {name!r}")
-        return value
-
-
-class Rollout(_Frozen):
-    canary: int = Field(default=1, ge=0, description="How many targets (in order) are rolled out first.")
-    parallelism: int = Field(default=4, ge=1, description="Hosts worked on at once after the canaries.")
-    on_failure: Literal["rollback", "halt", "continue"] = Field(
-        default="rollback", description="What a failed smoke test does: restore the backup, stop, or go on."
-    )
-    prune: bool = Field(
-        default=False, description="Delete models in this name's namespace that the manifest no longer names."
-    )
-
-
-class SmokeTest(_Frozen):
-    prompt: str = Field(min_length=1, description="Prompt sent to every variant on every host.")
-    expect: str = Field(default=".", description="Regular expression the response must match (re.search).")
-    timeout_s: float = Field(default=120, gt=0, le=MAX_TIMEOUT_S,
-                             description="Seconds allowed for the whole generation.")
-    min_tokens_per_second: float = Field(default=0, ge=0, le=1e9, description="Minimum eval_count / eval_duration.")
-    seed: int = Field(default=DEFAULT_SMOKE_SEED, ge=-1, le=2**31 - 1,
-                      description="Sampling seed sent with the prompt, so a smoke test means the same on every "
-                      "host (-1: random).")
-    temperature: float = Field(default=0.0, ge=0, le=100, description="Sampling temperature; 0 is greedy.")
-    keep_alive: int | float | str = Field(
-        default=0, description="How long the host keeps the model loaded after the test: seconds or a Go "
-        "duration ('5m'); 0 unloads it at once, so a rollout never evicts the models serving production.",
-    )
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _check_keep_alive(cls, value: int | float | str) -> int | float | str:
-        if isinstance(value, str) and not GO_DURATION_RE.match(value):
-            raise ValueError(f"must be seconds or a Go duration such as '5m', got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number of seconds")
-        return value
-
-    @field_validator("expect")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise ValueError(f"invalid regular expression {value!r}: {e}") from None
-        return value
-
-
-class Quality(_Frozen):
-    """The quant quality gate: each quant level against its variant's float GGUF (`so8t-deploy eval`)."""
-
-    eval_text: Path | None = Field(default=None, description="Text to evaluate on; default: a short text shipped "
-                                   "with so8t-deploy. Relative to the manifest's directory.")
-    windows: int = Field(default=4, ge=1, le=256, description="How many token windows of the text to evaluate.")
-    context: int = Field(default=128, ge=16, le=8192, description="Tokens per window.")
-    max_mean_kl: float | None = Field(default=None, gt=0, description="Gate: a tag whose mean KL divergence "
-                                      "from the reference exceeds this is not rolled out.")
-    min_top1: float | None = Field(default=None, ge=0, le=1, description="Gate: a tag whose top-1 agreement "
-                                   "with the reference is below this is not rolled out.")
-
-    @field_validator("eval_text", mode="before")
-    @classmethod
-    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
-        return str(_resolve_local(value, info)) if isinstance(value, str) and value.strip() else value
-
-    @property
-    def gated(self) -> bool:
-        return self.max_mean_kl is not None or self.min_top1 is not None
-
-
-class Manifest(_Frozen):
+class Manifest(Frozen):
     api_version: Literal["so8t-deploy/v1"] = Field(alias="apiVersion", description="Always so8t-deploy/v1.")
     name: str = Field(description="Ollama model name: lowercase [a-z0-9][a-z0-9._-]*, at most 64 characters.")
     source: Source = Field(description="The base model (a local directory or a hub repo id, at a revision) and the "

@@ -12,9 +12,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from ..build.workspace import Workspace
-from ..cancel import CancelToken
+from ..cancel import CancelToken, leave_interrupts_to_the_main_thread
 from ..errors import HostError, HostUnreachableError
 from ..manifest.schema import Manifest, Target
+from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import DesiredModel
 from .host_apply import HostReport, HostRollout, HostStatus, connect
@@ -24,13 +25,14 @@ from .records import HostRecords
 
 def plan_hosts(manifest: Manifest, desired: list[DesiredModel], workspace: Workspace) -> list[HostPlan]:
     """What apply would do on each host, from what each reports now; changes nothing."""
-    plans = []
+    plans, redact = [], Redactor.for_manifest(manifest)
     for target in manifest.targets:
         with connect(target) as host:
             try:
-                plans.append(observe_host(host, manifest, desired, HostRecords(workspace.hosts, target.host)))
+                plan = observe_host(host, manifest, desired, HostRecords(workspace.hosts, target.host))
+                plans.append(plan.model_copy(update={"warnings": redact.all(plan.warnings)}))
             except HostError as e:
-                plans.append(HostPlan(target=target.name, url=target.host, error=str(e),
+                plans.append(HostPlan(target=target.name, url=target.host, error=redact(str(e)),
                                       unreachable=isinstance(e, HostUnreachableError)))
     return plans
 
@@ -62,7 +64,8 @@ def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, D
                 canary_failed = True
                 break
         if not canary_failed:
-            with ThreadPoolExecutor(max_workers=manifest.rollout.parallelism) as pool:
+            with ThreadPoolExecutor(max_workers=manifest.rollout.parallelism,
+                                    initializer=leave_interrupts_to_the_main_thread) as pool:
                 list(pool.map(roll, rest))
     for target in manifest.targets:
         reports.setdefault(target.name, _skipped(target, "not attempted: a canary failed"))

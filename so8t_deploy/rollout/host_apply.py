@@ -22,7 +22,7 @@ restored. The journal still says "unverified" for those, so the next run deals w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from ..build.workspace import Workspace
@@ -30,6 +30,7 @@ from ..cancel import CancelToken
 from ..errors import HostChangedError, HostError, HostUnreachableError, Interrupted
 from ..external.ollama_host import CreateOutcomeUnknown, OllamaHost
 from ..manifest.schema import Manifest, Target
+from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import DesiredModel
 from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown
@@ -82,6 +83,11 @@ def connect(target: Target) -> OllamaHost:
     return OllamaHost(target.name, target.host, headers, timeout=target.timeout_s)
 
 
+def redact_smoke(result: SmokeResult, redact: Redactor) -> SmokeResult:
+    """A smoke result's server-made text (a load error, the reply) with the manifest's secrets redacted."""
+    return replace(result, reason=redact(result.reason), response=redact(result.response))
+
+
 class HostRollout:
     """Execute one host's plan. `models` holds every desired tag, built where the plan creates it."""
 
@@ -90,6 +96,7 @@ class HostRollout:
         self.manifest, self.target, self.plan, self.models, self.held = manifest, target, plan, models, held
         self.workspace, self.progress, self.cancel = workspace, progress, cancel
         self.report = HostReport(target.name, target.host, warnings=list(plan.warnings))
+        self.redact = Redactor.for_manifest(manifest)  # every message taken from an exception passes through it
         self.records = HostRecords(workspace.hosts, target.host)
         self._before = dict(self.records.entries)
 
@@ -116,7 +123,7 @@ class HostRollout:
                                    f"{' ...' if len(changed) > 3 else ''}); run plan again")
 
     def _fail(self, error: BaseException) -> None:
-        self.report.error = str(error)
+        self.report.error = self.redact(str(error))
         if isinstance(error, Interrupted):
             self.report.status = HostStatus.INTERRUPTED
         elif isinstance(error, HostChangedError):
@@ -187,7 +194,8 @@ class HostRollout:
                         size=size, on_status=self._status_lines(f"{host.name}: {model.tag}: "))
         except CreateOutcomeUnknown as e:
             # Never send it again: ask the host what it holds now.
-            self.progress.warning(f"{e}; re-observing {host.name} instead of sending the create again")
+            self.progress.warning(f"{self.redact(str(e))}; re-observing {host.name} instead of sending the create "
+                                  "again")
             if not matches_shown(host.show(model.tag), model):
                 raise
         self.report.created.append(model.tag)
@@ -207,8 +215,8 @@ class HostRollout:
         if not tags or not self.manifest.smoke:
             return
         self.progress.step(f"{host.name}: smoke-test {len(tags)} tags")
-        self.report.smoke = run_smoke_tests(host, tags, self.manifest.smoke,
-                                            self.manifest.modelfile.effective_parameters)
+        results = run_smoke_tests(host, tags, self.manifest.smoke, self.manifest.modelfile.effective_parameters)
+        self.report.smoke = [redact_smoke(r, self.redact) for r in results]
         failed = [r for r in self.report.smoke if not r.passed]
         if failed:
             detail = "; ".join(f"{r.tag}: {r.reason}" for r in failed[:3])
@@ -242,7 +250,7 @@ class HostRollout:
                 elif decision.existed_before and tags.get(model.tag) != decision.observed_digest:
                     raise HostError(f"no backup of {model.tag} to restore")
             except HostError as e:
-                self.report.unrestored.append(f"{model.tag}: {e}")
+                self.report.unrestored.append(f"{model.tag}: {self.redact(str(e))}")
                 continue
             previous = self._before.get(model.tag)
             self.records.put(model.tag, previous if previous is not None and previous.verified else None)

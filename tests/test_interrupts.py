@@ -1,0 +1,194 @@
+"""Interrupts and kills during a build: nothing partial published, no child process left behind.
+
+Each test starts from a copy of the session's built demo cache with the later stages removed, so the
+build goes straight to the step under test. The child doing the work (llama.cpp's converter or
+quantizer, each in its own process) is frozen with SIGSTOP as soon as it appears: the signal then
+surely arrives while that step is in progress, however fast the tiny model would have finished.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from so8t_deploy.build.workspace import Workspace
+
+from .conftest import REPO
+from .demo_manifests import write_demo_manifest
+
+pytestmark = pytest.mark.llamacpp
+_SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+
+
+def children_running(parent: int, module: str) -> list[int]:
+    """PIDs of live children of `parent` whose command line names `module`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        if int(fields[1]) == parent and fields[0] != "Z" and module in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def uses(pid: int, directory: Path) -> bool:
+    """Whether `pid` has a file under `directory` open or mapped: it is past its start-up, at work."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        fds = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:
+        return False
+    return str(directory) in maps or any(fd.startswith(str(directory)) for fd in fds)
+
+
+def wait_for_child(proc: subprocess.Popen, module: str, working_in: Path | None = None,
+                   timeout: float = 120) -> int:
+    """The child running `module`; with `working_in`, once it reads or writes a file there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the build ended ({proc.returncode}) before {module} was seen at work"
+        for pid in children_running(proc.pid, module):
+            if working_in is None or uses(pid, working_in):
+                return pid
+        time.sleep(0.002)
+    raise AssertionError(f"{module} was never seen at work")
+
+
+@pytest.fixture
+def cache_without(built_demo, tmp_path):
+    """A copy of the built demo cache without the given stages' artifacts."""
+    _, built = built_demo
+
+    def make(*stages: str) -> Path:
+        cache = tmp_path / "cache"
+        shutil.copytree(built, cache, symlinks=True)
+        for stage in stages:
+            shutil.rmtree(cache / "objects" / stage)
+        return cache
+
+    return make
+
+
+@contextmanager
+def ended(proc: subprocess.Popen) -> Iterator[None]:
+    """However the test goes, the build and what it started are gone after it."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def start_build(manifest: Path, cache: Path, tmp: Path) -> subprocess.Popen:
+    tmp.mkdir()
+    # A session of its own, as a terminal's job is: a Ctrl-C reaches every process in the group.
+    return subprocess.Popen([sys.executable, "-m", "so8t_deploy", "build", str(manifest), "--cache-dir", str(cache)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def published(cache: Path, stage: str) -> list[str]:
+    """A stage's artifacts that a later run would trust: not the hidden staging of a killed writer."""
+    directory = cache / "objects" / stage
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) if directory.exists() else []
+
+
+def signal_thread(pid: int, tid: int, signum: int) -> None:
+    """tgkill(2): a signal for one thread of another process, as the kernel may choose to deliver it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_TGKILL, pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid})")
+
+
+@pytest.mark.parametrize("receiver", ["process group", "another thread"])
+def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cache_without, tmp_path, receiver):
+    demo_dir, _ = built_demo
+    cache = cache_without("quantize")
+    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp")
+    with ended(proc):
+        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner")
+        os.kill(quantizer, signal.SIGSTOP)  # mid-quantize, for certain
+        if receiver == "process group":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+        else:
+            # A process-wide signal goes to whichever thread the kernel picks (the build has a few, from
+            # torch and the digest pool); one taken by a thread other than the main must work as well.
+            threads = sorted(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+            signal_thread(proc.pid, threads[-1], signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted; nothing partial was kept"
+    assert "Traceback" not in err
+    assert not alive(quantizer)
+    assert published(cache, "quantize") == []
+    assert [p.name for p in (cache / "objects").rglob("*.partial*")] == []
+
+
+def test_sigterm_during_quantize_is_an_interrupt_too(built_demo, cache_without, tmp_path):
+    demo_dir, _ = built_demo
+    cache = cache_without("quantize")
+    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp")
+    with ended(proc):
+        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner")
+        os.kill(quantizer, signal.SIGSTOP)
+        proc.send_signal(signal.SIGTERM)  # only the build: a CI runner cancelling the job
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted; nothing partial was kept"
+    assert not alive(quantizer)
+    assert published(cache, "quantize") == []
+
+
+def test_a_killed_build_leaves_no_converter_running_and_no_temp_file(built_demo, cache_without, tmp_path):
+    demo_dir, _ = built_demo
+    cache = cache_without("convert", "quantize")
+    manifest = write_demo_manifest(tmp_path / "m.yaml", demo_dir, [])
+    proc = start_build(manifest, cache, tmp_path / "tmp")
+    # Frozen once it is reading the baked model: mid-conversion, when its parent dies.
+    with ended(proc):
+        converter = wait_for_child(proc, "so8t_deploy.external.convert_runner", working_in=cache / "objects")
+        os.kill(converter, signal.SIGSTOP)
+        proc.kill()
+        proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while alive(converter) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(converter), "the converter outlived the build that started it"
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # The frozen conversion was not published; one that finished before it (the other variant) may be, whole.
+    assert len(published(cache, "convert")) < 2
+    for key in published(cache, "convert"):
+        record, damage = Workspace(cache).inspect("convert", key)
+        assert record is not None and damage is None
+
+    # The next run clears what the dead one was writing and converges.
+    rerun = subprocess.run([sys.executable, "-m", "so8t_deploy", "build", str(manifest), "--cache-dir", str(cache)],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(published(cache, "convert")) == 2 and len(published(cache, "quantize")) == 2
+    assert [p.name for p in (cache / "objects").rglob("*.partial*")] == []

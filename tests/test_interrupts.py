@@ -104,12 +104,18 @@ def ended(proc: subprocess.Popen) -> Iterator[None]:
             proc.communicate()
 
 
-def start_build(manifest: Path, cache: Path, tmp: Path) -> subprocess.Popen:
+def start_build(manifest: Path, cache: Path, tmp: Path, *, sigint_ignored: bool = False) -> subprocess.Popen:
     tmp.mkdir()
-    # A session of its own, as a terminal's job is: a Ctrl-C reaches every process in the group.
-    return subprocess.Popen([sys.executable, "-m", "so8t_deploy", "build", str(manifest), "--cache-dir", str(cache)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
+    command = [sys.executable, "-m", "so8t_deploy", "build", str(manifest), "--cache-dir", str(cache)]
+    # An ignored SIGINT is inherited through exec: how a shell script starts a job in the background.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if sigint_ignored else None
+    try:
+        # A session of its own, as a terminal's job is: a Ctrl-C reaches every process in the group.
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env={**os.environ, "TMPDIR": str(tmp)})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def published(cache: Path, stage: str) -> list[str]:
@@ -125,15 +131,16 @@ def signal_thread(pid: int, tid: int, signum: int) -> None:
         raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid})")
 
 
-@pytest.mark.parametrize("receiver", ["process group", "another thread"])
+@pytest.mark.parametrize("receiver", ["process group", "another thread", "a job started with SIGINT ignored"])
 def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cache_without, tmp_path, receiver):
     demo_dir, _ = built_demo
     cache = cache_without("quantize")
-    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp")
+    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp",
+                       sigint_ignored=receiver.endswith("ignored"))
     with ended(proc):
         quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner")
         os.kill(quantizer, signal.SIGSTOP)  # mid-quantize, for certain
-        if receiver == "process group":
+        if receiver != "another thread":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         else:
             # A process-wide signal goes to whichever thread the kernel picks (the build has a few, from

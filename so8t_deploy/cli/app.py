@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     state.update(verbose=False, manifest=None, step=None, redact=None)
     _show_library_logs(False)
     try:
-        with _sigterm_interrupts():
+        with _interrupts_stop_us():
             # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
             command.main(args=_verbose_first(sys.argv[1:] if argv is None else argv), prog_name="so8t-deploy",
                          standalone_mode=True)
@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (a CI job cancelled, a container stopped) is handled like Ctrl-C: undo, then exit 130."""
+def _interrupts_stop_us() -> Iterator[None]:
+    """Ctrl-C and SIGTERM (a CI job cancelled, a container stopped) raise KeyboardInterrupt: undo, exit 130.
+
+    Installed explicitly: Python leaves SIGINT ignored when it starts ignored, as it does for a job
+    a shell script puts in the background, and a cancelled CI job must still stop.
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -135,8 +139,9 @@ def _sigterm_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -7,12 +7,8 @@ or an input changed since the plan), 130 interrupted. See README.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -20,6 +16,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_OPERATIONAL, So8tError
 from . import build_commands, demo_commands, deploy_commands, worker_commands  # noqa: F401 - they register
+from .interrupts import interrupts_handled_by, stop_now
 from .typer_app import app, state
 
 
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     state.update(verbose=False, manifest=None, step=None, redact=None)
     _show_library_logs(False)
     try:
-        with _interrupts_stop_us():
+        with interrupts_handled_by(stop_now):
             # Standalone mode lets typer report usage errors (exit 2) and turn Ctrl-C into exit 130.
             command.main(args=_verbose_first(sys.argv[1:] if argv is None else argv), prog_name="so8t-deploy",
                          standalone_mode=True)
@@ -123,25 +120,3 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(error_line(e), err=True)
         return EXIT_OPERATIONAL
     return 0
-
-
-@contextmanager
-def _interrupts_stop_us() -> Iterator[None]:
-    """Ctrl-C and SIGTERM (a CI job cancelled, a container stopped) raise KeyboardInterrupt: undo, exit 130.
-
-    Installed explicitly: Python leaves SIGINT ignored when it starts ignored, as it does for a job
-    a shell script puts in the background, and a cancelled CI job must still stop.
-    """
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -12,6 +12,7 @@ import pytest
 from so8t_deploy.cli.app import main
 from tests.gotemplate import INSTALL_HINT, GoToolchainMissing
 from tests.hub_fixtures import hf_env, hub, hub_model, hub_server  # noqa: F401 - the test hub's fixtures
+from tests.ollama_server import ServerPool
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -69,6 +70,14 @@ def run_cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """Ollama test servers for one test, each a process with its own store: pool.start(n) -> n URLs."""
+    servers = ServerPool(tmp_path / "hosts")
+    yield servers
+    servers.stop_all()
 
 
 @pytest.fixture(scope="session")

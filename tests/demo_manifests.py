@@ -11,6 +11,7 @@ DEMO_TAGS = ["so8t-demo:full-f16", "so8t-demo:full-q8_0", "so8t-demo:light-f16",
 def write_demo_manifest(path: Path, demo_dir: Path, urls: list[str], *, system: str = "You are a helpful assistant.",
                         expect: str = ".", prune: bool = False, on_failure: str = "rollback", canary: int = 1,
                         host_timeout: float = 30, smoke_extra: str = "", source: str | None = None,
+                        variants: str = "{full: {}, light: {rotation: 0.1, ffn: 0.05, triality: 0.02}}",
                         extra: str = "") -> Path:
     targets = "\n".join(f"  - {{name: host-{i}, host: '{url}', timeout_s: {host_timeout}}}"
                         for i, url in enumerate(urls)) or "  []"
@@ -21,9 +22,7 @@ source:
   model: {source or demo_dir / 'model'}
   adapters: [{{kind: so8t, path: {demo_dir / 'adapters' / 'so8t'}}}]
 bake:
-  variants:
-    full: {{}}
-    light: {{rotation: 0.1, ffn: 0.05, triality: 0.02}}
+  variants: {variants}
 quantize: [f16, q8_0]
 modelfile:
   system: {json.dumps(system)}

@@ -57,6 +57,8 @@ FAULT_DEFAULTS: dict = {
     "cut_mode": "close",  # "close": a clean close, the body is short; "reset": a TCP reset
     "cut_counted_from": "body",  # "body": cut_after_bytes of this answer's body; "file": an offset in the file,
                                  # so a GET that resumes at or past it is cut before its first byte
+    "api_answer": None,  # {"status", "content_type", "body"}: every /api/ request gets this instead (a wrong hub)
+    "sibling_patch": None,  # {repo path: {field: value}} merged into that sibling of model info (hostile metadata)
 }
 RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -109,6 +111,10 @@ class App:
             if self.faults["cut_times"] <= 0:
                 self.faults.update(cut_file=None, cut_times=1)
             return cut
+
+    def fault(self, name: str):
+        with self.lock:
+            return self.faults[name]
 
     def record(self, entry: dict) -> None:
         with self.lock:
@@ -232,6 +238,9 @@ class HubHandler(_Handler):
             return self._test_route(method, parts[1:], body)
         if parts == ["api", "agent-harnesses"] and method == "GET":
             return self._json(method, {"standardEnvVars": [], "harnesses": {}})
+        if parts[:1] == ["api"] and (answer := self.app.fault("api_answer")) is not None:
+            return self._reply(method, int(answer.get("status", 200)), str(answer.get("body", "")).encode(),
+                               content_type=answer.get("content_type", "text/html"))
         if parts[:2] == ["api", "models"] and len(parts) >= 3:  # a one-part id ("gpt2") is not a repo here
             return self._api(method, self._repo(parts[2], parts[3] if len(parts) > 3 else ""), parts[4:], query, body)
         if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):
@@ -242,7 +251,10 @@ class HubHandler(_Handler):
         if method == "GET" and (not rest or rest[0] == "revision"):
             sha = self._commit(repo, "/".join(rest[1:]) or "main")
             blobs = query.get("blobs", ["false"])[-1].lower() in ("1", "true")
-            return self._json(method, model_info(repo, sha, blobs))
+            info = model_info(repo, sha, blobs)
+            for sibling in info["siblings"]:
+                sibling.update((self.app.fault("sibling_patch") or {}).get(sibling["rfilename"], {}))
+            return self._json(method, info)
         if method == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
             files = repo.commit_info(self._commit(repo, rest[1]))["files"]
             recursive = query.get("recursive", ["false"])[-1].lower() in ("1", "true")

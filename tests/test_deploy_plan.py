@@ -10,13 +10,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import ollama
 import pytest
 
 from .conftest import REPO
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
-from .ollama_server import ServerPool
+from .host_checks import requests_seen, tag_digests
 
 pytestmark = pytest.mark.llamacpp
 
@@ -25,19 +24,8 @@ manifest = write_demo_manifest
 
 
 @pytest.fixture
-def pool(tmp_path):
-    servers = ServerPool(tmp_path / "hosts")
-    yield servers
-    servers.stop_all()
-
-
-@pytest.fixture
 def demo(built_demo):
     return built_demo
-
-
-def digests(url: str) -> dict[str, str]:
-    return {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models}
 
 
 def actions(result) -> dict[str, set[tuple[str, str]]]:
@@ -69,7 +57,7 @@ def test_plan_of_a_hub_model_on_the_docker_backend_downloads_nothing(demo, pool,
     plan = json.loads(result.out)
     assert plan["source"] == f"{hub_model.repo_id}@{hub_model.second}"  # main resolved to its commit
     assert all(len(step["key"]) == 64 for step in plan["builds"])  # keys from the hub's metadata alone
-    assert actions(result) == {"host-0": {(k, t) for t in TAGS for k in ("upload", "create")}}
+    assert actions(result) == {"host-0": {(k, t) for t in TAGS for k in ("upload", "create", "promote")}}
     assert hub.fetched() == []  # metadata only: not one file's content was sent
     asked = len(hub.requests())
     result = run_cli("plan", path, "--offline", "--cache-dir", tmp_path / "cache", "--json")
@@ -101,11 +89,11 @@ def test_a_saved_plan_is_refused_when_a_host_changed_and_executed_when_not(demo,
     assert run_cli("plan", v2, "--cache-dir", cache, "--out", saved).code == 0
 
     ollama.Client(host=urls[1], timeout=30).copy(TAGS[0], TAGS[1])  # someone else changes a tag on host-1
-    before = [digests(u) for u in urls]
+    before = [tag_digests(u) for u in urls]
     result = run_cli("apply", v2, "--cache-dir", cache, "--plan", saved)
     assert result.code == 3, result.err
     assert "host-1" in result.err and "changed since the plan" in result.err
-    assert [digests(u) for u in urls][1] == before[1]  # nothing overwritten where it changed
+    assert [tag_digests(u) for u in urls][1] == before[1]  # nothing overwritten where it changed
 
     assert run_cli("plan", v2, "--cache-dir", cache, "--out", saved).code == 0
     result = run_cli("apply", v2, "--cache-dir", cache, "--plan", saved, "--json")
@@ -165,17 +153,13 @@ def test_plan_prints_a_pull_request_summary(demo, pool, tmp_path, run_cli):
 
 # --- acceptance 4: two applies against one host -------------------------------------------------------------
 
-def requests_seen(url: str) -> list[dict]:
-    return httpx.get(f"{url}/_test/requests", timeout=30).raise_for_status().json()["requests"]
-
-
 def test_two_concurrent_applies_one_converges_the_other_stops_and_prev_keeps_the_last_good(demo, pool, tmp_path):
     demo_dir, cache = demo
     [url] = pool.start(1)
     cli = [sys.executable, "-m", "so8t_deploy", "apply", "--cache-dir", str(cache)]
     subprocess.run([*cli, str(manifest(tmp_path / "v1.yaml", demo_dir, [url], system="Version one."))],
                    cwd=REPO, check=True, capture_output=True)
-    good = digests(url)
+    good = tag_digests(url)
     first = sorted(TAGS)[0]
     pool.server(url).faults(create_rules=[{"model": first, "action": "silence", "seconds": 6, "times": 1}])
     pool.server(url).clear_requests()
@@ -192,7 +176,7 @@ def test_two_concurrent_applies_one_converges_the_other_stops_and_prev_keeps_the
     assert a.returncode == 0, a_err[-2000:]
     assert b.returncode == 3, b_err[-2000:]
     assert "changed since the plan was made" in b_err
-    now = digests(url)
+    now = tag_digests(url)
     for tag in TAGS:
         assert now[tag + "-prev"] == good[tag]  # the backup still holds the last good model
         assert tag + "-rollback" not in now

@@ -266,7 +266,8 @@ def test_the_control_plane_drives_the_docker_backend_from_a_venv_without_torch(e
         assert plan.returncode == 0, plan.stderr
         planned = json.loads(plan.stdout)
         assert [s["cached"] for s in planned["builds"]] == [False] * 6
-        assert sorted(a["kind"] for a in planned["hosts"][0]["actions"]) == ["create"] * 4 + ["upload"] * 4
+        assert sorted(a["kind"] for a in planned["hosts"][0]["actions"]) == ["create"] * 4 + ["promote"] * 4 + [
+            "upload"] * 4
 
         apply = _so8t(control_bin, "apply", manifest, "--cache-dir", cache, "--json", env=env, cwd=tmp_path)
         assert apply.returncode == 0, apply.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,6 @@ import ollama
 import pytest
 
 from tests.hub_fixtures import HF_UNSET, PublishedModel
-from tests.ollama_server import ServerPool
 
 from .conftest import REPO
 
@@ -32,15 +32,10 @@ TAG = f"{NAME}:f16"
 WEIGHTS = "model.safetensors"
 
 
-@pytest.fixture
-def pool(tmp_path):
-    servers = ServerPool(tmp_path / "hosts")
-    yield servers
-    servers.stop_all()
-
-
-def hub_manifest(path: Path, repo_id: str, urls: Sequence[str] = (), *, revision: str | None = None) -> Path:
+def hub_manifest(path: Path, repo_id: str, urls: Sequence[str] = (), *, revision: str | None = None,
+                 system: str | None = None) -> Path:
     """One variant, one quant level, no adapter: the smallest manifest that bakes, converts and deploys a hub model."""
+    system_line = f"\n  system: {json.dumps(system)}" if system else ""
     targets = "\n".join(f"  - {{name: host-{i}, host: '{url}', timeout_s: 30}}" for i, url in enumerate(urls))
     path.write_text(f"""\
 apiVersion: so8t-deploy/v1
@@ -51,7 +46,7 @@ source:
   adapters: []
 quantize: [f16]
 modelfile:
-  parameters: {{num_ctx: 256}}
+  parameters: {{num_ctx: 256}}{system_line}
 targets:
 {targets or '  []'}
 rollout: {{canary: 1, parallelism: 1, on_failure: rollback, prune: false}}
@@ -239,20 +234,111 @@ def test_a_partial_file_that_is_not_a_prefix_of_the_file_is_fetched_again(hub, h
 def test_a_damaged_file_in_the_hub_cache_is_never_handed_to_a_bake_and_is_fetched_again(hub, hub_model, hf_env,
                                                                                          tmp_path):
     """At the adapter: a cached snapshot is checked against the digests the plan saw, not taken on faith."""
-    from so8t_deploy.errors import BuildError
+    from so8t_deploy.build.hashing import DigestCache
     from so8t_deploy.external.hub import download, resolve_revision
 
-    origin = "m.yaml: source.model"
+    origin, warnings = "m.yaml: source.model", []
+    digests = DigestCache(tmp_path / "digests.json")
     revision = resolve_revision(hub_model.repo_id, None, origin=origin)
-    local = download(revision, tmp_path, origin=origin)
+    local = download(revision, tmp_path, digests, origin=origin)
     Path(os.path.realpath(local / "config.json")).write_text("{}")
-    with pytest.raises(BuildError) as raised:
-        download(revision, tmp_path, origin=origin)
-    assert str(raised.value).startswith(f"m.yaml: source.model: {hub_model.repo_id!r} at {hub_model.second}: "
-                                        "config.json is missing or differs from the hub's")
     hub.reset()
-    assert sha256_file(download(revision, tmp_path) / "config.json") == hub_model.sha256("config.json")
+    assert sha256_file(download(revision, tmp_path, digests, origin=origin, warn=warnings.append)
+                       / "config.json") == hub_model.sha256("config.json")
     assert hub.fetched() == ["config.json"]
+    assert warnings == [f"m.yaml: source.model: {hub_model.repo_id!r} at {hub_model.second}: config.json in the hub "
+                        "cache differs from the hub's digest (damaged since it was downloaded?); fetching it again"]
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["mtime-changed", "mtime-kept"])
+def test_a_cached_hub_weight_damaged_after_download_is_fetched_again_before_a_bake(hub, hub_model, hf_env, tmp_path,
+                                                                                   run_cli, keep_mtime):
+    """Stamps (size, mtime, inode) catch damage cheaply; damage that keeps them needs --verify-cache, which hashes."""
+    manifest, cache = hub_manifest(tmp_path / "m.yaml", hub_model.repo_id), tmp_path / "cache"
+    result = run_cli("build", manifest, "--cache-dir", cache, "--json")
+    assert result.code == 0, result.err
+    [built] = json.loads(result.out)["artifacts"]
+    blob = Path(os.path.realpath(snapshot(cache, hub_model, hub_model.second) / WEIGHTS))
+    before = os.stat(blob)
+    with blob.open("r+b") as f:  # one bit of the first tensor's data, the size unchanged
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        value = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([value[0] ^ 4]))
+    if keep_mtime:
+        os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))
+    shutil.rmtree(cache / "objects")  # so the bake runs again
+    hub.reset()
+    result = run_cli("build", manifest, "--cache-dir", cache, "--json", *(["--verify-cache"] if keep_mtime else []))
+    assert result.code == 0, result.err
+    assert f"{WEIGHTS} in the hub cache differs from the hub's digest" in result.err
+    assert hub.fetched() == [WEIGHTS]
+    assert sha256_file(blob) == hub_model.sha256(WEIGHTS)
+    assert json.loads(result.out)["artifacts"][0]["sha256"] == built["sha256"]  # baked from the hub's bytes
+
+
+@pytest.mark.parametrize(("patch", "says"), [
+    ({WEIGHTS: {"lfs": {"sha256": "../../somewhere/file", "size": 1, "pointerSize": 1}}},
+     f"the hub's metadata gives {WEIGHTS} the sha256 '../../somewhere/file', which is not one"),
+    ({"config.json": {"rfilename": "../../somewhere/config.json"}},
+     "the hub's metadata names a file '../../somewhere/config.json', which is not a path inside the repository"),
+    ({"config.json": {"blobId": "../x"}}, "the hub's metadata gives config.json the git blob id '../x'"),
+], ids=["lfs-sha256", "file-name", "blob-id"])
+def test_hub_metadata_that_would_become_a_path_is_refused(hub, hub_model, hf_env, tmp_path, run_cli, patch, says):
+    hub.faults(sibling_patch=patch)
+    manifest, cache = hub_manifest(tmp_path / "m.yaml", hub_model.repo_id), tmp_path / "work" / "cache"
+    for command in ("plan", "build"):
+        result = run_cli(command, manifest, "--cache-dir", cache)
+        assert result.code == 1, result.err
+        line = error_line(result)
+        assert line.startswith(f"{manifest}: source.model: {hub_model.repo_id!r}: ") and says in line, line
+    assert hub.fetched() == []
+    assert not [p for p in tmp_path.rglob("*") if "somewhere" in p.name]
+
+
+@pytest.mark.parametrize(("answer", "says"), [
+    ({"status": 200, "content_type": "text/html", "body": "<html><body>Sign in to the proxy</body></html>"},
+     "answered with something that is not the hub's API (an HTML page, a proxy's login page?): check HF_ENDPOINT"),
+    ({"status": 401, "content_type": "text/plain", "body": "Unauthorized"},
+     "answered 401 Unauthorized without saying why: it wants a token: set HF_TOKEN"),
+], ids=["html", "bare-401"])
+def test_a_hub_that_answers_but_not_as_the_hub_says_so(hub, hub_model, hf_env, tmp_path, run_cli, answer, says):
+    hub.faults(api_answer=answer)
+    result = run_cli("plan", hub_manifest(tmp_path / "m.yaml", hub_model.repo_id), "--cache-dir", tmp_path / "cache")
+    assert result.code == 1, result.err
+    assert says in error_line(result) and "not reachable" not in result.err
+
+
+def test_a_plan_saved_during_a_hub_outage_recreates_nothing_and_keeps_every_backup(
+        pool, hub, hub_model, hf_env, tmp_path, run_cli, monkeypatch):
+    [url] = pool.start(1)
+    cache = tmp_path / "cache"
+    for version in ("one", "two"):  # two releases: the tag, and its backup
+        path = hub_manifest(tmp_path / f"{version}.yaml", hub_model.repo_id, [url], system=f"Version {version}.")
+        assert run_cli("apply", path, "--cache-dir", cache).code == 0
+    deployed = {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models}
+    assert set(deployed) == {TAG, f"{TAG}-prev"}
+    pool.server(url).clear_requests()
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub is out of reach
+    saved = tmp_path / "plan.json"
+    result = run_cli("plan", path, "--cache-dir", cache, "--out", saved)
+    assert result.code == 1 and "pass --allow-unknown-keys to save it" in error_line(result)
+    assert not saved.exists()
+    result = run_cli("plan", path, "--cache-dir", cache, "--check")
+    assert result.code == 1 and "plan --check: could not observe the hub" in error_line(result)
+    result = run_cli("plan", path, "--cache-dir", cache, "--out", saved, "--allow-unknown-keys", "--json")
+    assert result.code == 0, result.err
+    assert ("create", TAG) in {(a["kind"], a["tag"]) for a in json.loads(result.out)["hosts"][0]["actions"]}
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # back
+    result = run_cli("apply", path, "--cache-dir", cache, "--plan", saved, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)["hosts"][0]
+    assert report["unchanged"] == [TAG] and report["created"] == [] and report["promoted"] == []
+    assert {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models} == deployed
+    assert [r["path"] for r in pool.server(url).requests() if r["method"] in ("POST", "DELETE")
+            and r["path"] != "/api/show"] == []
 
 
 # --- access, errors and an unreachable hub -------------------------------------------------------------------------

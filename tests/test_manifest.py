@@ -196,9 +196,9 @@ def test_invalid_manifest_is_one_line_exit_2(run_cli, tmp_path, monkeypatch, cas
     assert fragment in lines[0], lines[0]
 
 
-def test_a_tag_and_its_backup_suffix_fit_ollamas_80_characters(run_cli, tmp_path):
-    variant = "v" * 64
-    fits = edit(VALID, "    light:", f"    {variant}:")  # '{variant}-q4_k_m-rollback' is exactly 80
+def test_a_tag_and_its_companion_suffixes_fit_ollamas_80_characters(run_cli, tmp_path):
+    variant = "v" * 63
+    fits = edit(VALID, "    light:", f"    {variant}:")  # '{variant}-q4_k_m-candidate' is exactly 80
     load_manifest(write(tmp_path, fits, "fits.yaml"))  # the schema accepts it
     too_long = edit(fits, "q4_k_m]", "iq3_xxs]")
     result = run_cli("validate", write(tmp_path, too_long, "long.yaml"))

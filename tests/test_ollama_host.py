@@ -18,8 +18,8 @@ import pytest
 from so8t_deploy.errors import HostError, HostUnreachableError
 from so8t_deploy.external.ollama_host import (
     CREATE_BASE_TIMEOUT_S,
+    Clock,
     CreateFailed,
-    CreateOutcomeUnknown,
     OllamaHost,
     create_read_timeout,
 )
@@ -168,8 +168,8 @@ def test_a_host_that_is_down_is_unreachable_after_retries():
         host.tags()
 
 
-def test_ordinary_calls_time_out_but_a_create_waits(scripted):
-    """A create silent for longer than the ordinary read timeout is waited for, and sent once."""
+def test_ordinary_calls_time_out_but_a_create_waits_and_is_not_streamed(scripted):
+    """A create silent for longer than the ordinary read timeout is waited for, sent once, with stream false."""
 
     def slow_tags(handler: Handler) -> None:
         time.sleep(1.5)
@@ -180,27 +180,25 @@ def test_ordinary_calls_time_out_but_a_create_waits(scripted):
         handler.wfile.write(ok)
 
     def silent_create(handler: Handler) -> None:
-        start_ndjson(handler)
-        for line, pause in ((b'{"status":"verifying conversion"}\n', 1.5), (b'{"status":"success"}\n', 0)):
-            write_chunk(handler, line)
-            time.sleep(pause)
-        write_chunk(handler, b"")
+        time.sleep(1.5)
+        ok = json.dumps({"status": "success"}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(ok)))
+        handler.end_headers()
+        handler.wfile.write(ok)
 
     url, seen = scripted({("GET", "/api/tags"): slow_tags, ("POST", "/api/create"): silent_create})
-    statuses: list[str] = []
     with OllamaHost("h", url, timeout=0.5, retries=1) as host:
         with pytest.raises(HostUnreachableError, match="timed out"):
             host.tags()
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }}", None, {}, size=10,
-                    on_status=statuses.append)
-    assert statuses == ["verifying conversion", "success"]
-    assert [r["path"] for r in seen if r["method"] == "POST"] == ["/api/create"]
+        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }}", None, {}, size=10)
+    [create] = [r for r in seen if r["method"] == "POST"]
+    assert create["path"] == "/api/create" and json.loads(create["body"])["stream"] is False
 
 
 def test_create_errors_are_never_retried(scripted):
-    in_stream = b'{"status":"parsing GGUF"}\n{"error":"template: :1: unexpected \\"}\\" in operand"}\n'
-    url, seen = scripted({("POST", "/api/create"): (200, "application/x-ndjson", in_stream)})
-    with OllamaHost("h", url) as host, pytest.raises(CreateFailed, match="in the response stream"):
+    url, seen = scripted({("POST", "/api/create"): ok_json({"error": "template: :1: unexpected \"}\""}, 400)})
+    with OllamaHost("h", url) as host, pytest.raises(CreateFailed, match=r"unexpected .*\(HTTP 400\)"):
         host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }", None, {}, size=10)
     url2, seen2 = scripted({("POST", "/api/create"): ok_json({"error": "boom"}, 500)})
     with OllamaHost("h", url2) as host, pytest.raises(CreateFailed, match=r"boom \(HTTP 500\)"):
@@ -208,16 +206,53 @@ def test_create_errors_are_never_retried(scripted):
     assert len(seen) == 1 and len(seen2) == 1
 
 
-def test_a_create_whose_answer_is_lost_is_not_resent(scripted):
-    def drop(handler: Handler) -> None:
-        start_ndjson(handler)
-        write_chunk(handler, b'{"status":"parsing GGUF"}\n')
-        handler.close_connection = True  # the connection ends without the last chunk
+class FakeClock(Clock):
+    """Time that passes only when waited on: polls after a lost answer cost no real seconds."""
 
-    url, seen = scripted({("POST", "/api/create"): drop})
-    with OllamaHost("h", url) as host, pytest.raises(CreateOutcomeUnknown, match="answer was lost"):
+    def __init__(self) -> None:
+        now = [0.0]
+        object.__setattr__(self, "now", now)
+        super().__init__(monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+
+
+def tags_after(polls: int, name: str) -> Callable[[Handler], None]:
+    """/api/tags that lists `name` from its `polls`-th answer on (the create landing meanwhile)."""
+    answered = [0]
+
+    def reply(handler: Handler) -> None:
+        answered[0] += 1
+        models = [{"name": name, "model": name, "digest": "d", "modified_at": "2026-01-01T00:00:00Z", "size": 1}]
+        data = json.dumps({"models": models if answered[0] >= polls else []}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return reply
+
+
+def drop_connection(handler: Handler) -> None:
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)  # no status line: what a proxy cutting an idle connection does
+
+
+@pytest.mark.parametrize("answer", ["dropped", "gateway timeout", "not success"])
+def test_a_create_whose_answer_is_lost_is_not_resent_and_is_found_by_polling(scripted, answer):
+    replies = {"dropped": drop_connection, "gateway timeout": (504, "text/html", b"<html>504 Gateway Time-out</html>"),
+               "not success": ok_json({"status": "writing manifest"})}
+    url, seen = scripted({("POST", "/api/create"): replies[answer], ("GET", "/api/tags"): tags_after(3, "m:t")})
+    with OllamaHost("h", url, clock=FakeClock()) as host:
         host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t", None, {}, size=10)
-    assert len(seen) == 1
+    assert [r["path"] for r in seen] == ["/api/create", "/api/tags", "/api/tags", "/api/tags"]
+
+
+def test_a_lost_create_that_never_appears_fails_at_its_deadline(scripted):
+    url, seen = scripted({("POST", "/api/create"): drop_connection, ("GET", "/api/tags"): ok_json({"models": []})})
+    clock = FakeClock()
+    with OllamaHost("h", url, clock=clock) as host, pytest.raises(CreateFailed, match="did not appear"):
+        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t", None, {}, size=80 << 20)
+    assert clock.monotonic() == pytest.approx(create_read_timeout(80 << 20))  # 10 min + 10 s for 80 MiB
+    assert [r["path"] for r in seen].count("/api/create") == 1
 
 
 def test_create_timeout_scales_with_the_file():

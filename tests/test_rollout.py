@@ -12,15 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
-import httpx
 import ollama
 import pytest
 
 from .conftest import REPO
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
+from .host_checks import creates_by_model, requests_seen, tag_digests, wait_for
 from .ollama_server import ServerPool
 
 pytestmark = pytest.mark.llamacpp
@@ -64,28 +63,6 @@ def apply(run_cli, manifest, cache):
     return result, (json.loads(result.out) if result.out.strip().startswith("{") else None)
 
 
-def tag_digests(url: str) -> dict[str, str]:
-    """Every model on a host with its manifest digest, as /api/tags lists them."""
-    return {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models}
-
-
-def requests_seen(url: str) -> list[dict]:
-    return httpx.get(f"{url}/_test/requests", timeout=30).raise_for_status().json()["requests"]
-
-
-def creates_by_model(url: str) -> Counter:
-    return Counter(r["body"]["model"] for r in requests_seen(url)
-                   if r["method"] == "POST" and r["path"] == "/api/create")
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def apply_in_subprocess(manifest, cache, **env) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "so8t_deploy", "apply", str(manifest), "--cache-dir", str(cache)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -127,7 +104,7 @@ def test_plan_check_reports_drift_after_a_manifest_change(demo, hosts, tmp_path,
     urls = hosts.start(1)
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, urls)
     result = run_cli("plan", manifest, "--cache-dir", cache, "--json")
-    assert {a["kind"] for a in json.loads(result.out)["hosts"][0]["actions"]} == {"upload", "create"}
+    assert {a["kind"] for a in json.loads(result.out)["hosts"][0]["actions"]} == {"upload", "create", "promote"}
     assert apply(run_cli, manifest, cache)[0].code == 0
     assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
 
@@ -135,8 +112,10 @@ def test_plan_check_reports_drift_after_a_manifest_change(demo, hosts, tmp_path,
     result = run_cli("plan", changed, "--cache-dir", cache, "--check", "--json")
     assert result.code == 3
     actions = json.loads(result.out)["hosts"][0]["actions"]
-    assert {(a["kind"], a["tag"]) for a in actions} >= {("backup", "so8t-demo:full-q8_0"),
-                                                         ("create", "so8t-demo:full-q8_0")}
+    assert {(a["kind"], a["tag"]) for a in actions} >= {("create", "so8t-demo:full-q8_0"),
+                                                         ("promote", "so8t-demo:full-q8_0")}
+    promote = next(a for a in actions if a["kind"] == "promote")
+    assert "the live model becomes so8t-demo:full-f16-prev" in promote["detail"]
     assert not [a for a in actions if a["kind"] == "upload"]  # same GGUFs: nothing to upload
 
 
@@ -189,8 +168,10 @@ def test_smoke_failure_on_the_canary_rolls_back_and_spares_the_others(demo, host
     result, report = apply(run_cli, second, cache)
     assert result.code == 1
     canary, other = report["hosts"]
-    assert canary["status"] == "failed" and sorted(canary["rolled_back"]) == sorted(TAGS)
-    assert canary["outcome"] == "restored to how it was" and canary["unrestored"] == []
+    # Blue/green: the candidates failed before any was promoted; the live tags were never touched.
+    assert canary["status"] == "failed" and canary["rolled_back"] == [] and sorted(canary["created"]) == sorted(TAGS)
+    assert canary["outcome"] == "as it was" and canary["unrestored"] == []
+    assert {r["model"] for r in canary["smoke"]} == {t + "-candidate" for t in TAGS}
     assert other["status"] == "skipped"
     assert tag_digests(urls[0]) == before_canary
     for tag in TAGS:  # the canary serves version one again
@@ -286,18 +267,18 @@ def test_a_failed_second_create_leaves_a_non_canary_host_exactly_as_it_was(demo,
     assert apply(run_cli, v1, cache)[0].code == 0
     before = tag_digests(urls[1])
     second = sorted(TAGS)[1]
-    hosts.server(urls[1]).faults(create_rules=[{"model": second, "action": action, "message": "injected failure",
-                                                           "times": 1}])
+    hosts.server(urls[1]).faults(create_rules=[{"model": second + "-candidate", "action": action,
+                                                 "message": "injected failure", "times": 1}])
     result, report = apply(run_cli, write_manifest(tmp_path / "v2.yaml", demo_dir, urls, system="Version two."),
                            cache)
     assert result.code == 1
     canary, other = report["hosts"]
     assert canary["status"] == "ok" and canary["outcome"] == "converged"
     assert other["status"] == "failed" and "injected failure" in other["error"]
-    assert other["outcome"] == "restored to how it was" and other["unrestored"] == []
+    assert other["outcome"] == "as it was" and other["unrestored"] == []
     assert tag_digests(urls[1]) == before  # names and digests: nothing added, nothing changed
     assert creates_by_model(urls[1])[second] == 2  # one per apply: the failed create was not re-sent
-    assert "host-1: failed, restored to how it was" in result.err
+    assert "host-1: failed, as it was" in result.err
 
     # The next run converges the host that failed, and counts nothing it did not verify as unchanged.
     result, report = apply(run_cli, write_manifest(tmp_path / "v3.yaml", demo_dir, urls, system="Version two."),
@@ -314,7 +295,7 @@ def test_sigint_between_two_creates_rolls_the_host_back_and_exits_130(demo, host
                     "--cache-dir", str(cache)], cwd=REPO, check=True, capture_output=True)
     before = tag_digests(url)
     second = sorted(TAGS)[1]
-    hosts.server(url).faults(create_rules=[{"model": second, "action": "silence", "seconds": 4}])
+    hosts.server(url).faults(create_rules=[{"model": second + "-candidate", "action": "silence", "seconds": 4}])
     manifest = write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two.")
     proc = apply_in_subprocess(manifest, cache)
     wait_for(lambda: creates_by_model(url)[second] >= 2, what="the second create of the second apply")
@@ -322,8 +303,8 @@ def test_sigint_between_two_creates_rolls_the_host_back_and_exits_130(demo, host
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith(f"{manifest}: apply: interrupted;")
-    assert "restored to how it was" in err
-    assert tag_digests(url) == before
+    assert "host-0: interrupted, as it was" in err
+    assert tag_digests(url) == before  # both candidates (the one in flight finished) are gone
 
 
 def test_smoke_requests_are_deterministic_and_unload_the_model(demo, hosts, tmp_path, run_cli):
@@ -374,32 +355,6 @@ def test_a_smoke_failure_says_why(demo, hosts, tmp_path, run_cli):
     result, report = apply(run_cli, manifest, cache)
     assert all(r["reason"].startswith("load error:") for r in report["hosts"][0]["smoke"])
     assert tag_digests(url) == {}  # every failed run deleted the tags it had created
-
-
-def test_a_run_that_died_leaves_tags_the_next_run_verifies(demo, hosts, tmp_path, run_cli):
-    """A SIGKILLed apply leaves a new, unsmoked model live: the next run tests it instead of trusting it."""
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    v1 = write_manifest(tmp_path / "v1.yaml", demo_dir, [url], system="Version one.")
-    assert apply(run_cli, v1, cache)[0].code == 0
-    first, second = sorted(TAGS)[:2]
-    hosts.server(url).faults(create_rules=[{"model": second, "action": "silence", "seconds": 30}])
-    v2 = write_manifest(tmp_path / "v2.yaml", demo_dir, [url], system="Version two.")
-    proc = apply_in_subprocess(v2, cache)
-    wait_for(lambda: creates_by_model(url)[second] >= 2, what="the second create")
-    proc.kill()
-    proc.communicate(timeout=60)
-    assert first + "-rollback" in tag_digests(url)  # the dead run's backup of the tag it replaced
-
-    hosts.server(url).faults(reset=True)
-    result = run_cli("plan", v2, "--cache-dir", cache, "--json")
-    actions = {(a["kind"], a["tag"]) for a in json.loads(result.out)["hosts"][0]["actions"]}
-    assert ("verify", first) in actions and ("unchanged", first) not in actions
-    result, report = apply(run_cli, v2, cache)
-    assert result.code == 0, result.err
-    assert first in report["hosts"][0]["verified"] and first not in report["hosts"][0]["unchanged"]
-    assert any(r["tag"] == first for r in report["hosts"][0]["smoke"])
-    assert not [t for t in tag_digests(url) if t.endswith("-rollback")]
 
 
 def test_the_phi3_template_renders_multi_turn_chats_as_phi3_expects(demo, hosts, tmp_path, run_cli):

@@ -25,12 +25,14 @@ UNKNOWN_UNTIL_DOWNLOAD = "key known after download"
 
 def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress, *, download_model: bool,
                    hub_commit: str | None = None, manifest_path: Path | None = None,
-                   offline: bool = False) -> BuildInputs:
+                   offline: bool = False, verify_cache: bool = False) -> BuildInputs:
     """Digests of every input; with `download_model`, the model is also on this machine afterwards.
 
     `offline` asks no hub: a hub model's keys are then unknown (plan --offline).
     `hub_commit` pins a hub model to the commit a saved plan resolved, so apply builds what it showed.
     `manifest_path` is named in hub errors ("MANIFEST: source.model: 'org/name' ...").
+    A downloaded hub model's cached files are checked against the hub's digests before every use: by size and
+    mtime, or, with `verify_cache`, by hashing them again.
     """
     check_readable(manifest)
     digests = workspace.digests()
@@ -55,7 +57,9 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
         model_dir = None
         if download_model:
             progress.step(f"download {revision.label}")
-            model_dir = download(revision, workspace.hub, origin=origin)
-        return BuildInputs(revision.label, combined_digest(revision.files), adapters, source_dir=model_dir)
+            model_dir = download(revision, workspace.hub, digests, origin=origin, verify=verify_cache,
+                                 warn=progress.warning)
+        return BuildInputs(revision.label, combined_digest(revision.files), adapters, source_dir=model_dir,
+                           hub_commit=revision.commit)
     finally:
         digests.save()

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from .. import __version__
+from ..frozen import Frozen
 from ..manifest.quant_types import lookup_quant_type
 from ..manifest.schema import AdapterRef, Manifest
 from .provenance import gguf_metadata, llama_cpp_label
@@ -39,17 +38,15 @@ class BuildInputs:
     adapters: tuple[AdapterInput, ...]
     source_dir: Path | None = None  # where the model is on this machine, once known
     note: str = ""
+    hub_commit: str | None = None  # the commit a hub model resolved to
 
     @property
     def adapter_digests(self) -> list[dict[str, str]]:
         return [{"kind": a.ref.kind, "digest": a.digest} for a in self.adapters]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-
-class BuildStep(_Model):
+class BuildStep(Frozen):
     stage: Literal["bake", "convert", "quantize"]
     variant: str
     quant: str | None = None  # the GGUF type a convert or quantize writes
@@ -59,7 +56,7 @@ class BuildStep(_Model):
     note: str = ""
 
 
-class TagBuild(_Model):
+class TagBuild(Frozen):
     """How one tag's GGUF is made, what identifies it on a host, and what it is once built."""
 
     tag: str
@@ -76,7 +73,7 @@ class TagBuild(_Model):
         return self.quant in ("f32", "bf16", "f16")
 
 
-class BuildPlan(_Model):
+class BuildPlan(Frozen):
     steps: list[BuildStep]
     tags: list[TagBuild]
     references: list[TagBuild]  # each variant's converted float GGUF (the quality gate's reference)

@@ -146,6 +146,13 @@ def print_deploy_plan(plan: DeployPlan, fmt: str) -> None:
         print_table(f"{host.target} ({host.url})", ["action", "tag", "detail", "bytes"], rows)
 
 
+def markdown_text(text: str) -> str:
+    """Server-made text (a host's error) as inert Markdown on one line: no table cell ends early, no HTML,
+    link, image, code span or emphasis comes from it."""
+    flat = " ".join(str(text).split())
+    return "".join(f"\\{ch}" if ch in "\\`*_[]()<>|!#~&" else ch for ch in flat)
+
+
 def plan_markdown(plan: DeployPlan) -> str:
     """A summary fit for a pull-request comment."""
     name = plan.tags[0].tag.split(":")[0] if plan.tags else plan.manifest
@@ -154,18 +161,22 @@ def plan_markdown(plan: DeployPlan) -> str:
     hosts = f"{len(plan.hosts)} host" + ("" if len(plan.hosts) == 1 else "s")
     lines.append(f"**{'Changes' if plan.drift else 'No changes'}** on {hosts}; "
                  f"{len(to_build)} of {len(plan.builds.steps)} build steps to run (source `{plan.source}`).")
-    lines += ["", "| host | upload | create | verify | unchanged | held | delete |", "|---|---|---|---|---|---|---|"]
+    if plan.note:
+        lines += ["", f"Some keys are unknown: {markdown_text(plan.note)}."]
+    lines += ["", "| host | upload | create | verify | unchanged | held | tidy | delete |",
+              "|---|---|---|---|---|---|---|---|"]
     for host in plan.hosts:
         if host.error:
-            lines.append(f"| {host.target} | host error: {host.error} |||||")
+            cells = [markdown_text(host.target), f"host error: {markdown_text(host.error)}", *[""] * 6]
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         kinds = [str(a.kind) for a in plan.actions(host)]
-        counts = [str(kinds.count(k)) for k in ("create", "verify", "unchanged", "held", "delete")]
+        counts = [str(kinds.count(k)) for k in ("create", "verify", "unchanged", "held", "tidy", "delete")]
         lines.append(f"| {host.target} | {human_size(plan.upload_bytes(host))} | " + " | ".join(counts) + " |")
     changes = [(h.target, a) for h in plan.hosts for a in plan.actions(h) if a.kind != "unchanged"]
     if changes:
         lines += ["", "<details><summary>Actions</summary>", ""]
-        lines += [f"- `{target}` **{a.kind}** `{a.tag}` {a.detail}".rstrip() for target, a in changes]
+        lines += [f"- `{target}` **{a.kind}** `{a.tag}` {markdown_text(a.detail)}".rstrip() for target, a in changes]
         lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
@@ -212,8 +223,9 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
 
 
 def _tag_counts(host: HostReport) -> str:
-    counts = {"created": host.created, "verified": host.verified, "unchanged": host.unchanged, "held": host.held,
-              "deleted": host.deleted, "rolled back": host.rolled_back}
+    counts = {"created": host.created, "verified": host.verified, "promoted": host.promoted,
+              "unchanged": host.unchanged, "held": host.held, "tidied": host.tidied, "deleted": host.deleted,
+              "rolled back": host.rolled_back}
     return ", ".join(f"{len(tags)} {what}" for what, tags in counts.items() if tags) or "-"
 
 

@@ -7,7 +7,17 @@ from typing import Annotated, Literal
 
 import typer
 
-from ..errors import EXIT_DRIFT, DriftError, HostError, Interrupted, RolloutError, UsageError
+from ..errors import (
+    EXIT_DRIFT,
+    EXIT_INTERRUPTED,
+    EXIT_OPERATIONAL,
+    DriftError,
+    HostError,
+    Interrupted,
+    RolloutError,
+    UsageError,
+)
+from ..external.hub import HubUnavailableError
 from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, VerifyCacheOpt, app, load
 
 Format = Literal["table", "json", "markdown"]
@@ -36,16 +46,19 @@ def schema() -> None:
 @app.command()
 def plan(
     manifest: ManifestArg,
-    check: Annotated[bool, typer.Option("--check", help="Exit 3 if apply would change anything, 1 if a host "
-                                        "cannot be observed.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Save the plan for `apply --plan`.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit 3 if apply would change anything, 1 if a host or the "
+                                        "hub cannot be observed.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Save the plan, for `apply --plan`.")] = None,
+    allow_unknown_keys: Annotated[bool, typer.Option(
+        "--allow-unknown-keys", help="Save the plan (--out) although the hub could not be asked, so some keys are "
+        "unknown; apply then leaves tags whose keys turn out unchanged alone.")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Only the build steps: no hub, no hosts.")] = False,
     output: Annotated[str, typer.Option("--format", help="table | json | markdown (for a pull request).")] = "table",
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Show what apply would do: build steps with their keys, and per host upload, backup, create, unchanged,
-    held, delete. Changes nothing."""
+    """Show what apply would do: build steps with their keys, and per host upload, create, promote, verify,
+    unchanged, held, tidy, delete. Changes nothing."""
     from ..build.workspace import Workspace
     from ..deploy.commands import plan_manifest
     from .console import ConsoleProgress, print_deploy_plan
@@ -53,16 +66,26 @@ def plan(
     fmt = _format(output, as_json)
     if offline and check:
         raise UsageError("--offline --check: a drift check needs the hosts, which --offline does not ask")
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; name the file to write the plan to")
     loaded = load(manifest)
     with ConsoleProgress() as progress:
         made = plan_manifest(loaded, manifest, Workspace(cache_dir), progress, offline=offline)
-    if out is not None:
-        made.save(out)
     print_deploy_plan(made, fmt)
+    if out is not None:
+        if made.note and not offline and not allow_unknown_keys:
+            raise HubUnavailableError(f"plan: not saved to {out}: the hub could not be asked, so some keys are "
+                                      "unknown; plan again once it answers, or pass --allow-unknown-keys to save it")
+        try:
+            made.save(out)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write the plan: {e.strerror or e}") from e
     down = [h for h in made.hosts if h.error]
     if down:
         raise HostError(f"plan: {len(down)} of {len(made.hosts)} hosts could not be observed: "
                         + "; ".join(f"{h.target}: {h.error}" for h in down))
+    if check and made.check_exit_code == EXIT_OPERATIONAL:
+        raise HubUnavailableError(f"plan --check: could not observe {'; '.join(made.unobserved)}")
     if check and made.check_exit_code == EXIT_DRIFT:
         drifted = sorted({h.target for h in made.hosts for a in made.actions(h) if a.kind != "unchanged"})
         raise DriftError(f"{manifest}: drift on {', '.join(drifted)}")
@@ -79,8 +102,8 @@ def _format(output: str, as_json: bool) -> Format:
 @app.command()
 def apply(
     manifest: ManifestArg,
-    saved_plan: Annotated[Path | None, typer.Option("--plan", help="Execute exactly this plan (from "
-                                                    "`plan --out`); refused, exit 3, if anything moved since.")] = None,
+    saved_plan: Annotated[Path | None, typer.Option("--plan", help="A plan from `plan --out`: apply does at most "
+                                                    "what it shows; refused, exit 3, if anything moved since.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Roll out tags that fail the quality gate.")] = False,
     as_json: JsonOpt = False,
     cache_dir: CacheOpt = DEFAULT_CACHE,
@@ -100,12 +123,13 @@ def apply(
     print_apply_result(result, as_json=as_json)
     states = "; ".join(f"{h.target}: {h.status}, {h.outcome}" + (f" ({h.error})" if h.error else "")
                        for h in result.hosts if h.status != "ok")
-    if result.interrupted:
+    code = result.exit_code
+    if code == EXIT_INTERRUPTED:
         raise Interrupted(f"apply: interrupted; {states or 'nothing was changed'}")
+    if code == EXIT_DRIFT:
+        raise DriftError(f"apply: {states}")
     if result.failed:
         raise RolloutError(f"apply: {len(result.failed)} of {len(result.hosts)} hosts failed: {states}")
-    if result.changed:
-        raise DriftError(f"apply: {states}")
     if result.gated:
         raise RolloutError(f"apply: the quality gate held back {', '.join(result.gated)} "
                            "(see `so8t-deploy eval`; --force rolls them out anyway)")

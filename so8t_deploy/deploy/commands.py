@@ -17,7 +17,8 @@ from ..quality.evaluate import QuantQuality, evaluate
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.smoke import SmokeResult, run_smoke_tests
 from .execute import ApplyResult, apply_plan
-from .plan import DeployPlan, load_plan, make_plan
+from .plan import DeployPlan, make_plan
+from .saved_plan import load_plan
 
 
 def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
@@ -28,16 +29,17 @@ def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace,
 def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
                    cancel: CancelToken | None = None, force: bool = False,
                    plan_file: Path | None = None, verify_cache: bool = False) -> ApplyResult:
-    """Execute a saved plan, or make one now and execute it: the same decisions either way."""
-    plan = load_plan(plan_file) if plan_file else make_plan(manifest, manifest_path, workspace, progress)
-    return apply_plan(manifest, plan, workspace, progress, cancel or CancelToken(), saved=plan_file is not None,
-                      force=force, verify_cache=verify_cache)
+    """Derive the plan now and execute it; a saved plan (`plan_file`) is checked input that pins and narrows it."""
+    saved = load_plan(plan_file) if plan_file else None
+    return apply_plan(manifest, manifest_path, workspace, progress, cancel or CancelToken(), saved=saved,
+                      saved_path=plan_file, force=force, verify_cache=verify_cache)
 
 
 def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
                    manifest_path: Path | None = None, verify_cache: bool = False) -> BuildReport:
     """Every tag's GGUF, reusing whatever the workspace already holds (intact: see Workspace.inspect)."""
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path,
+                            verify_cache=verify_cache)
     runner = runner_for(manifest, workspace, progress)
     return Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build()
 

@@ -1,9 +1,9 @@
-"""Execute a DeployPlan: build what the creates need, hold back what fails the quality gate, roll out.
+"""Execute a deployment: derive the plan now, hold it against a saved one, build, gate, roll out.
 
-A saved plan is executed only if nothing it depends on moved: the manifest (its digest), the
-inputs (the build keys the plan showed) and every host (what it observed). Anything else is
-refused with exit 3 before a single change, so a plan reviewed on a pull request is exactly what
-merging it does.
+Whether or not a plan was saved, what apply does comes from the manifest and what it observes now
+(one decision path): every host is observed before the first change. A saved plan only pins and
+narrows that (see saved_plan): anything it recorded that moved is refused with exit 3 before a
+single change, so a plan reviewed on a pull request is never exceeded by merging it.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ from pathlib import Path
 
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
-from ..build.plan import BuildInputs, plan_builds
+from ..build.plan import plan_builds
 from ..build.runner import Runner, runner_for
 from ..build.workspace import Workspace
 from ..cancel import CancelToken
-from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, DriftError
+from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL
 from ..manifest.schema import Manifest
 from ..progress import Progress
 from ..quality.evaluate import evaluate, gate_failures
-from ..rollout.desired import DesiredModel, write_release
-from ..rollout.fleet import apply_rollout
+from ..rollout.desired import DesiredModel, desired_models, write_release
+from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
 from ..rollout.host_plan import TagKind
-from .plan import DeployPlan, manifest_digest
+from .plan import DeployPlan, make_plan
+from .saved_plan import check_fits, check_unchanged
 
 
 @dataclass
@@ -39,7 +40,7 @@ class ApplyResult:
 
     @property
     def failed(self) -> list[HostReport]:
-        return [h for h in self.hosts if h.status not in (HostStatus.OK, HostStatus.CHANGED)]
+        return [h for h in self.hosts if h.status in (HostStatus.FAILED, HostStatus.UNREACHABLE)]
 
     @property
     def changed(self) -> list[HostReport]:
@@ -47,6 +48,8 @@ class ApplyResult:
 
     @property
     def exit_code(self) -> int:
+        """130 interrupted; 1 a host failed or was down, or the gate held a tag; 3 someone else changed a host
+        during the run (the hosts it stopped are skipped, not failed); 0 converged."""
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.failed or self.gated:
@@ -54,43 +57,40 @@ class ApplyResult:
         return EXIT_DRIFT if self.changed else EXIT_OK
 
 
-def _hub_commit(plan: DeployPlan) -> str | None:
-    return plan.source.rpartition("@")[2] if "@" in plan.source else None
-
-
-def _check_inputs_unchanged(manifest: Manifest, plan: DeployPlan, inputs: BuildInputs, workspace: Workspace) -> None:
-    now = {t.tag: t.key for t in plan_builds(manifest, inputs, workspace).tags}
-    moved = sorted(t.tag for t in plan.builds.tags if t.key is not None and now.get(t.tag) != t.key)
-    if moved:
-        raise DriftError(f"apply: the inputs changed since the plan was made (build keys of {', '.join(moved[:3])}"
-                         f"{' ...' if len(moved) > 3 else ''}); run plan again")
-
-
 def _build(manifest: Manifest, plan: DeployPlan, tags: list[str], workspace: Workspace, progress: Progress,
-           saved: bool, verify_cache: bool) -> tuple[BuildReport, Runner]:
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=_hub_commit(plan),
-                            manifest_path=Path(plan.manifest))
-    if saved:
-        _check_inputs_unchanged(manifest, plan, inputs, workspace)
+           verify_cache: bool) -> tuple[BuildReport, Runner, dict[str, DesiredModel]]:
+    """Build what the creates need; returns the report, the runner and every tag's model, built ones filled in
+    (with the keys the plan could not know, where the hub was out of reach when it was made)."""
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
+                            manifest_path=Path(plan.manifest), verify_cache=verify_cache)
     runner = runner_for(manifest, workspace, progress)
-    return Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags), runner
+    report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags)
+    models = {m.tag: m for m in desired_models(manifest, plan_builds(manifest, inputs, workspace))}
+    for artifact in report.artifacts:
+        models[artifact.tag] = models[artifact.tag].built(artifact)
+        write_release(workspace.releases, manifest, artifact)
+    return report, runner, models
 
 
-def apply_plan(manifest: Manifest, plan: DeployPlan, workspace: Workspace, progress: Progress, cancel: CancelToken,
-               *, saved: bool, force: bool = False, verify_cache: bool = False) -> ApplyResult:
-    """Execute `plan`; `saved` (apply --plan) first checks that nothing moved since it was made."""
-    if saved and plan.manifest_digest != manifest_digest(manifest):
-        raise DriftError(f"apply: {plan.manifest} changed since the plan was made; run plan again")
+def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress,
+               cancel: CancelToken, *, saved: DeployPlan | None = None, saved_path: Path | None = None,
+               force: bool = False, verify_cache: bool = False) -> ApplyResult:
+    """Derive the plan now (pinned to `saved`'s hub commit), check it against `saved`, and execute it."""
+    if saved is not None:
+        check_fits(saved, manifest, saved_path or Path("plan"))
+    plan = make_plan(manifest, manifest_path, workspace, progress, hub_commit=saved.hub_commit if saved else None)
+    if saved is not None:
+        check_unchanged(saved, plan, manifest)
     result = ApplyResult(plan=plan, hosts=[])
-    models: dict[str, DesiredModel] = {t.tag: t.desired() for t in plan.tags}
+    models = {m.tag: m for m in desired_models(manifest, plan.builds)}
     creating = {d.tag for h in plan.hosts for d in h.decisions if d.kind is TagKind.CREATE}
     failing = {t.tag: list(t.gate or []) for t in plan.tags if t.gate and t.tag in creating}  # known from the plan
     to_build = sorted(creating if force else creating - set(failing))
+    hosts = plan.hosts
     if to_build:
-        result.build, runner = _build(manifest, plan, to_build, workspace, progress, saved, verify_cache)
-        for artifact in result.build.artifacts:
-            models[artifact.tag] = models[artifact.tag].built(artifact)
-            write_release(workspace.releases, manifest, artifact)
+        result.build, runner, models = _build(manifest, plan, to_build, workspace, progress, verify_cache)
+        if plan.unknown_keys:  # known only now: a tag that turns out unchanged is left alone, never re-created
+            hosts = plan_hosts(manifest, list(models.values()), workspace)
         unknown = [a for a in result.build.artifacts if plan.planned(a.tag).gate is None]
         if manifest.quality.gated and unknown:
             report = BuildReport(artifacts=unknown, references=result.build.references)
@@ -105,7 +105,7 @@ def apply_plan(manifest: Manifest, plan: DeployPlan, workspace: Workspace, progr
         progress.warning(f"quality gate: {tag} is not rolled out: {'; '.join(reasons)}")
     for tag, reasons in result.forced.items():
         progress.warning(f"--force: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
-    result.hosts = apply_rollout(manifest, plan.hosts, models, set(result.gated), workspace, progress, cancel,
-                                 check_observed=saved)
+    result.hosts = apply_rollout(manifest, hosts, models, set(result.gated), workspace, progress, cancel)
     result.interrupted = cancel.cancelled
     return result
+

@@ -1,14 +1,14 @@
 """The DeployPlan: everything `apply` will do, computed without side effects, and saved as JSON.
 
-It holds the build steps with their cache keys (and whether each is already built), each tag's
-Modelfile and the quality gate's verdict where it is known, and per host what it holds now and
-the decision for every tag. Computing it reads the manifest, hashes local inputs (remembered in
-the workspace's digest cache), asks the hub for metadata and observes each host: it never
-downloads weights, starts a container or changes a host.
+It holds the build steps with their cache keys (and whether each is already built), per tag the
+digest of its rendered Modelfile and the quality gate's verdict where it is known, and per host
+what it holds now and the decision for every tag. Computing it reads the manifest, hashes local
+inputs (remembered in the workspace's digest cache), asks the hub for metadata and observes each
+host: it never downloads weights, starts a container or changes a host.
 
-`plan --out FILE` saves it and `apply --plan FILE` executes exactly it: apply refuses (exit 3) if
-the manifest, an input, or a host changed in the meantime. `apply` without a saved plan makes one
-and executes it, so there is one decision path.
+A saved plan (`plan --out`) is input to check, like a manifest, never a program to run: `apply
+--plan` derives everything from the manifest and what it observes now (see saved_plan), and the
+plan may only pin and narrow that.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from .. import __version__
 from ..build.inputs import resolve_inputs
 from ..build.plan import BuildPlan, plan_builds
 from ..build.provenance import llama_cpp_label
 from ..build.workspace import Workspace
-from ..errors import EXIT_DRIFT, EXIT_OK, EXIT_OPERATIONAL, UsageError
+from ..errors import EXIT_DRIFT, EXIT_OK, EXIT_OPERATIONAL
+from ..frozen import Frozen
 from ..fsutil import write_atomic
 from ..manifest.schema import Manifest
 from ..progress import Progress
@@ -35,18 +36,14 @@ from ..rollout.desired import DesiredModel, desired_models
 from ..rollout.fleet import plan_hosts
 from ..rollout.host_plan import ActionKind, HostPlan, TagKind
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
 
 
-class PlannedTag(_Model):
+class PlannedTag(Frozen):
     tag: str
     gguf_name: str
-    template: str
-    system: str | None
-    parameters: dict[str, Any]
-    identity: dict[str, str] | None
+    modelfile_digest: str  # sha256 of the rendered Modelfile; its content always comes from the manifest
+    identity: dict[str, str] | None  # the GGUF keys a host's copy must report; None: unknown (see note)
     sha256: str | None  # once built
     size: int | None
     gate: list[str] | None  # why the quality gate holds it back ([] passes), None: not evaluated yet
@@ -55,26 +52,25 @@ class PlannedTag(_Model):
     def held(self) -> bool:
         return bool(self.gate)
 
-    def desired(self) -> DesiredModel:
-        return DesiredModel(tag=self.tag, gguf_name=self.gguf_name, template=self.template, system=self.system,
-                            parameters=self.parameters, identity=self.identity, sha256=self.sha256, size=self.size)
 
-
-class Action(_Model):
+class Action(Frozen):
     kind: ActionKind
     tag: str
     detail: str = ""
     bytes: int | None = 0  # None: not known until built
 
 
-class DeployPlan(_Model):
-    format: Literal["so8t-deploy/plan-v1"] = "so8t-deploy/plan-v1"
+class DeployPlan(Frozen):
+    format: Literal["so8t-deploy/plan-v2"] = PLAN_FORMAT
     manifest: str  # the manifest file the plan was made from
+    name: str  # the manifest's model name
     manifest_digest: str  # of the validated manifest (header values excluded)
     created_at: str
     tool_version: str
     llama_cpp: str
-    source: str  # the model as resolved: a local path, or org/name@commit
+    source: str  # the model as resolved: a local path, org/name@commit, or org/name while the hub is unknown
+    hub_commit: str | None = None  # the commit a hub model resolved to: apply builds exactly it
+    offline: bool = False  # made with --offline: no host observed, nothing for apply to check against
     note: str = ""  # why some keys are unknown
     builds: BuildPlan
     tags: list[PlannedTag]
@@ -83,19 +79,24 @@ class DeployPlan(_Model):
     def planned(self, tag: str) -> PlannedTag:
         return next(t for t in self.tags if t.tag == tag)
 
+    @property
+    def unknown_keys(self) -> bool:
+        return any(t.identity is None for t in self.tags)
+
     def actions(self, host: HostPlan) -> list[Action]:
-        """The host's decisions as rows to read: upload, backup, create, verify, unchanged, held, delete."""
-        rows: list[Action] = []
+        """The host's decisions as rows to read, in the order apply carries them out."""
+        rows = [Action(kind=ActionKind.TIDY, tag=t, detail="left by an interrupted run") for t in host.tidy]
         for d in host.decisions:
             tag = self.planned(d.tag)
             if d.kind is TagKind.UNCHANGED:
                 rows.append(Action(kind=ActionKind.UNCHANGED, tag=d.tag))
             elif d.kind is TagKind.VERIFY:
-                rows.append(Action(kind=ActionKind.VERIFY, tag=d.tag, detail="left unverified by an earlier run"))
+                rows.append(Action(kind=ActionKind.VERIFY, tag=d.tag, detail="an interrupted promotion: smoke-test "
+                                   "the live tag, then keep it (or restore the older model)"))
             elif tag.held:
                 rows.append(Action(kind=ActionKind.HELD, tag=d.tag, detail="; ".join(tag.gate or [])))
             else:
-                rows += _create_rows(d.tag, d.upload, d.needs_backup, tag)
+                rows += _create_rows(d.tag, d.upload, d.reuse_candidate, d.observed_digest is not None, tag)
         rows += [Action(kind=ActionKind.DELETE, tag=t, detail="pruned") for t in host.deletes]
         return rows
 
@@ -108,9 +109,17 @@ class DeployPlan(_Model):
         return any(a.kind is not ActionKind.UNCHANGED for h in self.hosts for a in self.actions(h))
 
     @property
+    def unobserved(self) -> list[str]:
+        """What could not be observed: hosts that did not answer, and the hub (keys unknown)."""
+        found = [f"{h.target}: {h.error}" for h in self.hosts if h.error]
+        if self.note:
+            found.append(f"the hub ({self.note})")
+        return found
+
+    @property
     def check_exit_code(self) -> int:
-        """plan --check: 0 exactly when apply would change nothing and exit 0; 3 drift; 1 a host not observed."""
-        if any(h.error for h in self.hosts):
+        """plan --check: 0 exactly when apply would change nothing and exit 0; 3 drift; 1 something not observed."""
+        if self.unobserved:
             return EXIT_OPERATIONAL
         return EXIT_DRIFT if self.drift else EXIT_OK
 
@@ -118,21 +127,24 @@ class DeployPlan(_Model):
         write_atomic(path, self.model_dump_json(indent=2) + "\n")
 
 
-def _create_rows(tag: str, upload: bool | None, backup: bool, planned: PlannedTag) -> list[Action]:
+def _create_rows(tag: str, upload: bool | None, reuse: bool, live: bool, planned: PlannedTag) -> list[Action]:
     rows = []
     if upload is None:
         rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail="if missing once built", bytes=None))
     elif upload:
         rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail=planned.gguf_name, bytes=planned.size))
-    if backup:
-        rows.append(Action(kind=ActionKind.BACKUP, tag=tag, detail=f"copy to {tag}-prev once verified"))
-    if planned.sha256:
-        detail = f"sha256:{planned.sha256[:12]}"
+    if reuse:
+        detail = "reuse the candidate an interrupted run left"
+    elif planned.sha256:
+        detail = f"as {tag}-candidate, sha256:{planned.sha256[:12]}"
     else:
-        detail = "after build" if planned.identity else "after build (key known after download)"
+        detail = f"as {tag}-candidate, " + ("after build" if planned.identity else
+                                            "after build (key known after download)")
     if planned.gate is None:
         detail += "; quality gate pending"
     rows.append(Action(kind=ActionKind.CREATE, tag=tag, detail=detail))
+    promote = f"once smoke-tested; the live model becomes {tag}-prev" if live else "once smoke-tested (a new tag)"
+    rows.append(Action(kind=ActionKind.PROMOTE, tag=tag, detail=promote))
     return rows
 
 
@@ -144,28 +156,21 @@ def manifest_digest(manifest: Manifest) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def planned_tags(models: list[DesiredModel], gate: dict[str, list[str] | None]) -> list[PlannedTag]:
+    return [PlannedTag(tag=m.tag, gguf_name=m.gguf_name, modelfile_digest=m.modelfile_digest, identity=m.identity,
+                       sha256=m.sha256, size=m.size, gate=gate[m.tag]) for m in models]
+
+
 def make_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
-              offline: bool = False) -> DeployPlan:
+              offline: bool = False, hub_commit: str | None = None) -> DeployPlan:
+    """The plan from the manifest and what the hub and every host report now; `hub_commit` pins a hub model."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
-                            offline=offline)
+                            offline=offline, hub_commit=hub_commit)
     builds = plan_builds(manifest, inputs, workspace)
-    gate = cached_gate(manifest, builds, workspace)
-    tags = []
-    for model in desired_models(manifest, builds):
-        tags.append(PlannedTag(tag=model.tag, gguf_name=model.gguf_name, template=model.template,
-                               system=model.system, parameters=model.parameters, identity=model.identity,
-                               sha256=model.sha256, size=model.size, gate=gate[model.tag]))
-    hosts = plan_hosts(manifest, [t.desired() for t in tags], workspace) if not offline else []
-    return DeployPlan(manifest=str(manifest_path), manifest_digest=manifest_digest(manifest),
+    models = desired_models(manifest, builds)
+    hosts = plan_hosts(manifest, models, workspace) if not offline else []
+    return DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,
-                      llama_cpp=llama_cpp_label(), source=inputs.source_label, note=inputs.note, builds=builds,
-                      tags=tags, hosts=hosts)
-
-
-def load_plan(path: Path) -> DeployPlan:
-    try:
-        return DeployPlan.model_validate_json(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the plan: {e.strerror}") from e
-    except ValidationError as e:
-        raise UsageError(f"{path}: not a plan written by `so8t-deploy plan --out` ({e.error_count()} errors)") from e
+                      llama_cpp=llama_cpp_label(), source=inputs.source_label, hub_commit=inputs.hub_commit,
+                      offline=offline, note=inputs.note, builds=builds,
+                      tags=planned_tags(models, cached_gate(manifest, builds, workspace)), hosts=hosts)

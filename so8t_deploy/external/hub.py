@@ -15,8 +15,16 @@ blob store, where `snapshot_download` finds it and fetches only the small files 
 are then checked against their git blob ids. A cut never leaves a file the bake trusts, and a
 cached snapshot of the commit is never taken on faith.
 
+Everything the hub says is untrusted. Every value of its metadata that becomes a path on this
+machine is checked first: each file name must be a relative path inside the snapshot, each LFS
+sha256 64 hex digits (the name its blob is stored under), each git blob id 40. A cached file is
+checked against the digest the hub lists for it before every use: cheaply by size and mtime
+(stamps recorded when it was verified), fully by hashing with `verify`; a damaged one is fetched
+again with a warning, and never baked.
+
 Every error names what named the repo (`origin`: "MANIFEST: source.model") and the next step: a
-local directory, HF_TOKEN or HF_ENDPOINT.
+local directory, HF_TOKEN or HF_ENDPOINT. A hub that answers, but not as the hub (an HTML page,
+a 401 without the hub's error code), is told apart from one that does not answer.
 """
 
 from __future__ import annotations
@@ -24,9 +32,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from filelock import FileLock
@@ -39,10 +50,26 @@ ATTEMPTS_WITHOUT_PROGRESS = 3  # attempts in a row that add no byte to a file be
 RETRY_PAUSE_S = 1.0  # before an attempt that follows one that added nothing; doubles each time
 PARTIAL_DIR = ".partial"  # under the hub cache: LFS files being downloaded, named by their sha256
 MIB = 1 << 20
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_GIT_ID_RE = re.compile(r"[0-9a-f]{40}")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+MAX_REPO_PATH = 1024
+
+
+class FileDigests(Protocol):
+    """Remembered sha256 of files by their size, mtime and inode (the workspace's digest cache)."""
+
+    def known(self, path: Path) -> str | None: ...
+
+    def record(self, path: Path, digest: str) -> None: ...
 
 
 class HubUnavailableError(BuildError):
     """The hub could not be asked (offline, DNS, timeout, 5xx): what depends on it is unknown for now."""
+
+
+class HubAnswerError(BuildError):
+    """The hub answered, but not as the hub does: an HTML page, a bare 401, metadata that is not valid."""
 
 
 class HubDownloadError(HubUnavailableError):
@@ -91,19 +118,48 @@ def _translate(origin: str, repo: str, revision: str | None, e: Exception) -> Ex
         token = ("no token was sent" if status == 401 else "the token sent (HF_TOKEN) is not granted access")
         return BuildError(f"{where} is gated on the hub and {token}: accept its terms on the hub, then set HF_TOKEN "
                           "to a token of that account (or use a local directory)")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, errors.HfHubHTTPError) and status == 401 and not _hub_error_code(e):
+        return HubAnswerError(f"{where}: the hub at {_endpoint_label()} answered 401 Unauthorized without saying "
+                              "why: it wants a token: set HF_TOKEN (or check HF_ENDPOINT)")
     if isinstance(e, errors.RepositoryNotFoundError):
         return InvalidInputError(f"{where}: no such repository on {_endpoint_label()} (a private one needs "
                                  "HF_TOKEN; a mirror is set with HF_ENDPOINT), or use a local directory")
     if isinstance(e, errors.RevisionNotFoundError):
         return InvalidInputError(f"{where}: no such revision on the hub: set source.revision to a commit, branch or "
                                  "tag of it")
-    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, ValueError | TypeError | KeyError | AttributeError):  # a 200 that is not the hub's JSON
+        return HubAnswerError(f"{where}: the hub at {_endpoint_label()} answered with something that is not the "
+                              "hub's API (an HTML page, a proxy's login page?): check HF_ENDPOINT")
     if isinstance(e, errors.HfHubHTTPError) and not (status is not None and (status >= 500 or status == 429)):
         return BuildError(f"{where}: the hub answered {str(e).splitlines()[0][:200]} (a mirror is set with "
                           "HF_ENDPOINT; or use a local directory)")
     reason = f"answered {status}" if status is not None else f"is not reachable ({type(e).__name__})"
     return HubUnavailableError(f"{where}: the hub at {_endpoint_label()} {reason}; use a local directory, or set "
                                "HF_ENDPOINT to a mirror")
+
+
+def _hub_error_code(e: Exception) -> str | None:
+    response = getattr(e, "response", None)
+    return response.headers.get("X-Error-Code") if response is not None else None
+
+
+def _checked_path(name: object, where: str) -> str:
+    """A repo file name that is a relative path inside the snapshot; HubAnswerError otherwise."""
+    path = PurePosixPath(str(name))
+    ok = (isinstance(name, str) and 0 < len(name) <= MAX_REPO_PATH and not path.is_absolute() and "\\" not in name
+          and "\0" not in name and all(part not in ("", ".", "..") for part in name.split("/")))
+    if not ok:
+        raise HubAnswerError(f"{where}: the hub's metadata names a file {str(name)[:80]!r}, which is not a path "
+                             "inside the repository; refusing it (check HF_ENDPOINT)")
+    return name  # type: ignore[return-value]
+
+
+def _checked_digest(value: object, pattern: re.Pattern[str], what: str, path: str, where: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise HubAnswerError(f"{where}: the hub's metadata gives {path} the {what} {str(value)[:80]!r}, which is "
+                             "not one; refusing it (check HF_ENDPOINT)")
+    return value
 
 
 def resolve_revision(repo: str, revision: str | None, *, origin: str = "source.model") -> HubRevision:
@@ -115,42 +171,66 @@ def resolve_revision(repo: str, revision: str | None, *, origin: str = "source.m
         info = hub.HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except Exception as e:  # the client raises its own errors and raw transport errors alike
         raise _translate(origin, repo, revision, e) from e
-    wanted = set(hub.utils.filter_repo_objects([s.rfilename for s in info.siblings or []],
-                                               allow_patterns=HUB_PATTERNS))
+    where = f"{origin}: {repo!r}"
+    commit = _checked_digest(info.sha, _COMMIT_RE, "commit", "the revision", where)
+    names = [_checked_path(s.rfilename, where) for s in info.siblings or []]
+    wanted = set(hub.utils.filter_repo_objects(names, allow_patterns=HUB_PATTERNS))
     files = {}
     for sibling in info.siblings or []:
-        if sibling.rfilename in wanted:
-            files[sibling.rfilename] = (f"sha256:{sibling.lfs.sha256}" if sibling.lfs is not None
-                                        else f"git-blob:{sibling.blob_id}")
+        if sibling.rfilename not in wanted:
+            continue
+        if sibling.lfs is not None:
+            sha256 = _checked_digest(sibling.lfs.sha256, _SHA256_RE, "sha256", sibling.rfilename, where)
+            files[sibling.rfilename] = f"sha256:{sha256}"
+        else:
+            blob_id = _checked_digest(sibling.blob_id, _GIT_ID_RE, "git blob id", sibling.rfilename, where)
+            files[sibling.rfilename] = f"git-blob:{blob_id}"
     if not any(path.endswith(".safetensors") for path in files):
-        raise InvalidInputError(f"{origin}: {repo!r} at {info.sha} has no .safetensors weights (only safetensors "
+        raise InvalidInputError(f"{origin}: {repo!r} at {commit} has no .safetensors weights (only safetensors "
                                 "are read; convert .bin checkpoints first, or use a local directory)")
     if info.gated:
         try:
-            hub.get_hf_file_metadata(hub.hf_hub_url(repo, min(files), revision=info.sha, endpoint=_endpoint()),
+            hub.get_hf_file_metadata(hub.hf_hub_url(repo, min(files), revision=commit, endpoint=_endpoint()),
                                      endpoint=_endpoint())
         except Exception as e:
             raise _translate(origin, repo, revision, e) from e
-    return HubRevision(repo, info.sha, dict(sorted(files.items())))
+    return HubRevision(repo, commit, dict(sorted(files.items())))
 
 
-def download(revision: HubRevision, cache_dir: Path, *, origin: str = "source.model") -> Path:
-    """Fetch the bake's files at the resolved commit into the hub cache; returns the snapshot directory."""
+def download(revision: HubRevision, cache_dir: Path, digests: FileDigests, *, origin: str = "source.model",
+             verify: bool = False, warn: Callable[[str], None] | None = None) -> Path:
+    """Fetch the bake's files at the resolved commit into the hub cache; returns the snapshot directory, every
+    file of which has the hub's digest (checked by stamps, or by hashing with `verify`)."""
+    for attempt in (1, 2):
+        snapshot = _download_once(revision, cache_dir, digests, origin)
+        damaged = _damaged_files(snapshot, revision, digests, verify)
+        if not damaged:
+            return snapshot
+        for path in damaged:  # the next attempt fetches them again
+            for bad in (Path(os.path.realpath(snapshot / path)), snapshot / path):
+                with contextlib.suppress(OSError):
+                    bad.unlink()
+        if attempt == 1 and warn is not None:
+            warn(f"{origin}: {revision.repo!r} at {revision.commit}: {', '.join(damaged)} in the hub cache "
+                 "differs from the hub's digest (damaged since it was downloaded?); fetching it again")
+    raise BuildError(f"{origin}: {revision.repo!r} at {revision.commit}: {', '.join(damaged)} is missing or "
+                     "differs from the hub's after download; run again, or set HF_ENDPOINT to another mirror")
+
+
+def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests, origin: str) -> Path:
     hub = _hub()
     storage = cache_dir / f"models--{revision.repo.replace('/', '--')}"  # huggingface_hub's layout
     try:
         for path, digest in revision.files.items():
             if digest.startswith("sha256:"):
-                _fetch_lfs_file(revision, path, digest.removeprefix("sha256:"), cache_dir, storage, origin)
-        snapshot = _with_retries(lambda: Path(hub.snapshot_download(
+                _fetch_lfs_file(revision, path, digest.removeprefix("sha256:"), cache_dir, storage, digests, origin)
+        return _with_retries(lambda: Path(hub.snapshot_download(
             revision.repo, revision=revision.commit, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
             endpoint=_endpoint())))
     except So8tError:
         raise
     except Exception as e:
         raise _translate(origin, revision.repo, revision.commit, e) from e
-    _check_snapshot(snapshot, revision, origin)
-    return snapshot
 
 
 def _with_retries(call):
@@ -167,16 +247,19 @@ def _with_retries(call):
 # --- LFS files: resumable, verified --------------------------------------------------------------------------
 
 def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Path, storage: Path,
-                    origin: str) -> None:
+                    digests: FileDigests, origin: str) -> None:
     """Put the file into huggingface_hub's blob store (named by its ETag, the sha256), resuming what earlier
     attempts and runs left in `.partial/<sha256>`; a file whose sha256 is not the hub's never gets there."""
     hub = _hub()
-    if (storage / "blobs" / sha256).exists():
+    blob = storage / "blobs" / sha256  # checked: 64 hex digits, never a path of the hub's choosing
+    if blob.exists():
         return
     url = hub.hf_hub_url(revision.repo, path, revision=revision.commit, endpoint=_endpoint())
     meta = hub.get_hf_file_metadata(url, endpoint=_endpoint())  # a HEAD: where the bytes are (the CDN), size, ETag
-    blob = storage / "blobs" / (meta.etag or sha256)
-    if blob.exists() or meta.size is None:  # no size to resume against: snapshot_download fetches it
+    if meta.etag is not None and meta.etag != sha256:
+        raise HubAnswerError(f"{origin}: {revision.repo!r}: {path}: the hub's ETag {meta.etag[:80]!r} is not the "
+                             "sha256 its metadata lists; refusing the file (check HF_ENDPOINT)")
+    if meta.size is None:  # no size to resume against: snapshot_download fetches it
         return
     headers = {**hub.utils.build_hf_headers(), "Accept-Encoding": "identity"}
     if urlsplit(meta.location)[:2] != urlsplit(url)[:2]:
@@ -193,6 +276,7 @@ def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Pa
             if _sha256(partial) == sha256:
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, blob)
+                digests.record(blob, sha256)  # verified now: the next use checks its stamps, not its bytes
                 return
             partial.unlink()
     raise BuildError(f"{what}: the file downloaded does not have the sha256 the hub lists for it; run again, or set "
@@ -258,15 +342,22 @@ def _git_blob_id(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _check_snapshot(snapshot: Path, revision: HubRevision, origin: str) -> None:
-    """Every file the plan saw is there with its digest (an LFS blob was checked before it was stored)."""
+def _damaged_files(snapshot: Path, revision: HubRevision, digests: FileDigests, verify: bool) -> list[str]:
+    """The files of the snapshot that are missing or do not have the hub's digest. An LFS file whose stamps (size,
+    mtime, inode) were recorded with its sha256 is taken as it is, unless `verify`; small files are always hashed."""
+    damaged = []
     for path, digest in revision.files.items():
         local = snapshot / path
         kind, _, expected = digest.partition(":")
-        ok = local.is_file() and (kind == "sha256" or _git_blob_id(local) == expected)
-        if not ok:
-            for bad in (Path(os.path.realpath(local)), local):  # a bad copy: the next run fetches it again
-                with contextlib.suppress(OSError):
-                    bad.unlink()
-            raise BuildError(f"{origin}: {revision.repo!r} at {revision.commit}: {path} is missing or differs from "
-                             "the hub's after download; run again, or set HF_ENDPOINT to another mirror")
+        if not local.is_file():
+            damaged.append(path)
+        elif kind == "sha256":
+            if verify or digests.known(local) != expected:
+                actual = _sha256(local)
+                if actual != expected:
+                    damaged.append(path)
+                else:
+                    digests.record(local, actual)
+        elif _git_blob_id(local) != expected:
+            damaged.append(path)
+    return damaged

@@ -7,16 +7,20 @@ Every error is translated here, once, into a HostError naming the host; header v
 appear in messages or logs.
 
 Idempotent calls (version, list, show, blob HEAD/upload, copy, delete) are retried with backoff
-on connection errors, timeouts and 5xx. A create never is: on current Ollama it can stay silent
-for minutes while the server rewrites the GGUF, and a create sent twice is two rewrites. When a
-create's outcome is unknown (the connection dropped, the long read timeout passed) it raises
-CreateOutcomeUnknown and the caller re-observes the host instead.
+on connection errors, timeouts and 5xx. A create never is. It is sent with `"stream": false`:
+Ollama hands a streamed create's status lines to the handler over an unbuffered channel, so a
+streamed create whose client went away (a proxy cutting an idle connection while the server
+copies and hashes a multi-GB GGUF, silently) blocks forever before it writes its manifest, while
+a non-streamed one completes whatever the client does. When its answer is lost (a dropped
+connection, a proxy's 502/503/504, the long read timeout), the host is polled (/api/tags) for the
+model until the create's deadline: the connection dropping never means the create failed.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,25 +36,34 @@ MIN_VERSION = Version("0.5.5")  # the first server that accepts create with `fil
 SOURCE_BUILD_VERSION = "0.0.0"  # what a server built from source reports
 UPLOAD_CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
-# A create has its own read timeout: current Ollama pipes the GGUF through llama-quantize and
-# then copies and hashes it with no status line at all, minutes for a multi-GB f16. The wait is
-# scaled to the file: 10 minutes plus one second per 8 MiB (a 7.6 GB GGUF gets about 25 minutes).
+# A create has its own deadline: current Ollama pipes the GGUF through llama-quantize and then
+# copies and hashes it with no answer at all, minutes for a multi-GB f16. The deadline is scaled
+# to the file: 10 minutes plus one second per 8 MiB (a 7.6 GB GGUF gets about 25 minutes). It is
+# both the create's read timeout and, when the answer is lost, how long /api/tags is polled.
 CREATE_BASE_TIMEOUT_S = 600.0
 CREATE_BYTES_PER_SECOND = 8 << 20
+CREATE_POLL_FIRST_S = 1.0  # the first pause between polls after a lost answer; it grows to CREATE_POLL_MAX_S
+CREATE_POLL_MAX_S = 15.0
+# What a reverse proxy answers when the server behind it went silent or away: the create may still land.
+GATEWAY_STATUSES = (502, 503, 504)
 T = TypeVar("T")
 
 
 def create_read_timeout(size: int) -> float:
-    """The longest silence a create of a `size`-byte GGUF is allowed, in seconds."""
+    """The create deadline of a `size`-byte GGUF, in seconds: the longest it may take to appear."""
     return CREATE_BASE_TIMEOUT_S + size / CREATE_BYTES_PER_SECOND
 
 
+@dataclass(frozen=True)
+class Clock:
+    """Time as the host adapter waits on it; tests pass a faster one."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
 class CreateFailed(HostError):
-    """The server refused or aborted a create (an HTTP error, or an error line in its stream)."""
-
-
-class CreateOutcomeUnknown(HostError):
-    """The create request was sent, but its answer was lost: the host must be re-observed."""
+    """The server refused or aborted a create, or the model never appeared after its answer was lost."""
 
 
 class GenerateFailed(HostError):
@@ -71,10 +84,11 @@ class _Transient(Exception):
 
 class OllamaHost:
     def __init__(self, name: str, url: str, headers: dict[str, str] | None = None, *, timeout: float = 30.0,
-                 retries: int = 3, backoff: float = 0.5):
+                 retries: int = 3, backoff: float = 0.5, clock: Clock | None = None):
         self.name, self.url = name, url
         self._headers = dict(headers or {})
         self._timeout, self._retries, self._backoff = timeout, retries, backoff
+        self._clock = clock or Clock()
         self.warnings: list[str] = []
         self.http = self._transport(timeout)
         self.client = self._ollama_client(self.http)
@@ -118,7 +132,7 @@ class OllamaHost:
                 if attempt == self._retries:
                     kind = HostUnreachableError if e.unreachable else HostError
                     raise self._error(what, str(e), kind) from e.__cause__
-                time.sleep(delay)
+                self._clock.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
 
@@ -225,44 +239,62 @@ class OllamaHost:
         return self._call(f"upload {path.name}", call)
 
     def create(self, model: str, files: dict[str, str], template: str, system: str | None,
-               parameters: dict[str, Any], *, size: int, on_status: Callable[[str], None] | None = None) -> None:
-        """Create `model` and wait for it as long as the file's size warrants; never re-sent.
+               parameters: dict[str, Any], *, size: int) -> None:
+        """Create `model` with `"stream": false` and return once the host holds it; never sent twice.
 
-        A refused connection (nothing was sent) is retried; anything after the request left
-        raises CreateFailed (the server said no) or CreateOutcomeUnknown (the answer was lost).
+        Only a refused connection (nothing was sent) is retried. A create the server refuses raises
+        CreateFailed; one whose answer is lost is waited for in /api/tags until its deadline.
         """
-        what = f"create {model}"
+        what, deadline = f"create {model}", create_read_timeout(size)
+        started = self._clock.monotonic()
         for attempt in range(1, self._retries + 1):
-            with self._transport(create_read_timeout(size)) as transport:
-                client = self._ollama_client(transport)
+            with self._transport(deadline) as transport:
                 try:
-                    return self._stream_create(client, what, model, files, template, system, parameters, on_status)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                    lost = self._send_create(self._ollama_client(transport), what, model, files, template, system,
+                                             parameters)
+                except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout) as e:
                     if attempt == self._retries:
                         raise self._error(what, f"unreachable ({_transport_reason(e)})", HostUnreachableError) from e
-                time.sleep(self._backoff * 2 ** (attempt - 1))
+                    self._clock.sleep(self._backoff * 2 ** (attempt - 1))
+                    continue
+            if lost is not None:
+                self._await_model(what, model, lost, started + deadline)
+            return
 
-    def _stream_create(self, client: ollama.Client, what: str, model: str, files: dict[str, str], template: str,
-                       system: str | None, parameters: dict[str, Any],
-                       on_status: Callable[[str], None] | None) -> None:
-        last = None
+    def _send_create(self, client: ollama.Client, what: str, model: str, files: dict[str, str], template: str,
+                     system: str | None, parameters: dict[str, Any]) -> str | None:
+        """Send the create once; None when the server answered success, else why the answer is unknown."""
         try:
-            for status in client.create(model=model, files=files, template=template, system=system,
-                                        parameters=parameters, stream=True):
-                last = status.status
-                if on_status and last:
-                    on_status(last)
+            response = client.create(model=model, files=files, template=template, system=system,
+                                     parameters=parameters, stream=False)
         except ollama.ResponseError as e:
-            where = " (in the response stream)" if e.status_code == -1 else f" (HTTP {e.status_code})"
-            raise self._error(what, f"{_short(e.error)}{where}", CreateFailed) from e
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+            if e.status_code in GATEWAY_STATUSES:  # a proxy's answer: the server behind it may be at work
+                return f"HTTP {e.status_code}: {_short(e.error)}"
+            raise self._error(what, f"{_short(e.error)} (HTTP {e.status_code})", CreateFailed) from e
+        except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout):
             raise
-        except (httpx.TransportError, ConnectionError, TimeoutError) as e:
-            raise self._error(what, f"the answer was lost ({_transport_reason(e)})", CreateOutcomeUnknown) from e
-        except ValueError as e:  # a line that is not JSON
+        except (httpx.TransportError, TimeoutError) as e:
+            return f"the connection {'timed out' if isinstance(e, httpx.TimeoutException) else 'dropped'}"
+        except ValueError as e:  # a body that is not JSON
             raise self._error(what, "not an Ollama server (unexpected response body)", CreateFailed) from e
-        if last != "success":
-            raise self._error(what, f"the stream ended with {last!r}, not 'success'", CreateOutcomeUnknown)
+        status = getattr(response, "status", None)
+        return None if status == "success" else f"it answered {status!r}, not 'success'"
+
+    def _await_model(self, what: str, model: str, lost: str, until: float) -> None:
+        """After a lost answer: poll /api/tags until `model` is listed, or raise CreateFailed at `until`."""
+        pause, wanted = CREATE_POLL_FIRST_S, model.lower()
+        while True:
+            try:
+                if wanted in (name.lower() for name in self.tags()):
+                    return
+            except HostError:
+                pass  # the host may be busy or restarting: the deadline decides
+            now = self._clock.monotonic()
+            if now >= until:
+                raise self._error(what, f"the answer was lost ({lost}) and the model did not appear in /api/tags "
+                                  "before the create's deadline", CreateFailed)
+            self._clock.sleep(min(pause, until - now))
+            pause = min(pause * 1.5, CREATE_POLL_MAX_S)
 
     def copy(self, source: str, destination: str) -> None:
         self._call(f"copy {source} to {destination}", lambda: self.client.copy(source, destination))
@@ -323,5 +355,4 @@ def _error_text(response: httpx.Response) -> str:
         return _short(response.text) if hasattr(response, "text") else "error"
 
 
-__all__ = ["CreateFailed", "CreateOutcomeUnknown", "GenerateFailed", "GenerateTimedOut", "OllamaHost",
-           "create_read_timeout"]
+__all__ = ["Clock", "CreateFailed", "GenerateFailed", "GenerateTimedOut", "OllamaHost", "create_read_timeout"]

@@ -8,7 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import ValidationInfo
+
+from ..frozen import Frozen
+
+__all__ = ["MAX_TIMEOUT_S", "SLUG_RE", "Frozen", "base_dir", "resolve_local"]
 
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a week: longer is a typo, and an infinite one a hang
 # Variant and target names share Ollama's model-name alphabet, so '{variant}-{quant}' is always a valid tag.
@@ -24,9 +28,3 @@ def resolve_local(raw: str, info: ValidationInfo) -> Path:
     path = Path(raw).expanduser()
     return path if path.is_absolute() else (base_dir(info) / path).resolve()
 
-
-class Frozen(BaseModel):
-    """Frozen, unknown keys refused (a typo is an error), and no float field takes inf or nan: `.inf` or
-    `1e400` in a timeout would validate and then crash or hang a run."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -20,25 +19,14 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from ..errors import ManifestError
+from ..jsonfile import read_bounded_text
+from ..validation import format_field_path
 from .schema import Manifest
 from .strict_yaml import YamlLimitError, load_yaml
 
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB: a manifest is a few kilobytes; more is a mistake or an attack
 # ${VAR} or ${VAR:-default}; "$${" escapes a literal "${".
 _VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def format_field_path(loc: tuple[Any, ...]) -> str:
-    """('targets', 1, 'host') -> 'targets[1].host'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
 
 
 def interpolate_env(value: Any, env: Mapping[str, str], loc: tuple[Any, ...] = ()) -> Any:
@@ -162,43 +150,8 @@ def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None
 
 
 def read_manifest_text(path: Path) -> str:
-    """The file's text, if it is a regular file of at most MAX_MANIFEST_BYTES of UTF-8.
-
-    Opened without blocking and checked on the open descriptor: a FIFO cannot hang the open or the read, nor
-    /dev/zero fill memory, nor a file swapped in after a check slip past it."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest: {e.strerror or e}") from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
-            raise ManifestError(f"{path}: cannot read manifest: not a regular file ({kind})")
-        data = _read_at_most(fd, MAX_MANIFEST_BYTES + 1)
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read manifest: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{path}: cannot read manifest: larger than {MAX_MANIFEST_BYTES >> 20} MiB, the limit "
-                            "for a manifest")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{path}: cannot read manifest: not UTF-8 text (byte {e.start})") from None
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks, size = [], 0
-    while size < limit:
-        chunk = os.read(fd, min(1 << 16, limit - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
+    """The file's text, if it is a regular file of at most MAX_MANIFEST_BYTES of UTF-8."""
+    return read_bounded_text(path, MAX_MANIFEST_BYTES, "manifest", ManifestError)
 
 
 def load_manifest(path: str | Path, env: Mapping[str, str] | None = None) -> Manifest:

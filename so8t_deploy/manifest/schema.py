@@ -56,7 +56,7 @@ OPTION_FLOAT_MAX = 1e6
 # Ollama's limit on each part of a model name (namespace, model, tag), and the longest suffix this
 # tool appends to a tag: `-rollback` holds the tag being replaced until the host has converged.
 OLLAMA_NAME_PART_MAX = 80
-TAG_SUFFIXES = ("-prev", "-rollback")  # desired.BACKUP_SUFFIX, desired.ROLLBACK_SUFFIX
+TAG_SUFFIXES = ("-prev", "-rollback", "-candidate")  # desired.BACKUP_SUFFIX, ROLLBACK_SUFFIX, CANDIDATE_SUFFIX
 
 
 class AdapterRef(Frozen):
@@ -318,13 +318,13 @@ class Manifest(Frozen):
 
     @model_validator(mode="after")
     def _tags_fit_ollama(self) -> Manifest:
-        longest_suffix = max(map(len, TAG_SUFFIXES))
+        longest = max(TAG_SUFFIXES, key=len)
         for variant in self.bake.variants:
             for quant in self.quantize:
                 tag = self.tag(variant, quant).split(":", 1)[1]
-                if len(tag) + longest_suffix > OLLAMA_NAME_PART_MAX:
-                    raise ValueError(f"bake.variants.{variant}: the tag {tag!r} plus its backup suffix "
-                                     f"{TAG_SUFFIXES[-1]!r} is longer than Ollama's {OLLAMA_NAME_PART_MAX} "
+                if len(tag) + len(longest) > OLLAMA_NAME_PART_MAX:
+                    raise ValueError(f"bake.variants.{variant}: the tag {tag!r} plus its suffix "
+                                     f"{longest!r} is longer than Ollama's {OLLAMA_NAME_PART_MAX} "
                                      "characters; shorten the variant name")
         return self
 

@@ -1,8 +1,14 @@
 """The desired state of every host: one model per tag, its rendered Modelfile and what identifies its GGUF.
 
 Known before anything is built: the template, system prompt and parameters (rendered from the
-manifest) and the GGUF keys that identify its bytes (from the build keys). Known once built: the
-GGUF itself, its sha256 and size, which an upload and a create need.
+manifest, always: a saved plan carries only the digest of each Modelfile) and the GGUF keys that
+identify its bytes (from the build keys). Known once built: the GGUF itself, its sha256 and size,
+which an upload and a create need.
+
+Each tag has three companions on a host, all in the manifest's own name:
+- `TAG-candidate`: the new model, created and smoke-tested under this name before it goes live;
+- `TAG-rollback`: the live model while this run promotes candidates, until the host converged;
+- `TAG-prev`: the previous verified model, kept after a rollout converged.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from ..fsutil import symlink_atomic, write_atomic
 from ..manifest.schema import Manifest
 from .render import render_modelfile
 
-# No quant level ends like these, so a backup tag never shadows a real one (manifest.TAG_SUFFIXES).
+# No quant level ends like these, so a companion tag never shadows a real one (manifest.TAG_SUFFIXES).
 BACKUP_SUFFIX = "-prev"  # the tag's previous verified model, kept after a rollout converged
-ROLLBACK_SUFFIX = "-rollback"  # the tag's model while this run replaces it, until the host converged
+ROLLBACK_SUFFIX = "-rollback"  # the tag's model while this run promotes a candidate, until the host converged
+CANDIDATE_SUFFIX = "-candidate"  # the new model while it is smoke-tested: never served under the live tag
+COMPANION_SUFFIXES = (BACKUP_SUFFIX, ROLLBACK_SUFFIX, CANDIDATE_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class DesiredModel:
     template: str
     system: str | None
     parameters: dict[str, Any] = field(default_factory=dict)
+    modelfile_digest: str = ""  # sha256 of the rendered Modelfile: what a saved plan pins
     identity: dict[str, str] | None = None  # GGUF keys that identify its bytes; None if not known yet
     gguf: Path | None = None  # once built
     sha256: str | None = None  # once built
@@ -50,6 +59,10 @@ class DesiredModel:
     @property
     def rollback_tag(self) -> str:
         return self.tag + ROLLBACK_SUFFIX
+
+    @property
+    def candidate_tag(self) -> str:
+        return self.tag + CANDIDATE_SUFFIX
 
     @property
     def spec_digest(self) -> str | None:
@@ -76,7 +89,9 @@ def desired_models(manifest: Manifest, plan: BuildPlan) -> list[DesiredModel]:
     for tag in plan.tags:
         rendered = render_modelfile(manifest.modelfile, Path(tag.file_name))
         model = DesiredModel(tag=tag.tag, gguf_name=tag.file_name, template=rendered.template,
-                             system=rendered.system, parameters=rendered.parameters, identity=tag.identity)
+                             system=rendered.system, parameters=rendered.parameters,
+                             modelfile_digest=hashlib.sha256(rendered.text.encode()).hexdigest(),
+                             identity=tag.identity)
         if tag.record is not None:
             model = replace(model, sha256=tag.record.sha256, size=tag.record.size)
         models.append(model)

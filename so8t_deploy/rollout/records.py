@@ -1,11 +1,10 @@
-"""What this tool did on each host: a local journal, written before and after every change.
+"""What this workspace verified on each host: a local cache that saves /api/show calls, never the truth.
 
-For each tag: the spec we sent (a digest of GGUF, template, system and parameters), the host's
-manifest digest once the tag was verified, and whether it was verified at all. An entry is
-written as unverified *before* a create and becomes verified only after the smoke tests pass,
-so a run that dies in between leaves a trace the next run acts on: it smoke-tests that tag or
-rolls it back, and never counts it as unchanged. The journal is a hint for speed and safety,
-never the truth about a host: that is always re-observed.
+For each tag: the spec we sent (a digest of GGUF, template, system and parameters) and the host's
+manifest digest once the tag was smoke-tested and promoted. A tag whose host digest is still that
+one is the same model, so plan need not ask /api/show again. Nothing about verification *state*
+lives here: a candidate or a promotion that a run left unfinished is visible on the host itself
+(its `-candidate` and `-rollback` tags), so a fresh workspace decides exactly as this one would.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ from ..fsutil import write_atomic
 
 @dataclass(frozen=True)
 class TagRecord:
-    spec: str | None  # DesiredModel.spec_digest of what was sent (None: a tag verified, not built, here)
+    spec: str | None  # DesiredModel.spec_digest of what was sent
     manifest: str | None  # the host's manifest digest once verified
-    verified: bool
-    existed_before: bool = True  # False: the run that wrote this created the tag (a rollback deletes it)
 
 
 class HostRecords:
@@ -34,19 +31,15 @@ class HostRecords:
         self.entries: dict[str, TagRecord] = {}
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
-            self.entries = {tag: TagRecord(**entry) for tag, entry in raw.items()}
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass  # no journal, or one from another version: it is a hint, start without it
+            self.entries = {tag: TagRecord(spec=entry["spec"], manifest=entry["manifest"])
+                            for tag, entry in raw.items() if entry.get("verified", True)}
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            pass  # no journal, or one from another version: it is a cache, start without it
 
     def verified_as(self, tag: str, spec: str | None, manifest_digest: str | None) -> bool:
         """True when we verified exactly this spec on this tag, and the host still holds that manifest."""
         entry = self.entries.get(tag)
-        return bool(entry and entry.verified and manifest_digest and spec and entry.manifest == manifest_digest
-                    and entry.spec == spec)
-
-    def unverified(self, tag: str) -> TagRecord | None:
-        entry = self.entries.get(tag)
-        return entry if entry is not None and not entry.verified else None
+        return bool(entry and manifest_digest and spec and entry.manifest == manifest_digest and entry.spec == spec)
 
     def put(self, tag: str, record: TagRecord | None) -> None:
         if record is None:

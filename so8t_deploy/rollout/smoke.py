@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..cancel import CancelToken
 from ..external.ollama_host import GenerateFailed, GenerateTimedOut, OllamaHost
 from ..manifest.schema import SmokeTest
 
@@ -30,6 +31,7 @@ class SmokeResult:
     tokens_per_second: float
     seconds: float
     response: str
+    model: str = ""  # the name the generation asked for: the tag, or its candidate before promotion
 
 
 def smoke_options(test: SmokeTest, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -54,26 +56,37 @@ def _judge(test: SmokeTest, text: str, rate: float, seconds: float) -> str:
     return ""
 
 
-def run_smoke_test(host: OllamaHost, tag: str, test: SmokeTest, parameters: dict[str, Any]) -> SmokeResult:
-    """One prompt against one tag. A host that stops answering raises HostUnreachableError."""
+def run_smoke_test(host: OllamaHost, tag: str, test: SmokeTest, parameters: dict[str, Any], *,
+                   model: str | None = None) -> SmokeResult:
+    """One prompt against one tag (asked as `model`, its candidate say). A host that stops answering raises
+    HostUnreachableError."""
+    model = model or tag
     started = time.monotonic()
     try:
-        reply = host.generate(tag, test.prompt, smoke_options(test, parameters), test.keep_alive, test.timeout_s)
+        reply = host.generate(model, test.prompt, smoke_options(test, parameters), test.keep_alive, test.timeout_s)
     except GenerateTimedOut:
         seconds = time.monotonic() - started
         return SmokeResult(host.name, tag, test.prompt, False, f"too slow: no reply within {test.timeout_s:g} s",
-                           0.0, seconds, "")
+                           0.0, seconds, "", model)
     except GenerateFailed as e:
         message = str(e).split(": ", 2)[-1]
         return SmokeResult(host.name, tag, test.prompt, False, f"load error: {message}", 0.0,
-                           time.monotonic() - started, "")
+                           time.monotonic() - started, "", model)
     seconds = time.monotonic() - started
     text = reply.response or ""
     rate = (reply.eval_count or 0) / reply.eval_duration * 1e9 if reply.eval_duration else 0.0
     reason = _judge(test, text, rate, seconds)
-    return SmokeResult(host.name, tag, test.prompt, not reason, reason or "ok", rate, seconds, text[:200])
+    return SmokeResult(host.name, tag, test.prompt, not reason, reason or "ok", rate, seconds, text[:200], model)
 
 
-def run_smoke_tests(host: OllamaHost, tags: list[str], tests: list[SmokeTest],
-                    parameters: dict[str, Any]) -> list[SmokeResult]:
-    return [run_smoke_test(host, tag, test, parameters) for tag in tags for test in tests]
+def run_smoke_tests(host: OllamaHost, tags: list[str], tests: list[SmokeTest], parameters: dict[str, Any], *,
+                    models: dict[str, str] | None = None, cancel: CancelToken | None = None) -> list[SmokeResult]:
+    """Every test against every tag (asked as `models[tag]` where given). With `cancel`, an interrupt stops
+    after the generation in flight (raises Interrupted)."""
+    results = []
+    for tag in tags:
+        for test in tests:
+            if cancel is not None:
+                cancel.check()
+            results.append(run_smoke_test(host, tag, test, parameters, model=(models or {}).get(tag)))
+    return results

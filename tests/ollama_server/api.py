@@ -318,6 +318,8 @@ class App:
         prompt_given = bool(messages) if chat else bool(req.get("prompt"))
         if self.faults["fail_generate"]:
             raise ApiError(500, "injected failure")
+        if delay := self.faults["generate_delay_s"]:
+            time.sleep(float(delay))
         if not prompt_given and req.get("keep_alive") is not None and keep_alive == 0:
             self.models.unload(model.name)  # Ollama: an empty request with keep_alive 0 unloads the model
             return self._final(raw, chat, "unload", "", {}, 0, 0)

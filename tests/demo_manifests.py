@@ -10,9 +10,12 @@ DEMO_TAGS = ["so8t-demo:full-f16", "so8t-demo:full-q8_0", "so8t-demo:light-f16",
 
 def write_demo_manifest(path: Path, demo_dir: Path, urls: list[str], *, system: str = "You are a helpful assistant.",
                         expect: str = ".", prune: bool = False, on_failure: str = "rollback", canary: int = 1,
-                        host_timeout: float = 30, smoke_extra: str = "", source: str | None = None,
+                        host_timeout: float = 30, smoke_extra: str | None = "", source: str | None = None,
                         variants: str = "{full: {}, light: {rotation: 0.1, ffn: 0.05, triality: 0.02}}",
                         extra: str = "") -> Path:
+    """`smoke_extra=None` declares no smoke test at all."""
+    test = f'{{prompt: "Reply with the word hello.", expect: {json.dumps(expect)}, timeout_s: 60{smoke_extra}}}'
+    smoke = "smoke: []" if smoke_extra is None else f"smoke:\n  - {test}"
     targets = "\n".join(f"  - {{name: host-{i}, host: '{url}', timeout_s: {host_timeout}}}"
                         for i, url in enumerate(urls)) or "  []"
     path.write_text(f"""\
@@ -31,7 +34,6 @@ targets:
 {targets}
 rollout:
   {{canary: {min(canary, max(len(urls), 1))}, parallelism: 2, on_failure: {on_failure}, prune: {str(prune).lower()}}}
-smoke:
-  - {{prompt: "Reply with the word hello.", expect: {json.dumps(expect)}, timeout_s: 60{smoke_extra}}}
+{smoke}
 {extra}""")
     return path

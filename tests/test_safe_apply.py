@@ -235,6 +235,21 @@ def test_a_create_behind_a_proxy_that_cuts_idle_connections_lands_once(built_dem
     assert companions_left(url) == []
 
 
+def test_without_smoke_tests_a_candidate_must_still_load_before_it_goes_live(built_demo, pool, tmp_path, run_cli):
+    demo_dir, cache = built_demo
+    [url] = pool.start(1)
+    server = pool.server(url)
+    path = manifest(tmp_path / "m.yaml", demo_dir, [url], smoke_extra=None)
+    server.faults(fail_generate=True)  # every model fails to load
+    result = run_cli("apply", path, "--cache-dir", cache, "--json")
+    assert result.code == 1
+    assert {r["reason"].split(":")[0] for r in json.loads(result.out)["hosts"][0]["smoke"]} == {"load error"}
+    assert tag_digests(url) == {}  # nothing went live
+    server.faults(reset=True, generate_response="")  # an empty reply: not judged, the model loaded and ran
+    assert run_cli("apply", path, "--cache-dir", cache).code == 0
+    assert {r["body"]["options"]["num_predict"] for r in requests_seen(url) if r["path"] == "/api/generate"} == {1}
+
+
 # --- exit codes: a down canary, Ctrl-C during smoke tests, a second Ctrl-C -------------------------------------------
 
 @pytest.mark.parametrize(("policy", "other_status"), [("rollback", "skipped"), ("continue", "ok")])

@@ -297,7 +297,7 @@ class HostRollout:
 
     def _smoke(self, host: OllamaHost, creates: list[TagDecision], verifies: list[TagDecision]) -> None:
         tags = [d.tag for d in (*creates, *verifies)]
-        if not tags or not self.manifest.smoke:
+        if not tags:
             return
         self.progress.step(f"{host.name}: smoke-test {len(tags)} tags")
         names = {d.tag: self.models[d.tag].candidate_tag for d in creates}

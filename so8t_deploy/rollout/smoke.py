@@ -19,6 +19,10 @@ from ..manifest.schema import SmokeTest
 
 # Bounds the reply (a smoke prompt needs a few words); the manifest's own num_predict wins.
 DEFAULT_NUM_PREDICT = 64
+# With no smoke tests declared, a candidate must still load and generate before it goes live; what it says
+# is not judged (any reply, an empty one included, passes).
+LOAD_CHECK = SmokeTest(prompt="Hello.", expect="", timeout_s=300)
+LOAD_CHECK_NUM_PREDICT = 1
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,8 @@ class SmokeResult:
 
 def smoke_options(test: SmokeTest, parameters: dict[str, Any]) -> dict[str, Any]:
     """The options one smoke generation runs with."""
-    options: dict[str, Any] = {"num_predict": parameters.get("num_predict", DEFAULT_NUM_PREDICT),
-                               "seed": test.seed, "temperature": test.temperature}
+    num_predict = LOAD_CHECK_NUM_PREDICT if test is LOAD_CHECK else parameters.get("num_predict", DEFAULT_NUM_PREDICT)
+    options: dict[str, Any] = {"num_predict": num_predict, "seed": test.seed, "temperature": test.temperature}
     if "num_ctx" in parameters:
         options["num_ctx"] = parameters["num_ctx"]
     return options
@@ -45,6 +49,8 @@ def smoke_options(test: SmokeTest, parameters: dict[str, Any]) -> dict[str, Any]
 
 def _judge(test: SmokeTest, text: str, rate: float, seconds: float) -> str:
     """Why a reply fails the test, or "" when it passes."""
+    if test is LOAD_CHECK:
+        return "" if seconds <= test.timeout_s else f"too slow: took {seconds:.1f} s, over {test.timeout_s:g} s"
     if not text.strip():
         return "empty reply"
     if not re.search(test.expect, text):
@@ -81,11 +87,11 @@ def run_smoke_test(host: OllamaHost, tag: str, test: SmokeTest, parameters: dict
 
 def run_smoke_tests(host: OllamaHost, tags: list[str], tests: list[SmokeTest], parameters: dict[str, Any], *,
                     models: dict[str, str] | None = None, cancel: CancelToken | None = None) -> list[SmokeResult]:
-    """Every test against every tag (asked as `models[tag]` where given). With `cancel`, an interrupt stops
-    after the generation in flight (raises Interrupted)."""
+    """Every test against every tag (asked as `models[tag]` where given); with no tests, the load check. With
+    `cancel`, an interrupt stops after the generation in flight (raises Interrupted)."""
     results = []
     for tag in tags:
-        for test in tests:
+        for test in tests or [LOAD_CHECK]:
             if cancel is not None:
                 cancel.check()
             results.append(run_smoke_test(host, tag, test, parameters, model=(models or {}).get(tag)))

@@ -146,13 +146,11 @@ def _hub_error_code(e: Exception) -> str | None:
 
 def _checked_path(name: object, where: str) -> str:
     """A repo file name that is a relative path inside the snapshot; HubAnswerError otherwise."""
-    path = PurePosixPath(str(name))
-    ok = (isinstance(name, str) and 0 < len(name) <= MAX_REPO_PATH and not path.is_absolute() and "\\" not in name
-          and "\0" not in name and all(part not in ("", ".", "..") for part in name.split("/")))
-    if not ok:
-        raise HubAnswerError(f"{where}: the hub's metadata names a file {str(name)[:80]!r}, which is not a path "
-                             "inside the repository; refusing it (check HF_ENDPOINT)")
-    return name  # type: ignore[return-value]
+    if (isinstance(name, str) and 0 < len(name) <= MAX_REPO_PATH and not PurePosixPath(name).is_absolute()
+            and "\\" not in name and "\0" not in name and all(part not in ("", ".", "..") for part in name.split("/"))):
+        return name
+    raise HubAnswerError(f"{where}: the hub's metadata names a file {str(name)[:80]!r}, which is not a path inside "
+                         "the repository; refusing it (check HF_ENDPOINT)")
 
 
 def _checked_digest(value: object, pattern: re.Pattern[str], what: str, path: str, where: str) -> str:

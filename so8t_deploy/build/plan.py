@@ -45,7 +45,6 @@ class BuildInputs:
         return [{"kind": a.ref.kind, "digest": a.digest} for a in self.adapters]
 
 
-
 class BuildStep(Frozen):
     stage: Literal["bake", "convert", "quantize"]
     variant: str

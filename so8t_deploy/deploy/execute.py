@@ -25,7 +25,7 @@ from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
 from ..rollout.host_plan import TagKind
-from .plan import DeployPlan, make_plan
+from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_unchanged
 
 
@@ -57,19 +57,20 @@ class ApplyResult:
         return EXIT_DRIFT if self.changed else EXIT_OK
 
 
-def _build(manifest: Manifest, plan: DeployPlan, tags: list[str], workspace: Workspace, progress: Progress,
-           verify_cache: bool) -> tuple[BuildReport, Runner, dict[str, DesiredModel]]:
-    """Build what the creates need; returns the report, the runner and every tag's model, built ones filled in
-    (with the keys the plan could not know, where the hub was out of reach when it was made)."""
+def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel], tags: list[str],
+           workspace: Workspace, progress: Progress, verify_cache: bool) -> tuple[BuildReport, Runner]:
+    """Build what the creates need and fill the built GGUFs into `models`; where the plan could not know the keys
+    (the hub was out of reach), every model is derived again from the inputs now downloaded."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
                             manifest_path=Path(plan.manifest), verify_cache=verify_cache)
     runner = runner_for(manifest, workspace, progress)
     report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags)
-    models = {m.tag: m for m in desired_models(manifest, plan_builds(manifest, inputs, workspace))}
+    if plan.unknown_keys:
+        models.update((m.tag, m) for m in desired_models(manifest, plan_builds(manifest, inputs, workspace)))
     for artifact in report.artifacts:
         models[artifact.tag] = models[artifact.tag].built(artifact)
         write_release(workspace.releases, manifest, artifact)
-    return report, runner, models
+    return report, runner
 
 
 def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress,
@@ -78,17 +79,18 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
     """Derive the plan now (pinned to `saved`'s hub commit), check it against `saved`, and execute it."""
     if saved is not None:
         check_fits(saved, manifest, saved_path or Path("plan"))
-    plan = make_plan(manifest, manifest_path, workspace, progress, hub_commit=saved.hub_commit if saved else None)
+    plan, desired = derive_plan(manifest, manifest_path, workspace, progress,
+                                hub_commit=saved.hub_commit if saved else None)
     if saved is not None:
         check_unchanged(saved, plan, manifest)
     result = ApplyResult(plan=plan, hosts=[])
-    models = {m.tag: m for m in desired_models(manifest, plan.builds)}
+    models = {m.tag: m for m in desired}
     creating = {d.tag for h in plan.hosts for d in h.decisions if d.kind is TagKind.CREATE}
     failing = {t.tag: list(t.gate or []) for t in plan.tags if t.gate and t.tag in creating}  # known from the plan
     to_build = sorted(creating if force else creating - set(failing))
     hosts = plan.hosts
     if to_build:
-        result.build, runner, models = _build(manifest, plan, to_build, workspace, progress, verify_cache)
+        result.build, runner = _build(manifest, plan, models, to_build, workspace, progress, verify_cache)
         if plan.unknown_keys:  # known only now: a tag that turns out unchanged is left alone, never re-created
             hosts = plan_hosts(manifest, list(models.values()), workspace)
         unknown = [a for a in result.build.artifacts if plan.planned(a.tag).gate is None]
@@ -108,4 +110,3 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
     result.hosts = apply_rollout(manifest, hosts, models, set(result.gated), workspace, progress, cancel)
     result.interrupted = cancel.cancelled
     return result
-

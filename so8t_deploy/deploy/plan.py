@@ -161,16 +161,24 @@ def planned_tags(models: list[DesiredModel], gate: dict[str, list[str] | None]) 
                        sha256=m.sha256, size=m.size, gate=gate[m.tag]) for m in models]
 
 
-def make_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
-              offline: bool = False, hub_commit: str | None = None) -> DeployPlan:
-    """The plan from the manifest and what the hub and every host report now; `hub_commit` pins a hub model."""
+def derive_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
+                offline: bool = False, hub_commit: str | None = None) -> tuple[DeployPlan, list[DesiredModel]]:
+    """The plan from the manifest and what the hub and every host report now (`hub_commit` pins a hub model), with
+    the desired models it was derived from (each rendered once: the plan keeps only their Modelfile digests)."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
                             offline=offline, hub_commit=hub_commit)
     builds = plan_builds(manifest, inputs, workspace)
     models = desired_models(manifest, builds)
     hosts = plan_hosts(manifest, models, workspace) if not offline else []
-    return DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
+    plan = DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,
                       llama_cpp=llama_cpp_label(), source=inputs.source_label, hub_commit=inputs.hub_commit,
                       offline=offline, note=inputs.note, builds=builds,
                       tags=planned_tags(models, cached_gate(manifest, builds, workspace)), hosts=hosts)
+    return plan, models
+
+
+def make_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
+              offline: bool = False) -> DeployPlan:
+    """The plan `plan` shows and saves (see derive_plan)."""
+    return derive_plan(manifest, manifest_path, workspace, progress, offline=offline)[0]

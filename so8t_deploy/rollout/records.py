@@ -41,11 +41,8 @@ class HostRecords:
         entry = self.entries.get(tag)
         return bool(entry and manifest_digest and spec and entry.manifest == manifest_digest and entry.spec == spec)
 
-    def put(self, tag: str, record: TagRecord | None) -> None:
-        if record is None:
-            self.entries.pop(tag, None)
-        else:
-            self.entries[tag] = record
+    def put(self, tag: str, record: TagRecord) -> None:
+        self.entries[tag] = record
         self.save()
 
     def save(self) -> None:

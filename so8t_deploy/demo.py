@@ -25,7 +25,7 @@ bake:
     light: {rotation: 0.1, ffn: 0.05, triality: 0.02}
 quantize: [f16, q8_0]
 modelfile:
-  template: phi3
+  template: auto
   system: "You are a helpful assistant."
   parameters: {temperature: 0.7, num_ctx: 512}
 targets:

@@ -65,6 +65,7 @@ def run_cli(capsys):
     """Run `so8t-deploy ARGS...` in-process through the real entry point and error boundary."""
 
     def run(*args: object) -> CliResult:
+        capsys.readouterr()  # only what this command prints (not a fixture's progress bars before it)
         code = main([str(a) for a in args])
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
@@ -122,3 +123,35 @@ def built_demo(tmp_path_factory):
     demo_dir = init_demo(root / "demo")
     build_manifest(load_manifest(demo_dir / "manifest.yaml"), Workspace(root / "cache"))
     return demo_dir, root / "cache"
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """Build (once per session) a tiny model of a real chat family, with the family's own tokenizer and chat
+    template from the pinned llama.cpp sdist: family_model("llama3.1") -> model dir (see tiny_models.FAMILIES).
+    The directory is named after the family (llama.cpp recognizes Phi-3 by the GGUF's name, taken from it)."""
+    from so8t_deploy.tiny_models import write_family_model
+
+    cache: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in cache:
+            cache[family] = write_family_model(tmp_path_factory.mktemp("family") / family, family)
+        return cache[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family_model):
+    """The family model's tokenizer, loaded once per session (a Llama 3 tokenizer.json takes seconds)."""
+    import transformers
+
+    cache: dict[str, object] = {}
+
+    def load(family: str):
+        if family not in cache:
+            cache[family] = transformers.AutoTokenizer.from_pretrained(family_model(family))
+        return cache[family]
+
+    return load

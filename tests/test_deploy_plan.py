@@ -13,6 +13,8 @@ import time
 import ollama
 import pytest
 
+from so8t_deploy.external.hub import CHAT_FILES
+
 from .conftest import REPO
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
 from .host_checks import requests_seen, tag_digests
@@ -45,7 +47,13 @@ def test_plan_of_a_hub_model_on_the_docker_backend_downloads_nothing(demo, pool,
     def forbidden(*args, **kwargs):
         raise AssertionError("plan must not download weights, start a container or extract the converter")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", forbidden)
+    snapshot_download = huggingface_hub.snapshot_download
+
+    def chat_files_only(*args, allow_patterns, **kwargs):
+        assert set(allow_patterns) <= set(CHAT_FILES), allow_patterns  # the chat template, nothing else
+        return snapshot_download(*args, allow_patterns=allow_patterns, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", chat_files_only)
     monkeypatch.setattr(docker, "from_env", forbidden)
     monkeypatch.setattr(llamacpp, "_extract_converter", forbidden)
     demo_dir, _ = demo
@@ -58,7 +66,8 @@ def test_plan_of_a_hub_model_on_the_docker_backend_downloads_nothing(demo, pool,
     assert plan["source"] == f"{hub_model.repo_id}@{hub_model.second}"  # main resolved to its commit
     assert all(len(step["key"]) == 64 for step in plan["builds"])  # keys from the hub's metadata alone
     assert actions(result) == {"host-0": {(k, t) for t in TAGS for k in ("upload", "create", "promote")}}
-    assert hub.fetched() == []  # metadata only: not one file's content was sent
+    fetched = hub.fetched()  # metadata and the chat template only, no weights
+    assert "tokenizer_config.json" in fetched and set(fetched) <= set(CHAT_FILES), fetched
     asked = len(hub.requests())
     result = run_cli("plan", path, "--offline", "--cache-dir", tmp_path / "cache", "--json")
     assert result.code == 0 and len(hub.requests()) == asked  # --offline asks no hub (and no host)

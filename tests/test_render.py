@@ -1,4 +1,4 @@
-"""Modelfile rendering: Ollama's quoting rules, the built-in Phi-3 template, custom templates."""
+"""Modelfile rendering: Ollama's quoting rules, the built-in templates' Modelfile, custom templates."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from so8t_deploy.chat.library import BUILTINS
+from so8t_deploy.chat.setup import ChatSetup
 from so8t_deploy.errors import ManifestError
 from so8t_deploy.manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote
 from so8t_deploy.manifest.schema import Modelfile
 from so8t_deploy.rollout.render import render_modelfile
 
-PHI3_TEMPLATE = ("{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{ if .Prompt }}<|user|>\n"
-                 "{{ .Prompt }}<|end|>\n{{ end }}<|assistant|>\n{{ .Response }}<|end|>\n")
+PHI3 = ChatSetup("phi3", BUILTINS["phi3"], ("<|end|>", "<|endoftext|>"))
+UNCHECKED = ChatSetup("custom", None, ("</s>",))  # a custom template with nothing to check against
 
 
 @pytest.mark.parametrize("value", [
@@ -55,19 +57,21 @@ def test_parser_follows_ollama_rules():
             parse_modelfile(bad)
 
 
-def test_builtin_phi3_template_renders_ollamas_format():
-    rendered = render_modelfile(Modelfile(system="You are a helpful assistant.", parameters={"num_ctx": 4096}),
-                                Path("/cache/x/phi35-q4_k_m.gguf"))
+def test_builtin_template_renders_its_go_template_and_the_derived_stops():
+    rendered = render_modelfile(Modelfile(system="You are a helpful assistant.",
+                                          parameters={"num_ctx": 4096, "stop": ["<|user|>", "<|end|>"]}),
+                                Path("/cache/x/phi35-q4_k_m.gguf"), PHI3)
     assert rendered.text.startswith("FROM ./phi35-q4_k_m.gguf\n")
-    assert rendered.template == PHI3_TEMPLATE
+    assert rendered.template == BUILTINS["phi3"].text and "range .Messages" in rendered.template
     assert rendered.system == "You are a helpful assistant."
+    # the setup's stops first, then the manifest's own, each once
     assert rendered.parameters == {"num_ctx": 4096, "temperature": 0.7,
-                                   "stop": ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]}
+                                   "stop": ["<|end|>", "<|endoftext|>", "<|user|>"]}
 
 
 def test_system_prompt_with_triple_quotes_round_trips():
     system = 'Answer in """fenced""" blocks.\nUse "quotes" freely.'
-    rendered = render_modelfile(Modelfile(system=system), Path("m.gguf"))
+    rendered = render_modelfile(Modelfile(system=system), Path("m.gguf"), PHI3)
     assert rendered.system == system
     assert parse_modelfile(rendered.text)[2].args == system
 
@@ -91,24 +95,22 @@ def test_manifest_refuses_text_that_a_modelfile_would_change(tmp_path, run_cli, 
     assert result.code == 2 and f"{field}: " in result.err and "Modelfile parser drops" in result.err
 
 
-def test_multi_turn_prompts_end_every_turn_with_end_and_a_newline():
-    """Ollama renders a legacy template once per completed turn: without the newline, turns run together."""
-    template = render_modelfile(Modelfile(), Path("m.gguf")).template
-    assert template.endswith("{{ .Response }}<|end|>\n")
-
-
 def test_custom_template_is_sandboxed_and_strict(tmp_path):
     template = tmp_path / "mine.j2"
     template.write_text("FROM ./{{ gguf_file }}\nTEMPLATE {{ quote('{{ .Prompt }}') }}\n{{ undefined_name }}\n")
     with pytest.raises(ManifestError, match="mine.j2: template error: 'undefined_name' is undefined"):
-        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"), UNCHECKED)
     template.write_text("FROM ./{{ gguf_file }}\n{{ ''.__class__.__mro__ }}\n")
     with pytest.raises(ManifestError, match="template error"):
-        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"), UNCHECKED)
     template.write_text("FROM ./{{ gguf_file }}\nPARAMETER temperature 0.1\n")
     with pytest.raises(ManifestError, match="no TEMPLATE"):
-        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+        render_modelfile(Modelfile(template=str(template)), Path("m.gguf"), UNCHECKED)
     template.write_text("FROM ./{{ gguf_file }}\nTEMPLATE {{ quote('[INST] {{ .Prompt }} [/INST]') }}\n"
                         "{% for k, v in parameters %}PARAMETER {{ k }} {{ quote(v) }}\n{% endfor %}")
-    rendered = render_modelfile(Modelfile(template=str(template)), Path("m.gguf"))
+    rendered = render_modelfile(Modelfile(template=str(template)), Path("m.gguf"), UNCHECKED)
     assert rendered.template == "[INST] {{ .Prompt }} [/INST]" and rendered.parameters == {"temperature": 0.7}
+    template.write_text("FROM ./{{ gguf_file }}\nTEMPLATE {{ quote('[INST] {{ .Prompt }} [/INST]') }}\n"
+                        "{% for stop in stops %}PARAMETER stop {{ quote(stop) }}\n{% endfor %}")
+    assert render_modelfile(Modelfile(template=str(template)), Path("m.gguf"), UNCHECKED).parameters == {
+        "stop": ["</s>"]}

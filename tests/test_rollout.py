@@ -223,8 +223,13 @@ def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
     result = run_cli("smoke", manifest, "--json")
     assert result.code == 0, result.err
     results = json.loads(result.out)
-    assert sorted(r["tag"] for r in results) == sorted(TAGS)
-    assert all(r["passed"] and r["tokens_per_second"] > 0 for r in results)
+    prompts = [r for r in results if r["kind"] == "prompt"]
+    assert sorted(r["tag"] for r in prompts) == sorted(TAGS)
+    assert all(r["passed"] and r["tokens_per_second"] > 0 for r in prompts)
+    served = [r for r in results if r["kind"] == "conversation"]  # what each tag serves, checked first
+    assert {r["tag"] for r in served} == set(TAGS) and all(r["passed"] for r in served)
+    assert {r["prompt"] for r in served} == {"conversation: system and one user turn", "conversation: no system",
+                                             "conversation: multi-turn with assistant turns"}
 
 
 def test_header_values_are_sent_but_never_printed(demo, hosts, tmp_path, run_cli):
@@ -347,14 +352,45 @@ def test_a_smoke_failure_says_why(demo, hosts, tmp_path, run_cli):
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], expect="(?i)hello")
     server.faults(generate_response=" ")
     result, report = apply(run_cli, manifest, cache)
-    assert result.code == 1 and {r["reason"] for r in report["hosts"][0]["smoke"]} == {"empty reply"}
+    prompts = [r for r in report["hosts"][0]["smoke"] if r["kind"] == "prompt"]
+    assert result.code == 1 and {r["reason"] for r in prompts} == {"empty reply"}
+    served = [r for r in report["hosts"][0]["smoke"] if r["kind"] == "conversation"]
+    assert served and all(r["passed"] for r in served)  # what the host serves was checked first, and is right
     server.faults(reset=True, generate_response="goodbye")
     result, report = apply(run_cli, manifest, cache)
-    assert all(r["reason"].startswith("no match:") for r in report["hosts"][0]["smoke"])
+    assert all(r["reason"].startswith("no match:") for r in report["hosts"][0]["smoke"] if r["kind"] == "prompt")
     server.faults(reset=True, fail_generate=True)
     result, report = apply(run_cli, manifest, cache)
     assert all(r["reason"].startswith("load error:") for r in report["hosts"][0]["smoke"])
     assert tag_digests(url) == {}  # every failed run deleted the tags it had created
+
+
+def test_a_host_that_renders_another_prompt_fails_the_smoke_test(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    hosts.server(url).faults(prompt_suffix=" ")  # say, an Ollama whose template engine renders otherwise
+    result, report = apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)
+    assert result.code == 1
+    failed = {r["reason"] for r in report["hosts"][0]["smoke"] if not r["passed"]}
+    assert "host renders another prompt: conversation 'system and one user turn' differs at character 96: the " \
+           "model's template renders the end, this one ' '" in failed
+    assert {r["prompt"] for r in report["hosts"][0]["smoke"] if not r["passed"]} == {
+        "conversation: system and one user turn", "conversation: no system",
+        "conversation: multi-turn with assistant turns"}
+    assert tag_digests(url) == {}  # nothing went live
+
+
+def test_a_host_that_cannot_render_without_generating_gets_a_warning(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    hosts.server(url).faults(ignore_debug_render=True)  # an Ollama older than _debug_render_only
+    result, report = apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)
+    assert result.code == 0, result.err
+    [warning] = [w for w in report["hosts"][0]["warnings"] if "_debug_render_only" in w]
+    assert "host-0: conversation check of so8t-demo:full-f16, " in warning and warning in result.err
+    served = [r for r in report["hosts"][0]["smoke"] if r["kind"] == "conversation"]
+    assert {r["tag"] for r in served} == set(TAGS)
+    assert all(r["passed"] and r["reason"].startswith("skipped: ") for r in served)
 
 
 def test_the_phi3_template_renders_multi_turn_chats_as_phi3_expects(demo, hosts, tmp_path, run_cli):

@@ -36,8 +36,10 @@ def check_readable(manifest: Manifest) -> None:
 def check_local_inputs(manifest: Manifest) -> list[str]:
     """Check everything knowable offline; returns notes about what could not be checked here."""
     check_readable(manifest)
+    notes = check_chat(manifest)
     if importlib.util.find_spec("torch") is None:
-        return ["the ML stack (torch) is not installed here: model and adapter formats are checked by the worker"]
+        return [*notes, "the ML stack (torch) is not installed here: model and adapter formats are checked by the "
+                "worker"]
     from ..bake.adapters import AdapterSpec, load_adapter
     from ..bake.bake import prepare_bake
 
@@ -45,7 +47,24 @@ def check_local_inputs(manifest: Manifest) -> list[str]:
     if not manifest.source.is_local:
         for spec in specs:
             load_adapter(spec.path, spec.kind)
-        return [f"source.model {manifest.source.model!r} is a hub model: it is checked once downloaded"]
+        return [*notes, f"source.model {manifest.source.model!r} is a hub model: it is checked once downloaded"]
     for scales in dict.fromkeys(manifest.bake.variants.values()):
         prepare_bake(Path(manifest.source.model), specs, scales)
-    return []
+    return notes
+
+
+def check_chat(manifest: Manifest) -> list[str]:
+    """The chat template against the model's own (chat.setup), where the model is local; notes what it chose."""
+    from ..chat.setup import resolve_chat
+    from ..rollout.render import render_modelfile
+
+    if not manifest.source.is_local:
+        return [f"modelfile.template: {manifest.modelfile.template}: checked against the hub model's chat template "
+                "by plan"]
+    chat = resolve_chat(manifest.modelfile, Path(manifest.source.model))
+    render_modelfile(manifest.modelfile, Path(f"{manifest.name}.gguf"), chat)  # checks a custom template
+    if not chat.expected:
+        return [f"modelfile.template: {chat.template_name}: not checked (the model has no chat template, or "
+                "modelfile.unchecked_template names it)"]
+    return [f"modelfile.template: {chat.template_name}: renders the model's chat template on "
+            f"{len(chat.expected)} conversations; stops {', '.join(chat.stops)}"]

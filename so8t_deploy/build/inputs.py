@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..external.hub import HubUnavailableError, download, resolve_revision
+from ..external.hub import CHAT_FILES, HubUnavailableError, download, resolve_revision
 from ..manifest.schema import Manifest
 from ..progress import Progress
 from .check import check_readable
@@ -43,7 +43,8 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
             path = Path(source.model)
             if not digests.knows_directory(path):
                 progress.step(f"hashing {path}")
-            return BuildInputs(str(path), directory_digest(path, digests)[0], adapters, source_dir=path)
+            return BuildInputs(str(path), directory_digest(path, digests)[0], adapters, source_dir=path,
+                               chat_dir=path)
         if offline:
             return BuildInputs(source.model, None, adapters, note=UNKNOWN_UNTIL_DOWNLOAD)
         origin = f"{manifest_path}: source.model" if manifest_path else "source.model"
@@ -59,7 +60,11 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
             progress.step(f"download {revision.label}")
             model_dir = download(revision, workspace.hub, digests, origin=origin, verify=verify_cache,
                                  warn=progress.warning)
+            chat_dir = model_dir
+        else:
+            chat_dir = download(revision, workspace.hub, digests, origin=origin, verify=verify_cache,
+                                warn=progress.warning, only=CHAT_FILES)
         return BuildInputs(revision.label, combined_digest(revision.files), adapters, source_dir=model_dir,
-                           hub_commit=revision.commit)
+                           chat_dir=chat_dir, hub_commit=revision.commit)
     finally:
         digests.save()

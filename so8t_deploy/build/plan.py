@@ -37,6 +37,7 @@ class BuildInputs:
     model_digest: str | None  # None: unknown until downloaded (see note)
     adapters: tuple[AdapterInput, ...]
     source_dir: Path | None = None  # where the model is on this machine, once known
+    chat_dir: Path | None = None  # where its tokenizer and chat template files are (before a hub model's download)
     note: str = ""
     hub_commit: str | None = None  # the commit a hub model resolved to
 

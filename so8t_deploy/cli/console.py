@@ -201,9 +201,15 @@ def print_smoke_results(results: Sequence[SmokeResult], *, as_json: bool) -> Non
     if as_json:
         print_json([dataclasses.asdict(r) for r in results])
         return
-    rows = [(r.host, r.tag, "pass" if r.passed else "FAIL", r.reason, f"{r.tokens_per_second:.1f}",
-             f"{r.seconds:.2f}") for r in results]
-    print_table("Smoke tests", ["host", "tag", "result", "reason", "tokens/s", "seconds"], rows)
+    rows = [(r.host, r.tag, _shortened(r.prompt), "pass" if r.passed else "FAIL", r.reason,
+             f"{r.tokens_per_second:.1f}" if r.kind == "prompt" else "-",
+             f"{r.seconds:.2f}" if r.kind == "prompt" else "-") for r in results]
+    print_table("Smoke tests", ["host", "tag", "check", "result", "reason", "tokens/s", "seconds"], rows)
+
+
+def _shortened(text: str, limit: int = 48) -> str:
+    line = text.splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit and line == text else line[:limit - 3] + "..."
 
 
 def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:

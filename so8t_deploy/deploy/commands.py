@@ -9,12 +9,15 @@ from ..build.pipeline import BuildReport, Pipeline
 from ..build.runner import runner_for
 from ..build.workspace import Workspace
 from ..cancel import CancelToken
+from ..chat.setup import resolve_chat
 from ..errors import HostError
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import SILENT, Progress
 from ..quality.evaluate import QuantQuality, evaluate
+from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
+from ..rollout.render import render_modelfile
 from ..rollout.smoke import SmokeResult, run_smoke_tests
 from .execute import ApplyResult, apply_plan
 from .plan import DeployPlan, make_plan
@@ -52,14 +55,28 @@ def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress =
     return evaluate(manifest, report, workspace, runner)
 
 
+def _served(manifest: Manifest) -> dict[str, DesiredModel] | None:
+    """What each tag must serve (its TEMPLATE, capabilities and conversations), where the model's files are on
+    this machine; `smoke` downloads nothing, so a hub model's tags get the prompts only."""
+    if not manifest.source.is_local:
+        return None
+    chat = resolve_chat(manifest.modelfile, Path(manifest.source.model))
+    rendered = render_modelfile(manifest.modelfile, Path("model.gguf"), chat)  # the same TEMPLATE for every GGUF
+    return {tag: DesiredModel(tag=tag, gguf_name="", template=rendered.template, system=rendered.system,
+                              parameters=rendered.parameters, expected_renders=chat.expected,
+                              capabilities=chat.capabilities) for tag in manifest.tags()}
+
+
 def smoke_manifest(manifest: Manifest) -> list[SmokeResult]:
-    """Run the smoke tests against every tag on every host, as deployed now; a down host is one row."""
-    tags, redact = manifest.tags(), Redactor.for_manifest(manifest)
+    """Check what every host serves for every tag, as deployed now, and run the smoke tests; a down host is one
+    row."""
+    tags, redact, served = manifest.tags(), Redactor.for_manifest(manifest), _served(manifest)
     results: list[SmokeResult] = []
     for target in manifest.targets:
         with connect(target) as host:
             try:
-                results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters)
+                results += run_smoke_tests(host, tags, manifest.smoke, manifest.modelfile.effective_parameters,
+                                           desired=served)
             except HostError as e:
                 results.append(SmokeResult(target.name, "*", "*", False, str(e), 0.0, 0.0, ""))
     return [redact_smoke(result, redact) for result in results]

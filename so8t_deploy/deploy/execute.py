@@ -17,6 +17,7 @@ from ..build.plan import plan_builds
 from ..build.runner import Runner, runner_for
 from ..build.workspace import Workspace
 from ..cancel import CancelToken
+from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL
 from ..manifest.schema import Manifest
 from ..progress import Progress
@@ -64,12 +65,13 @@ def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel]
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
                             manifest_path=Path(plan.manifest), verify_cache=verify_cache)
     runner = runner_for(manifest, workspace, progress)
+    chat = resolve_chat(manifest.modelfile, inputs.chat_dir)  # before the build: a template refused costs nothing
     report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags)
     if plan.unknown_keys:
-        models.update((m.tag, m) for m in desired_models(manifest, plan_builds(manifest, inputs, workspace)))
+        models.update((m.tag, m) for m in desired_models(manifest, plan_builds(manifest, inputs, workspace), chat))
     for artifact in report.artifacts:
         models[artifact.tag] = models[artifact.tag].built(artifact)
-        write_release(workspace.releases, manifest, artifact)
+        write_release(workspace.releases, manifest, artifact, chat)
     return report, runner
 
 

@@ -26,6 +26,7 @@ from ..build.inputs import resolve_inputs
 from ..build.plan import BuildPlan, plan_builds
 from ..build.provenance import llama_cpp_label
 from ..build.workspace import Workspace
+from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_OK, EXIT_OPERATIONAL
 from ..frozen import Frozen
 from ..fsutil import write_atomic
@@ -42,7 +43,7 @@ PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
 class PlannedTag(Frozen):
     tag: str
     gguf_name: str
-    modelfile_digest: str  # sha256 of the rendered Modelfile; its content always comes from the manifest
+    modelfile_digest: str  # sha256 of the rendered Modelfile, from the manifest; "" until the model's chat is known
     identity: dict[str, str] | None  # the GGUF keys a host's copy must report; None: unknown (see note)
     sha256: str | None  # once built
     size: int | None
@@ -168,7 +169,7 @@ def derive_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, p
     inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
                             offline=offline, hub_commit=hub_commit)
     builds = plan_builds(manifest, inputs, workspace)
-    models = desired_models(manifest, builds)
+    models = desired_models(manifest, builds, resolve_chat(manifest.modelfile, inputs.chat_dir))
     hosts = plan_hosts(manifest, models, workspace) if not offline else []
     plan = DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,

@@ -102,9 +102,9 @@ def check_unchanged(saved: DeployPlan, now: DeployPlan, manifest: Manifest) -> N
     unknown = set()
     for tag in saved.tags:
         fresh = current[tag.tag]
-        if tag.modelfile_digest != fresh.modelfile_digest:
+        if tag.modelfile_digest and tag.modelfile_digest != fresh.modelfile_digest:
             moved.append(f"the Modelfile of {tag.tag}")
-        if tag.identity is None:
+        if tag.identity is None or not tag.modelfile_digest:  # known after download (the plan allowed it)
             unknown.add(tag.tag)
         elif tag.identity != fresh.identity or (None not in (tag.sha256, fresh.sha256) and tag.sha256 != fresh.sha256):
             moved.append(f"the build inputs of {tag.tag}")

@@ -35,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -45,7 +45,9 @@ from filelock import FileLock
 from ..errors import BuildError, InvalidInputError, So8tError
 
 # What a bake and a conversion read; everything else in a repo (.bin, .pth, ONNX, ...) stays there.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.py"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.py", "chat_template.jinja"]
+# What `plan` reads of a hub model without downloading it: the chat template and the tokens that end a turn.
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 ATTEMPTS_WITHOUT_PROGRESS = 3  # attempts in a row that add no byte to a file before a run gives up on it
 RETRY_PAUSE_S = 1.0  # before an attempt that follows one that added nothing; doubles each time
 PARTIAL_DIR = ".partial"  # under the hub cache: LFS files being downloaded, named by their sha256
@@ -196,11 +198,15 @@ def resolve_revision(repo: str, revision: str | None, *, origin: str = "source.m
 
 
 def download(revision: HubRevision, cache_dir: Path, digests: FileDigests, *, origin: str = "source.model",
-             verify: bool = False, warn: Callable[[str], None] | None = None) -> Path:
-    """Fetch the bake's files at the resolved commit into the hub cache; returns the snapshot directory, every
-    file of which has the hub's digest (checked by stamps, or by hashing with `verify`)."""
+             verify: bool = False, warn: Callable[[str], None] | None = None,
+             only: tuple[str, ...] | None = None) -> Path:
+    """Fetch the bake's files (or `only` those of them) at the resolved commit into the hub cache; returns the
+    snapshot directory, every file of which has the hub's digest (checked by stamps, or by hashing with `verify`)."""
+    if only is not None:
+        revision = replace(revision, files={p: d for p, d in revision.files.items() if p in only})
+    patterns = list(only) if only is not None else HUB_PATTERNS
     for attempt in (1, 2):
-        snapshot = _download_once(revision, cache_dir, digests, origin)
+        snapshot = _download_once(revision, cache_dir, digests, origin, patterns)
         damaged = _damaged_files(snapshot, revision, digests, verify)
         if not damaged:
             return snapshot
@@ -215,7 +221,8 @@ def download(revision: HubRevision, cache_dir: Path, digests: FileDigests, *, or
                      "differs from the hub's after download; run again, or set HF_ENDPOINT to another mirror")
 
 
-def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests, origin: str) -> Path:
+def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests, origin: str,
+                   patterns: list[str]) -> Path:
     hub = _hub()
     storage = cache_dir / f"models--{revision.repo.replace('/', '--')}"  # huggingface_hub's layout
     try:
@@ -223,7 +230,7 @@ def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests,
             if digest.startswith("sha256:"):
                 _fetch_lfs_file(revision, path, digest.removeprefix("sha256:"), cache_dir, storage, digests, origin)
         return _with_retries(lambda: Path(hub.snapshot_download(
-            revision.repo, revision=revision.commit, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS,
+            revision.repo, revision=revision.commit, cache_dir=cache_dir, allow_patterns=patterns,
             endpoint=_endpoint())))
     except So8tError:
         raise

@@ -2,7 +2,9 @@
 
 The pin is the llama-cpp-python release below. Its sdist vendors llama.cpp, whose
 `convert_hf_to_gguf.py`, `conversion/` and `gguf-py/` are extracted once into a cache
-directory; its compiled library provides `llama_model_quantize` and inference.
+directory; its compiled library provides `llama_model_quantize` and inference. The files of its
+`models/` directory that tests build tiny models from (vocabulary GGUFs, real chat templates) are
+extracted on demand beside the converter.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -123,6 +126,62 @@ def _extract_converter_unlocked(root: Path) -> None:
             archive.extractall(staging, members=members)  # regular files and dirs only, checked above
         (staging / _MARKER).write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_PYTHON_VERSION}) + "\n")
         publish_dir(staging, root)
+
+
+def locate_llama_cpp_models(names: Iterable[str], converter_dir: Path | None = None) -> dict[str, Path]:
+    """Files of llama.cpp's `models/` directory at the pinned version, by path inside it: its vocabulary
+    GGUFs (`ggml-vocab-llama-bpe.gguf`) and the chat templates of real models (`templates/NAME.jinja`).
+
+    From $SO8T_LLAMA_CPP_DIR/models if that is set, else extracted from the pinned sdist beside the
+    converter (in `converter_dir`, by default the one under $SO8T_CACHE_DIR), each file once, atomically.
+    """
+    wanted = list(dict.fromkeys(names))
+    for name in wanted:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
+            raise UsageError(f"{name!r}: not a path inside llama.cpp's models/ directory")
+    override = os.environ.get("SO8T_LLAMA_CPP_DIR")
+    if override:
+        found = {name: Path(override) / "models" / name for name in wanted}
+        if missing := [name for name, path in found.items() if not path.is_file()]:
+            raise UsageError(f"SO8T_LLAMA_CPP_DIR={override}: no models/{missing[0]} there")
+        return found
+    root = (converter_dir or Workspace(default_root()).converter) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-models"
+    found = {name: root / name for name in wanted}
+    if any(not path.is_file() for path in found.values()):
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root.parent / f".{root.name}.lock")):
+            missing = [name for name, path in found.items() if not path.is_file()]
+            if missing:
+                _extract_models_unlocked(root, missing)
+    return found
+
+
+def _extract_models_unlocked(root: Path, names: list[str]) -> None:
+    """Extract models/NAME for each name in one pass over the sdist; each file appears complete or not at all."""
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/models/"
+    pending = set(names)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".models-") as tmp:
+        sdist = _find_or_download_sdist(Path(tmp))
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                name = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                if name not in pending:
+                    continue
+                source = archive.extractfile(member) if member.isfile() else None
+                if source is None:
+                    raise BuildError(f"{sdist}: {member.name} is not a regular file")
+                staging = Path(tmp) / f"file-{len(names) - len(pending)}"
+                with source, open(staging, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                final = root / name
+                final.parent.mkdir(parents=True, exist_ok=True)
+                publish_file(staging, final)
+                pending.discard(name)
+                if not pending:
+                    break
+    if pending:
+        raise BuildError(f"{sdist}: no vendor/llama.cpp/models/{sorted(pending)[0]} inside")
 
 
 def _last_lines(text: str, n: int = 5) -> str:

@@ -309,15 +309,38 @@ class OllamaHost:
 
         return self._call(f"delete {model}", call)
 
+    def render_chat(self, model: str, messages: list[dict[str, Any]], timeout: float) -> str | None:
+        """The prompt the host renders for this conversation, without generating (Ollama's `_debug_render_only`
+        on /api/chat, answered once the model is loaded); None when the host does not know the option (an older
+        Ollama answers with a generation, which `num_predict: 1` keeps short). Fails as a generation does."""
+
+        def call(transport: httpx.Client) -> str | None:
+            response = transport.post("/api/chat", json={
+                "model": model, "messages": messages, "stream": False, "_debug_render_only": True,
+                "options": {"num_predict": 1}})
+            response.raise_for_status()
+            answer = response.json()
+            if not isinstance(answer, dict):
+                raise ValueError("not a JSON object")
+            debug = answer.get("_debug_info")
+            rendered = debug.get("rendered_template") if isinstance(debug, dict) else None
+            return rendered if isinstance(rendered, str) else None
+
+        return self._run_model(f"render a conversation with {model}", timeout, call)
+
     def generate(self, model: str, prompt: str, options: dict[str, Any], keep_alive: float | str,
-                 timeout: float) -> ollama.GenerateResponse:
+                 timeout: float, *, think: bool | None = None) -> ollama.GenerateResponse:
         """One non-streamed generation, bounded by `timeout` seconds; not retried (a smoke test measures it)."""
-        what = f"generate with {model}"
+        return self._run_model(f"generate with {model}", timeout, lambda transport: self._ollama_client(
+            transport).generate(model=model, prompt=prompt, options=options, keep_alive=keep_alive, stream=False,
+                                think=think))
+
+    def _run_model(self, what: str, timeout: float, fn: Callable[[httpx.Client], T]) -> T:
+        """One request that loads and runs a model, bounded by `timeout` seconds and not retried: GenerateTimedOut,
+        GenerateFailed (the host answered with an error), or HostUnreachableError."""
         with self._transport(timeout) as transport:
-            client = self._ollama_client(transport)
             try:
-                return self._translate(what, lambda: client.generate(
-                    model=model, prompt=prompt, options=options, keep_alive=keep_alive, stream=False))
+                return self._translate(what, lambda: fn(transport))
             except _Transient as e:
                 if isinstance(e.__cause__, httpx.TimeoutException | TimeoutError):
                     raise self._error(what, f"no answer within {timeout:g} s", GenerateTimedOut) from e.__cause__

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..manifest.modelfile import ModelfileSyntaxError, parse_modelfile
+
 _NUMBER_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\",
                    "'": "'", '"': '"'}
@@ -97,16 +99,35 @@ def same_parameters(wanted: dict[str, Any], seen: dict[str, Any]) -> bool:
     return True
 
 
+def modelfile_template(modelfile: str) -> str | None:
+    """The TEMPLATE of /api/show's `modelfile`: what the model was created with, whichever template the host
+    renders (`template` is the GGUF's Jinja one when the host prefers it). None if there is none to read."""
+    try:
+        commands = parse_modelfile(modelfile)
+    except ModelfileSyntaxError:
+        return None
+    return next((c.args for c in commands if c.name == "template"), None)
+
+
 @dataclass(frozen=True)
 class ShownModel:
-    template: str
+    template: str  # the template the host renders with
     system: str | None
     parameters: dict[str, Any] = field(default_factory=dict)
     model_info: dict[str, str] = field(default_factory=dict)  # GGUF keys, every value as text
+    created_template: str | None = None  # the TEMPLATE it was created with (from `modelfile`)
+    capabilities: tuple[str, ...] | None = None  # None: the host does not say
+
+    @property
+    def sent_template(self) -> str:
+        return self.template if self.created_template is None else self.created_template
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShownModel:
         info = data.get("model_info") or {}
+        capabilities = data.get("capabilities")
         return cls(template=str(data.get("template") or ""), system=data.get("system") or None,
                    parameters=parse_show_parameters(str(data.get("parameters") or "")),
-                   model_info={str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {})
+                   model_info={str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {},
+                   created_template=modelfile_template(str(data.get("modelfile") or "")),
+                   capabilities=tuple(str(c) for c in capabilities) if isinstance(capabilities, list) else None)

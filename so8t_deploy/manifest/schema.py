@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ..chat.library import AUTO, BUILTINS
 from ..errors import UsageError
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
 from .deploy_schema import Quality, Rollout, SmokeTest, Target
@@ -23,7 +24,6 @@ from .quant_types import lookup_quant_type
 
 API_VERSION = "so8t-deploy/v1"
 DEFAULT_VARIANT = "default"
-BUILTIN_TEMPLATE_DIR = Path(__file__).parents[1] / "templates"
 
 # Ollama's own limits: a model name is lowercase and short. Variant names use the same
 # alphabet (base.SLUG_RE), so '{variant}-{quant}' is always a valid Ollama tag (at most 128 characters).
@@ -167,23 +167,37 @@ class Bake(Frozen):
 
 class Modelfile(Frozen):
     template: str = Field(
-        default="phi3", description="Built-in template name (see templates/) or a path to a .j2 file."
+        default="auto",
+        description="auto (the built-in that renders the model's own chat_template byte for byte), a built-in's "
+                    "name (llama3.1, llama3.2, llama3.3, qwen2.5, mistral-nemo, phi3) or a path to a .j2 file.",
+    )
+    unchecked_template: str | None = Field(
+        default=None,
+        description="Skip the check that the template renders the model's own chat_template: must name the "
+                    "template above (its built-in name or .j2 path), so the opt-out never carries over to another.",
     )
     system: str | None = Field(default=None, description="System prompt baked into every variant.")
     parameters: dict[str, Any] = Field(
         default_factory=dict,
-        description="Ollama options (temperature defaults to 0.7); the template supplies the stop tokens.",
+        description="Ollama options (temperature defaults to 0.7); stop tokens come from the template's end of "
+                    "turn and the model's EOS, and any listed here are added.",
     )
 
     @field_validator("template")
     @classmethod
     def _resolve_template(cls, value: str, info: ValidationInfo) -> str:
-        if value.endswith(".j2"):
-            return str(resolve_local(value, info))
-        if not (BUILTIN_TEMPLATE_DIR / f"{value}.j2").is_file():
-            known = sorted(p.stem for p in BUILTIN_TEMPLATE_DIR.glob("*.j2"))
-            raise ValueError(f"unknown built-in template {value!r} (known: {', '.join(known)}; or a .j2 path)")
-        return value
+        return _template_ref(value, info)
+
+    @field_validator("unchecked_template")
+    @classmethod
+    def _names_the_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        resolved = _template_ref(value, info)
+        if resolved != info.data.get("template"):
+            raise ValueError(f"names {value!r}, but modelfile.template is {info.data.get('template')!r}: the "
+                             "opt-out must name the template it exempts")
+        return resolved
 
     @field_validator("system")
     @classmethod
@@ -217,6 +231,14 @@ class Modelfile(Frozen):
     @property
     def effective_parameters(self) -> dict[str, Any]:
         return {**DEFAULT_PARAMETERS, **self.parameters}
+
+
+def _template_ref(value: str, info: ValidationInfo) -> str:
+    if value.endswith(".j2"):
+        return str(resolve_local(value, info))
+    if value != AUTO and value not in BUILTINS:
+        raise ValueError(f"unknown built-in template {value!r} (known: {AUTO}, {', '.join(BUILTINS)}; or a .j2 path)")
+    return value
 
 
 def _option_has_type(value: Any, expected: type) -> bool:

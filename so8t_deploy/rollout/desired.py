@@ -21,6 +21,8 @@ from typing import Any
 
 from ..build.pipeline import BuiltArtifact
 from ..build.plan import BuildPlan
+from ..chat.fidelity import ExpectedRender
+from ..chat.setup import ChatSetup
 from ..errors import BuildError
 from ..fsutil import symlink_atomic, write_atomic
 from ..manifest.schema import Manifest
@@ -40,7 +42,9 @@ class DesiredModel:
     template: str
     system: str | None
     parameters: dict[str, Any] = field(default_factory=dict)
-    modelfile_digest: str = ""  # sha256 of the rendered Modelfile: what a saved plan pins
+    modelfile_digest: str = ""  # sha256 of the rendered Modelfile: what a saved plan pins ("" until known)
+    expected_renders: tuple[ExpectedRender, ...] = ()  # what a host must render for the fixed conversations
+    capabilities: tuple[str, ...] = ()  # what a host must list for it (the model's template has tools, thinking)
     identity: dict[str, str] | None = None  # GGUF keys that identify its bytes; None if not known yet
     gguf: Path | None = None  # once built
     sha256: str | None = None  # once built
@@ -83,24 +87,28 @@ class DesiredModel:
         return replace(self, gguf=artifact.path, sha256=artifact.sha256, size=artifact.size)
 
 
-def desired_models(manifest: Manifest, plan: BuildPlan) -> list[DesiredModel]:
-    """One model per tag, from the manifest and the build plan; GGUFs already built are filled in."""
+def desired_models(manifest: Manifest, plan: BuildPlan, chat: ChatSetup) -> list[DesiredModel]:
+    """One model per tag, from the manifest, the build plan and the chat setup; GGUFs already built are filled
+    in. With the chat setup not known yet (`auto` before a hub model's files are here), the Modelfile is too."""
     models = []
     for tag in plan.tags:
-        rendered = render_modelfile(manifest.modelfile, Path(tag.file_name))
-        model = DesiredModel(tag=tag.tag, gguf_name=tag.file_name, template=rendered.template,
-                             system=rendered.system, parameters=rendered.parameters,
-                             modelfile_digest=hashlib.sha256(rendered.text.encode()).hexdigest(),
+        model = DesiredModel(tag=tag.tag, gguf_name=tag.file_name, template="", system=manifest.modelfile.system,
                              identity=tag.identity)
+        if chat.known:
+            rendered = render_modelfile(manifest.modelfile, Path(tag.file_name), chat)
+            model = replace(model, template=rendered.template, system=rendered.system,
+                            parameters=rendered.parameters,
+                            modelfile_digest=hashlib.sha256(rendered.text.encode()).hexdigest(),
+                            expected_renders=chat.expected, capabilities=chat.capabilities)
         if tag.record is not None:
             model = replace(model, sha256=tag.record.sha256, size=tag.record.size)
         models.append(model)
     return models
 
 
-def write_release(releases: Path, manifest: Manifest, artifact: BuiltArtifact) -> Path:
+def write_release(releases: Path, manifest: Manifest, artifact: BuiltArtifact, chat: ChatSetup) -> Path:
     """releases/NAME/TAG/: the GGUF (a link into the workspace) and its Modelfile, for `ollama create -f`."""
-    rendered = render_modelfile(manifest.modelfile, artifact.path)
+    rendered = render_modelfile(manifest.modelfile, artifact.path, chat)
     release_dir = releases / manifest.name / artifact.tag.split(":", 1)[1]
     symlink_atomic(release_dir / artifact.path.name, artifact.path)
     modelfile = release_dir / "Modelfile"

@@ -40,7 +40,7 @@ from ..progress import Progress
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
 from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown
 from .records import HostRecords, TagRecord
-from .smoke import SmokeResult, run_smoke_tests
+from .smoke import CANNOT_RENDER, SmokeResult, run_smoke_tests
 
 WAITING_LINE_EVERY_S = 30.0  # how often a create the host is still working on shows an elapsed-time line
 
@@ -302,7 +302,11 @@ class HostRollout:
         self.progress.step(f"{host.name}: smoke-test {len(tags)} tags")
         names = {d.tag: self.models[d.tag].candidate_tag for d in creates}
         results = run_smoke_tests(host, tags, self.manifest.smoke, self.manifest.modelfile.effective_parameters,
-                                  models=names, cancel=self.cancel)
+                                  models=names, cancel=self.cancel, desired=self.models)
+        if skipped := sorted({r.tag for r in results if r.reason == CANNOT_RENDER}):
+            warning = f"{host.name}: conversation check of {', '.join(skipped)} {CANNOT_RENDER} (an older Ollama?)"
+            self.report.warnings.append(warning)
+            self.progress.warning(warning)
         self.report.smoke = [redact_smoke(r, self.redact) for r in results]
         failed = [r for r in self.report.smoke if not r.passed]
         if failed:

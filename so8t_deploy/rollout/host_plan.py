@@ -81,7 +81,7 @@ def matches_shown(shown: ShownModel | None, model: DesiredModel) -> bool:
     """The host's copy is exactly `model`: same template, system, parameters and GGUF identity keys."""
     if shown is None or not model.identity or len(model.identity) != 3:
         return False
-    return (shown.template == model.template and shown.system == (model.system or None)
+    return (shown.sent_template == model.template and shown.system == (model.system or None)
             and same_parameters(model.parameters, shown.parameters)
             and all(shown.model_info.get(k) == v for k, v in model.identity.items()))
 

@@ -1,9 +1,10 @@
 """Render each variant's Modelfile from a Jinja template, and derive the Ollama create request from it.
 
-The rendered Modelfile is parsed back with Ollama's own rules and the parse is what gets
-registered, so the file a person reads (and could `ollama create -f`) and the model on the
-hosts cannot drift apart. Templates run in Jinja's sandbox with StrictUndefined: a typo in
-a custom template is an error, not an empty string.
+A built-in chat template renders through templates/modelfile.j2; a custom .j2 writes the whole Modelfile
+and its TEMPLATE is checked against the model's own chat template (chat.setup). The rendered Modelfile is
+parsed back with Ollama's own rules and the parse is what gets registered, so the file a person reads (and
+could `ollama create -f`) and the model on the hosts cannot drift apart. Templates run in Jinja's sandbox
+with StrictUndefined: a typo in a custom template is an error, not an empty string.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from ..chat.library import TEMPLATE_DIR
+from ..chat.setup import ChatSetup
 from ..errors import ManifestError
 from ..manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote
-from ..manifest.schema import BUILTIN_TEMPLATE_DIR, OLLAMA_OPTION_TYPES, Modelfile
+from ..manifest.schema import OLLAMA_OPTION_TYPES, Modelfile
+
+BUILTIN_MODELFILE = "modelfile.j2"
 
 
 @dataclass(frozen=True)
@@ -35,13 +40,13 @@ def _template_source(modelfile: Modelfile) -> tuple[Path, str]:
     if modelfile.template.endswith(".j2"):
         path = Path(modelfile.template)
         return path.parent, path.name
-    return BUILTIN_TEMPLATE_DIR, f"{modelfile.template}.j2"
+    return TEMPLATE_DIR, BUILTIN_MODELFILE
 
 
 def _parameter_items(parameters: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(key, value) lines in a stable order, one per list element (PARAMETER stop x, once per stop)."""
+    """(key, value) lines in a stable order, one per list element; stops come separately (see _stops)."""
     items = []
-    for key in sorted(parameters):
+    for key in sorted(k for k in parameters if k != "stop"):
         values = parameters[key] if isinstance(parameters[key], list) else [parameters[key]]
         items += [(key, value) for value in values]
     return items
@@ -62,13 +67,19 @@ def _typed_parameters(commands) -> dict[str, Any]:
     return out
 
 
-def render_modelfile(modelfile: Modelfile, gguf: Path) -> RenderedModel:
+def _stops(modelfile: Modelfile, chat: ChatSetup) -> list[str]:
+    """The template's and the model's stop tokens, then any the manifest adds, each once."""
+    return list(dict.fromkeys([*chat.stops, *modelfile.parameters.get("stop", [])]))
+
+
+def render_modelfile(modelfile: Modelfile, gguf: Path, chat: ChatSetup) -> RenderedModel:
     """Render the Modelfile for one GGUF (referenced as ./<file name>, next to it)."""
     directory, name = _template_source(modelfile)
     env = SandboxedEnvironment(loader=jinja2.FileSystemLoader(str(directory)), undefined=jinja2.StrictUndefined,
                                keep_trailing_newline=True, autoescape=False)
     env.globals["quote"] = quote
-    context = {"gguf_file": gguf.name, "system": modelfile.system,
+    context = {"gguf_file": gguf.name, "system": modelfile.system, "stops": _stops(modelfile, chat),
+               "chat_template": chat.builtin.text if chat.builtin else "",
                "parameters": _parameter_items(modelfile.effective_parameters)}
     where = directory / name
     try:
@@ -83,5 +94,7 @@ def render_modelfile(modelfile: Modelfile, gguf: Path) -> RenderedModel:
     by_name = {c.name: c.args for c in commands}
     if "template" not in by_name:
         raise ManifestError(f"{where}: the Modelfile has no TEMPLATE; a chat template must be sent explicitly")
+    if chat.builtin is None:
+        chat.check_custom(by_name["template"], by_name.get("system"), str(where))
     return RenderedModel(text=text, gguf=gguf, template=by_name["template"], system=by_name.get("system"),
                          parameters=_typed_parameters(commands))

@@ -1,4 +1,5 @@
-"""Go's text/template for the Ollama test server, from the small Go program next to this file (main.go).
+"""Go's text/template for the Ollama test server, from the small Go program next to this file (main.go, with
+api/ and template/: Ollama's request and template data types, so that templates see what they see in Ollama).
 
 The program is built with `go build` on first use into REPO/.cache/gotemplate/<hash of its sources>/gotemplate
 (staged, fsynced, then renamed into place, so servers starting at the same time never see half a binary; the
@@ -23,7 +24,7 @@ from pathlib import Path
 from so8t_deploy.fsutil import fsync_tree
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("go.mod", "main.go")
+SOURCES = ("go.mod", "main.go", "api/types.go", "template/types.go")
 CACHE_ROOT = Path(os.environ.get("SO8T_GOTEMPLATE_CACHE") or SOURCE_DIR.parents[1] / ".cache" / "gotemplate")
 INSTALL_HINT = "apt-get install golang-go"
 
@@ -36,10 +37,10 @@ class TemplateError(ValueError):
     """A template that Go's text/template refuses to parse or to execute; the message is Go's."""
 
 
-def source_hash() -> str:
+def source_hash(source_dir: Path = SOURCE_DIR, sources: tuple[str, ...] = SOURCES) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
+    for name in sources:
+        h.update(name.encode() + b"\0" + (source_dir / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -49,21 +50,27 @@ def binary_path(cache_root: Path = CACHE_ROOT) -> Path:
 
 def ensure_binary(cache_root: Path = CACHE_ROOT) -> Path:
     """The helper binary, built first if this source version has no cached build."""
-    target = binary_path(cache_root)
+    return build_go_program(SOURCE_DIR, binary_path(cache_root))
+
+
+def build_go_program(source_dir: Path, target: Path) -> Path:
+    """`go build` of the standard-library-only program in `source_dir` to `target` (a path whose directory
+    names the sources' hash), unless already there: staged, fsynced, then renamed into place, so that processes
+    starting at the same time never see half a binary."""
     if target.is_file():
         return target
     go = shutil.which("go")
     if go is None:
         raise GoToolchainMissing(f"the Ollama test server needs the Go toolchain: {INSTALL_HINT}")
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{target.parent.name}-"))
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent.parent, prefix=f".{target.parent.name}-"))
     try:
         env = {**os.environ, "CGO_ENABLED": "0", "GO111MODULE": "on", "GOFLAGS": "-buildvcs=false -mod=mod",
                "GOCACHE": str(CACHE_ROOT / "go-build"), "GOPATH": str(CACHE_ROOT / "gopath")}
-        built = subprocess.run([go, "build", "-trimpath", "-o", str(staging / "gotemplate"), "."],
-                               cwd=SOURCE_DIR, env=env, capture_output=True, text=True, timeout=600)
+        built = subprocess.run([go, "build", "-trimpath", "-o", str(staging / target.name), "."],
+                               cwd=source_dir, env=env, capture_output=True, text=True, timeout=600)
         if built.returncode != 0:
-            raise RuntimeError(f"go build of {SOURCE_DIR} failed:\n{built.stderr.strip()}")
+            raise RuntimeError(f"go build of {source_dir} failed:\n{built.stderr.strip()}")
         fsync_tree(staging)
         try:
             os.rename(staging, target.parent)
@@ -120,10 +127,16 @@ class GoTemplates:
             raise TemplateError(answer["error"])
         return answer.get("vars") or []
 
-    def render(self, template: str, messages: list[dict], *, prompt: str = "", suffix: str = "") -> str:
-        """The prompt Ollama's Template.Execute builds from these messages (or from prompt + suffix)."""
-        answer = self._call({"op": "render", "template": template, "messages": messages, "prompt": prompt,
-                             "suffix": suffix})
+    def render(self, template: str, messages: list[dict], *, prompt: str = "", suffix: str = "",
+               tools: list[dict] | None = None, think: bool | str | None = None) -> str:
+        """The prompt Ollama's Template.Execute builds from these messages (or from prompt + suffix), with the
+        request's tools (Ollama's API form; None is no tools) and think (None: not set; a bool or a level)."""
+        request = {"op": "render", "template": template, "messages": messages, "prompt": prompt, "suffix": suffix}
+        if tools is not None:
+            request["tools"] = tools
+        if think is not None:
+            request["think_value"] = think
+        answer = self._call(request)
         if "error" in answer:
             raise TemplateError(answer["error"])
         return answer["text"]

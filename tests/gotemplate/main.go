@@ -6,11 +6,17 @@
 // line on stdout, in order. Every answer carries "error" when the operation failed.
 //
 //	{"op": "parse", "template": T}                  -> {"vars": [...]}  (lower-cased identifiers, as Ollama's Vars)
-//	{"op": "render", "template": T, "messages": [...], "prompt": P, "suffix": S,
-//	 "think": false, "think_level": "", "is_think_set": false}
+//	{"op": "render", "template": T, "messages": [...], "prompt": P, "suffix": S, "tools": [...],
+//	 "think_value": true|false|"high"|..., "think": false, "think_level": "", "is_think_set": false}
 //	                                                -> {"text": "..."}  (the prompt Ollama would send the runner)
 //	{"op": "show_parameters", "parameters": {...}}  -> {"lines": [...], "values": [...]}  (%#v and %v lines, sorted)
 //	{"op": "json", "value": V}                      -> {"text": "..."}  (json.Marshal of V as Go decoded it)
+//
+// Messages and tools are Ollama's API types (package api here, as in Ollama) and reach the template as
+// Ollama's template package converts them (package template here), so that `.ToolCalls`, `.Function.Arguments`
+// and `.Tools` print, range and fail as in Ollama, type names in error messages included. A "think_value"
+// (a request's think) sets Think, ThinkLevel and IsThinkSet as Ollama does; without one, the three fields are
+// taken as given.
 //
 // Standard library only, so that `go build` needs no network.
 package main
@@ -27,28 +33,24 @@ import (
 	"text/template"
 	"text/template/parse"
 	"time"
+
+	"so8t.test/gotemplate/api"
+	ollama "so8t.test/gotemplate/template"
 )
 
-type message struct {
-	Role       string   `json:"role"`
-	Content    string   `json:"content"`
-	Thinking   string   `json:"thinking"`
-	Images     []string `json:"images"`
-	ToolName   string   `json:"tool_name"`
-	ToolCallID string   `json:"tool_call_id"`
-}
-
 type request struct {
-	Op         string         `json:"op"`
-	Template   string         `json:"template"`
-	Messages   []message      `json:"messages"`
-	Prompt     string         `json:"prompt"`
-	Suffix     string         `json:"suffix"`
-	Think      bool           `json:"think"`
-	ThinkLevel string         `json:"think_level"`
-	IsThinkSet bool           `json:"is_think_set"`
-	Parameters map[string]any `json:"parameters"`
-	Value      any            `json:"value"`
+	Op         string          `json:"op"`
+	Template   string          `json:"template"`
+	Messages   []api.Message   `json:"messages"`
+	Prompt     string          `json:"prompt"`
+	Suffix     string          `json:"suffix"`
+	Tools      api.Tools       `json:"tools"`
+	ThinkValue *api.ThinkValue `json:"think_value"`
+	Think      bool            `json:"think"`
+	ThinkLevel string          `json:"think_level"`
+	IsThinkSet bool            `json:"is_think_set"`
+	Parameters map[string]any  `json:"parameters"`
+	Value      any             `json:"value"`
 }
 
 type answer struct {
@@ -57,25 +59,6 @@ type answer struct {
 	Text   string   `json:"text"`
 	Lines  []string `json:"lines,omitempty"`
 	Values []string `json:"values,omitempty"`
-}
-
-// templateMessage is what `range .Messages` sees: the field names of Ollama's template message.
-type templateMessage struct {
-	Role       string
-	Content    string
-	Thinking   string
-	Images     []string
-	ToolCalls  []any
-	ToolName   string
-	ToolCallID string
-}
-
-// templateTools prints as JSON, like Ollama's; the test server never passes tools, so it is always nil.
-type templateTools []any
-
-func (t templateTools) String() string {
-	b, _ := json.Marshal([]any(t))
-	return string(b)
 }
 
 // funcs are the functions Ollama registers for model templates.
@@ -90,7 +73,15 @@ var funcs = template.FuncMap{
 	"yesterdayDate": func(...string) string {
 		return time.Now().AddDate(0, 0, -1).Format("2006-01-02")
 	},
-	"toTypeScriptType": func(any) string {
+	"toTypeScriptType": func(v any) string {
+		switch p := v.(type) {
+		case api.ToolProperty:
+			return p.ToTypeScriptType()
+		case *api.ToolProperty:
+			if p != nil {
+				return p.ToTypeScriptType()
+			}
+		}
 		return "any"
 	},
 }
@@ -223,10 +214,11 @@ func contains(list []string, s string) bool {
 
 // collate merges consecutive messages of one role (tool messages excepted) with a blank line between
 // them, and joins every system message into one system prompt, as Ollama does before rendering.
-func collate(msgs []message) (string, []message) {
+func collate(msgs []api.Message) (string, []*api.Message) {
 	var system []string
-	var out []message
-	for _, m := range msgs {
+	var out []*api.Message
+	for i := range msgs {
+		m := &msgs[i]
 		if m.Role == "system" {
 			system = append(system, m.Content)
 		}
@@ -239,18 +231,6 @@ func collate(msgs []message) (string, []message) {
 	return strings.Join(system, "\n\n"), out
 }
 
-func forTemplate(msgs []message) []*templateMessage {
-	if msgs == nil {
-		return nil
-	}
-	out := make([]*templateMessage, len(msgs))
-	for i, m := range msgs {
-		out[i] = &templateMessage{Role: m.Role, Content: m.Content, Thinking: m.Thinking, Images: m.Images,
-			ToolName: m.ToolName, ToolCallID: m.ToolCallID}
-	}
-	return out
-}
-
 // render builds the prompt as Ollama's Template.Execute does: a fill-in-the-middle request gets Prompt and
 // Suffix; a template that uses .Messages gets all of them at once; any other template is executed once
 // per completed turn with .System/.Prompt/.Response, and the last turn stops right after {{ .Response }}.
@@ -258,6 +238,9 @@ func render(req request) (string, error) {
 	tmpl, vars, err := parseTemplate(req.Template)
 	if err != nil {
 		return "", err
+	}
+	if req.ThinkValue != nil { // as server/prompt.go's renderPrompt turns a request's think into Values
+		req.Think, req.ThinkLevel, req.IsThinkSet = req.ThinkValue.Bool(), req.ThinkValue.String(), true
 	}
 	values := func(fields map[string]any) map[string]any {
 		fields["Think"], fields["ThinkLevel"], fields["IsThinkSet"] = req.Think, req.ThinkLevel, req.IsThinkSet
@@ -269,15 +252,15 @@ func render(req request) (string, error) {
 	case req.Prompt != "" && req.Suffix != "":
 		err = tmpl.Execute(&b, values(map[string]any{"Prompt": req.Prompt, "Suffix": req.Suffix, "Response": ""}))
 	case contains(vars, "messages"):
-		err = tmpl.Execute(&b, values(map[string]any{"System": system, "Messages": forTemplate(msgs),
-			"Tools": templateTools(nil), "Response": ""}))
+		err = tmpl.Execute(&b, values(map[string]any{"System": system, "Messages": ollama.Messages(msgs),
+			"Tools": ollama.Tools(req.Tools), "Response": ""}))
 	default:
 		err = renderTurns(&b, tmpl, msgs, values)
 	}
 	return b.String(), err
 }
 
-func renderTurns(w io.Writer, tmpl *template.Template, msgs []message, values func(map[string]any) map[string]any) error {
+func renderTurns(w io.Writer, tmpl *template.Template, msgs []*api.Message, values func(map[string]any) map[string]any) error {
 	var system, prompt, response string
 	flush := func() error {
 		if err := tmpl.Execute(w, values(map[string]any{"System": system, "Prompt": prompt, "Response": response})); err != nil {

@@ -9,10 +9,12 @@ It prints one line, ``listening on http://HOST:PORT``, once it accepts connectio
 text/template, so it needs Go: tests/gotemplate is built on first use (`apt-get install golang-go`).
 
 Modules: names (model names), ggufinfo (GGUF headers), store (blobs, manifests, pruning), create (the create
-worker), faults (test faults), generation (llama.cpp), api (endpoints), handler (HTTP, `main`), launch
-(OllamaTestServer, ServerPool).
+worker), faults (test faults), generation (llama.cpp), templates (template selection, capabilities, chat-template
+autodetection; named_templates.json, gothink/), jinja (the GGUF's chat template as llama-server applies it),
+chat (generate and chat), api (the other endpoints), handler (HTTP, `main`), launch (OllamaTestServer, ServerPool).
 
-It follows Ollama 0.32 (server/create.go, server/routes.go, manifest/, template/ of ollama/ollama):
+It follows Ollama 0.32 and, for templates, current Ollama (server/create.go, server/routes.go, manifest/,
+template/ of ollama/ollama):
 - The store is Ollama's: blobs/sha256-<hex> and manifests/<host>/<namespace>/<model>/<tag>, the manifest JSON
   as Go writes it. /api/tags `digest` is the sha256 of that file, `modified_at` its mtime.
 - A GGUF import is validated by llama.cpp's quantizer in COPY mode and stored as a new layer with a new digest:
@@ -28,6 +30,14 @@ It follows Ollama 0.32 (server/create.go, server/routes.go, manifest/, template/
   validate GGUF with llama-quantize …").
 - At start, blobs that no manifest references are pruned once older than an hour (OLLAMA_NOPRUNE: never);
   a create removes the layers only the replaced manifest used.
+- A GGUF import gets the named template (and its stops) nearest its `tokenizer.chat_template` within Levenshtein
+  distance 100, as "using autodetected template NAME"; a TEMPLATE sent replaces it, sent parameters win.
+- Templates and capabilities follow current Ollama (server/images.go GetModel/Capabilities, routes.go): a model
+  with a Go TEMPLATE is rendered by it unless the GGUF's chat template advertises more (shouldPreferChatTemplate;
+  OLLAMA_GO_TEMPLATE set turns that off, =0 disables Go templates); a model without one, or preferring its chat
+  template, is rendered by that Jinja template as llama-server does (ChatML when the GGUF has none), and
+  /api/show `template` is then the Jinja text. /api/show and /api/tags list `capabilities`, each as Ollama
+  computes it. `_debug_render_only` answers `_debug_info` {rendered_template, image_count} without generating.
 - Prompts are rendered by Go's text/template with Ollama's rules; /api/show `parameters` are Go's %#v lines in
   random order; sampling defaults are api.DefaultOptions (seed -1, temperature 0.8, top_k 40, top_p 0.9,
   repeat_penalty 1.0, num_predict -1); num_ctx as sent, else OLLAMA_CONTEXT_LENGTH or 4096 (the CPU tier);
@@ -37,9 +47,11 @@ Test-only, not Ollama:
 - POST/GET /_test/faults (faults.py: FAULT_DEFAULTS, CreateRules), GET /_test/stats, GET/DELETE /_test/requests
   (handler.py), --seed (a default for requests without one), --prune-grace (seconds; 0 prunes young blobs at
   start), and `OllamaTestServer` / `ServerPool` (launch.py) to start servers from tests.
-- One GGUF per create (no safetensors, adapters, drafts, split GGUFs), no template autodetection from the
-  GGUF's chat template, no tools, images or thinking; a prompt longer than num_ctx is an error instead of being
-  truncated, generation stops at the end of the context instead of shifting it; two threads per model.
+- One GGUF per create (no safetensors, adapters, drafts, split GGUFs); requests are checked for tools/thinking/
+  insert capabilities and tools reach the templates, but no tool calls or thinking are parsed from the output,
+  images are counted, not seen; built-in renderers and parsers (RENDERER/PARSER) are not emulated (the Go
+  TEMPLATE renders); a prompt longer than num_ctx is an error instead of being truncated, generation stops at
+  the end of the context instead of shifting it; two threads per model.
 """
 
 from .common import REPO

@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import random
 import re
 import threading
-import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.gotemplate import GoTemplates, TemplateError
+from tests.gotemplate import GoTemplates
 from tests.gotemplate.gofmt import plain_v, quote, sharp_v
 
-from .common import ApiError, go_time, log, now_go
+from .chat import GenerateEndpoints
+from .common import ApiError, go_time, log
 from .create import Abandoned, CreateJob, Creation, gguf_info
 from .faults import FAULT_DEFAULTS, CreateFaults, CreateRules
-from .generation import Loaded, Models, Options, canned_pieces, generate_pieces
-from .names import ModelName, parse_keep_alive, valid_file_path
+from .generation import Models
+from .ggufinfo import GGUFInfo
+from .names import ModelName, valid_file_path
 from .store import MEDIA, Layer, Manifest, Store
+from .templates import TemplateChoice
 
 # --- the API (server/routes.go) -------------------------------------------------------------------------
 
@@ -75,6 +77,20 @@ class ModelView:
                 "quantization_level": c.get("file_type", "")}
 
 
+def model_header(path: Path) -> GGUFInfo:
+    """gguf_info of a stored model layer, read once per blob (blobs are named by their content)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return gguf_info(path)  # its error, as Ollama reports it
+    return _model_header(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_header(path: str, size: int, mtime_ns: int) -> GGUFInfo:
+    return gguf_info(Path(path))
+
+
 def modelfile_quote(text: str) -> str:
     """The Modelfile quoting of `ollama show` (parser.quote): only values with a newline or a space at an end
     are quoted, with triple quotes when they hold a double quote (even if they hold triple quotes)."""
@@ -115,7 +131,7 @@ CREATE_FIELDS = {"model": str, "name": str, "stream": bool, "quantize": str, "qu
                  "requires": str}
 
 
-class App:
+class App(GenerateEndpoints):
     """Endpoint logic. A method returns a dict (200), None (200, empty body), a (status, dict) pair, a CreateJob,
     or, for generate and chat, an iterator of NDJSON objects; an ApiError raised before that is an HTTP error."""
 
@@ -243,8 +259,15 @@ class App:
         entries = []
         for m in self.store.all():
             view = ModelView.load(self.store, m)
+            try:  # buildModelListSummary: a GGUF it cannot read only loses what its header would add
+                info: GGUFInfo | None = model_header(view.path)
+            except ApiError:
+                info = None
+            choice = TemplateChoice.of(self.templates, view.template, view.config, info.kv if info else {})
             entries.append({"name": m.name.display(), "model": m.name.display(), "modified_at": go_time(m.mtime_ns),
-                            "size": m.size, "digest": m.digest, "details": view.details(), "_at": m.mtime_ns // 10**9})
+                            "size": m.size, "digest": m.digest, "details": view.details(),
+                            "capabilities": choice.list_capabilities(gguf=info is not None),
+                            "_at": m.mtime_ns // 10**9})
         entries.sort(key=lambda e: e.pop("_at"), reverse=True)
         return {"models": entries}
 
@@ -257,14 +280,15 @@ class App:
             raise ApiError(400, "invalid model name")
         name = self.store.existing_name(name)
         model = self.find(raw, f"model '{name.display()}' not found")
-        info = gguf_info(model.path)
+        info = model_header(model.path)
         out: dict = {}
         if model.licenses:
             out["license"] = "\n".join(model.licenses)
         out["modelfile"] = modelfile_text(model)
         if params := [f"{key:<30} {sharp_v(value)}" for key, value in parameter_items(model.params)]:
             out["parameters"] = "\n".join(params)
-        out["template"] = model.template_text
+        choice = self.choice(model, info)
+        out["template"] = choice.show_template()  # selectedModelTemplate: the Jinja text when that renders
         if model.system:
             out["system"] = model.system
         out["details"] = model.details(parent=model.parent)
@@ -272,16 +296,14 @@ class App:
             out["messages"] = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in model.messages]
         out["model_info"] = {k: v for k, v in info.kv.items() if k not in ("general.name", "tokenizer.chat_template")}
         out["tensors"] = [{"name": t["name"], "type": t["type"], "shape": t["shape"]} for t in info.tensors]
-        out["capabilities"] = self.capabilities(model)
+        out["capabilities"] = choice.capabilities()
         out["modified_at"] = go_time(model.manifest.mtime_ns)
         return out
 
-    def capabilities(self, model: ModelView) -> list[str]:
-        try:
-            names = self.templates.parse(model.template_text)
-        except TemplateError:
-            names = []
-        return ["completion", *(cap for var, cap in (("tools", "tools"), ("suffix", "insert")) if var in names)]
+    def choice(self, model: ModelView, info: GGUFInfo | None = None) -> TemplateChoice:
+        """GetModel's template selection for this model (its GGUF header read unless given)."""
+        info = info or model_header(model.path)
+        return TemplateChoice.of(self.templates, model.template, model.config, info.kv)
 
     def copy(self, req: dict) -> None:
         raw_src, raw_dst = req.get("source", ""), req.get("destination", "")
@@ -307,94 +329,3 @@ class App:
         self.store.delete(m)
         self.models.unload(m.name)
         self.count("deletes")
-
-    # -- generate / chat --
-
-    def generate(self, req: dict, chat: bool) -> Iterator[dict] | dict:
-        raw = req.get("model") or ""
-        keep_alive = parse_keep_alive(req.get("keep_alive"))
-        model = self.find(raw, f"model '{raw}' not found")
-        messages = req.get("messages") or []
-        prompt_given = bool(messages) if chat else bool(req.get("prompt"))
-        if self.faults["fail_generate"]:
-            raise ApiError(500, "injected failure")
-        if delay := self.faults["generate_delay_s"]:
-            time.sleep(float(delay))
-        if not prompt_given and req.get("keep_alive") is not None and keep_alive == 0:
-            self.models.unload(model.name)  # Ollama: an empty request with keep_alive 0 unloads the model
-            return self._final(raw, chat, "unload", "", {}, 0, 0)
-        if not chat and req.get("raw") and (req.get("template") or req.get("system") or req.get("context")):
-            raise ApiError(400, "raw mode does not support template, system, or context")
-        opts = Options.build(model.params, req.get("options"))
-        if opts.seed < 0 and self.default_seed >= 0:
-            opts.seed = self.default_seed
-        canned = self.faults["generate_response"]
-        if canned is not None and prompt_given:
-            loaded, load_ns = None, 0
-        else:
-            loaded, load_ns = self.models.load(model, opts, keep_alive)
-        if not prompt_given:  # an empty request only loads the model
-            return self._final(raw, chat, "load", "", {}, load_ns, load_ns)
-        prompt = self._prompt(model, req, chat, loaded)
-        stats: dict = {}
-        start = time.perf_counter_ns()
-        if loaded is None:
-            pieces = canned_pieces(str(canned), prompt, self.faults["generate_tokens_per_second"], stats)
-        else:
-            pieces = generate_pieces(loaded, prompt, opts, stats)
-        return self._generate_events(raw, model.name, chat, req.get("stream") is not False, pieces, stats,
-                                     start, load_ns, keep_alive)
-
-    def _prompt(self, model: ModelView, req: dict, chat: bool, loaded: Loaded | None) -> str:
-        """The prompt as Ollama builds it: the model's SYSTEM unless the request brings its own, the model's
-        MESSAGE history, the request's messages, through the TEMPLATE (Go's text/template)."""
-        if chat:
-            messages = [*model.messages, *req["messages"]]
-            if req["messages"][0].get("role") != "system" and model.system:
-                messages.insert(0, {"role": "system", "content": model.system})
-            template, prompt, suffix = model.template_text, "", ""
-        elif req.get("raw"):
-            return req["prompt"]
-        else:
-            system = req.get("system") or model.system
-            messages = [{"role": "system", "content": system}] if system else []
-            if req.get("context") is None:
-                messages += model.messages
-            messages.append({"role": "user", "content": req["prompt"]})
-            template, prompt, suffix = req.get("template") or model.template_text, "", req.get("suffix") or ""
-            if suffix:
-                messages, prompt = [], req["prompt"]
-        try:
-            rendered = self.templates.render(template, messages, prompt=prompt, suffix=suffix)
-        except TemplateError as exc:
-            raise ApiError(500, str(exc)) from None
-        if not chat and req.get("context") and loaded is not None:  # the deprecated context goes first
-            rendered = loaded.llm.detokenize(req["context"], special=True).decode("utf-8", "replace") + rendered
-        return rendered
-
-    def _generate_events(self, raw, name, chat, stream, pieces, stats, start, load_ns, keep_alive) -> Iterator[dict]:
-        text = []
-        for piece in pieces:
-            text.append(piece)
-            if stream:
-                yield self._chunk(raw, chat, piece)
-        if keep_alive == 0:
-            self.models.unload(name)
-        yield self._final(raw, chat, stats["done_reason"], "" if stream else "".join(text), stats, load_ns,
-                          time.perf_counter_ns() - start + load_ns)
-
-    @staticmethod
-    def _chunk(raw: str, chat: bool, text: str, **extra) -> dict:
-        body = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
-        return {"model": raw, "created_at": now_go(), **body, "done": False, **extra}
-
-    def _final(self, raw, chat, reason, text, stats, load_ns, total_ns) -> dict:
-        timing = {"total_duration": max(total_ns, 1), "load_duration": load_ns}
-        if stats:
-            timing.update({k: stats[k] for k in ("prompt_eval_count", "prompt_eval_duration", "eval_count",
-                                                 "eval_duration")})
-            if not chat:
-                timing["context"] = stats["context"]
-        final = self._chunk(raw, chat, text, done_reason=reason, **timing)
-        final["done"] = True
-        return final

@@ -25,6 +25,7 @@ from .faults import CreateFaults
 from .ggufinfo import GGUFError, GGUFInfo, human_number, read_gguf
 from .names import ModelName
 from .store import CONFIG_MEDIA, MEDIA, MODEL_MEDIA, Layer
+from .templates import autodetected_layers
 
 if TYPE_CHECKING:
     from .api import App
@@ -273,7 +274,8 @@ class Creation:
         info = gguf_info(path)
         media = {"adapter": MEDIA + "adapter", "projector": MEDIA + "projector", "mmproj": MEDIA + "projector"}
         layer = self.store.existing_layer(digest, media.get(info.kv.get("general.type"), MODEL_MEDIA), source)
-        return [ModelLayer(layer, info, rewrite=True)]
+        detected = autodetected_layers(self.store, info.kv)  # detectChatTemplate: a named template and its stops
+        return [ModelLayer(layer, info, rewrite=True), *(ModelLayer(t) for t in detected)]
 
     def detect_type(self, files: dict) -> str:
         """detectModelTypeFromFiles: by suffix, else a blob that starts like a GGUF."""

@@ -14,6 +14,8 @@ FAULT_DEFAULTS: dict = {
     "generate_response": None,  # generate/chat answer this text instead of running llama.cpp
     "generate_tokens_per_second": 50.0,  # the speed reported for generate_response
     "generate_delay_s": 0.0,  # generate/chat wait this long before they start (a slow model)
+    "ignore_debug_render": False,  # an Ollama older than _debug_render_only: chat generates instead
+    "prompt_suffix": "",  # appended to every prompt the server renders (a host whose templates render otherwise)
     "create_rules": [],  # see CreateRules
     "create_stream_error": None,  # shorthand for one rule {"model": "*", "action": "fail_stream", "times": 1}
     "version": None,  # overrides --version ("0.0.0" is what a source build reports)

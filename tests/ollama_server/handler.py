@@ -24,6 +24,7 @@ from .api import App
 from .common import CHUNK, ApiError, log
 from .create import CreateJob
 from .store import PRUNE_GRACE_S, Store
+from .templates import ensure_gothink
 
 # --- HTTP -----------------------------------------------------------------------------------------------
 
@@ -350,6 +351,7 @@ def serve(host: str, port: int, data: Path, version: str, seed: int = -1,
           prune_grace: float = PRUNE_GRACE_S) -> None:
     try:
         ensure_binary()
+        ensure_gothink()
     except GoToolchainMissing as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ from tests.gotemplate import ensure_binary
 from tests.server_process import ServerProcess
 
 from .store import PRUNE_GRACE_S
+from .templates import ensure_gothink
 
 # --- starting servers from tests -------------------------------------------------------------------------
 
@@ -31,6 +32,7 @@ class OllamaTestServer(ServerProcess):
         GoToolchainMissing when the Go helper can be neither found nor built."""
         if self.proc is None:
             ensure_binary()  # one clear error here rather than a server that dies at start
+            ensure_gothink()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             grace = self.prune_grace if prune_grace is None else prune_grace
             self.command = [sys.executable, "-m", *self._arguments(grace)]

@@ -1,0 +1,3 @@
+module so8t.test/gothink
+
+go 1.19

@@ -1,0 +1,187 @@
+"""What each host serves is the conversation the model was trained on (issue 18), end to end: tiny models of real
+chat families (their own tokenizers and chat templates, tiny_models.write_family_model) built with
+`template: auto`, applied to the Ollama test server, and the prompt the host renders for each fixed conversation
+(`_debug_render_only`) compared with transformers' `apply_chat_template`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from so8t_deploy.chat.fidelity import CONVERSATIONS, Conversation
+from so8t_deploy.chat.library import BUILTINS
+from so8t_deploy.chat.setup import resolve_chat
+from so8t_deploy.manifest.modelfile import parse_modelfile
+from so8t_deploy.manifest.schema import Modelfile
+from so8t_deploy.rollout.render import render_modelfile
+from so8t_deploy.tiny_models import write_family_model
+
+pytestmark = pytest.mark.llamacpp
+
+SYSTEM = "Answer briefly."  # the Modelfile's: Ollama adds it to a conversation that has no system message
+END_OF_TURN = {"llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "mistral-nemo": "</s>", "phi3.5": "<|end|>"}
+WITH_TOOLS = {"llama3.1", "qwen2.5", "mistral-nemo"}  # Phi-3.5's chat template has no tools
+# A Llama 3.1 TEMPLATE that renders plain turns and knows nothing of tools (no .Tools, no .ToolCalls).
+NO_TOOLS_TEMPLATE = """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
+
+"""
+
+
+@pytest.fixture(scope="module")
+def build_cache(tmp_path_factory) -> Path:
+    """One build cache for the module: a GGUF built for one test is reused by the next."""
+    return tmp_path_factory.mktemp("fidelity-cache")
+
+
+def manifest_for(path: Path, model: Path, name: str, urls: list[str], modelfile: str = "{}") -> Path:
+    targets = "\n".join(f"  - {{name: host-{i}, host: '{url}', timeout_s: 120}}" for i, url in enumerate(urls))
+    targets = targets or "  []"
+    path.write_text(f"""\
+apiVersion: so8t-deploy/v1
+name: {name}
+source: {{model: {model}}}
+quantize: [f16]
+modelfile: {modelfile}
+targets:
+{targets}
+rollout: {{canary: 1}}
+smoke: []
+""")
+    return path
+
+
+def custom_template(path: Path, go_template: str) -> Path:
+    """A custom modelfile.j2 that sends `go_template` as the TEMPLATE, with the derived stops."""
+    path.write_text("{% set go %}{% raw %}" + go_template + "{% endraw %}{% endset %}"
+                    "FROM ./{{ gguf_file }}\nTEMPLATE {{ quote(go) }}\n"
+                    "{% if system %}SYSTEM {{ quote(system) }}\n{% endif %}"
+                    "{% for stop in stops %}PARAMETER stop {{ quote(stop) }}\n{% endfor %}")
+    return path
+
+
+def hf_form(conversation: Conversation, system: str | None) -> list[dict]:
+    """The conversation as transformers takes it (OpenAI-style tool calls), with the Modelfile's system prompt
+    where the conversation has none, as Ollama adds it."""
+    messages = [] if system is None or conversation.messages[0]["role"] == "system" else [
+        {"role": "system", "content": system}]
+    for m in conversation.messages:
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]}
+                                     for c in m["tool_calls"]]
+        if m["role"] == "tool":
+            message.update(tool_call_id=m["tool_call_id"], name=m["tool_name"])
+        messages.append(message)
+    return messages
+
+
+def trained_prompt(tokenizer, conversation: Conversation, system: str | None) -> str:
+    """The tokenizer's own rendering, less the leading BOS that llama.cpp adds when it tokenizes."""
+    prompt = tokenizer.apply_chat_template(hf_form(conversation, system), add_generation_prompt=True,
+                                           tokenize=False)
+    bos = tokenizer.bos_token
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
+def host_render(url: str, model: str, conversation: Conversation) -> str:
+    answer = httpx.post(f"{url}/api/chat", timeout=120, json={
+        "model": model, "messages": list(conversation.messages), "stream": False, "_debug_render_only": True})
+    answer.raise_for_status()
+    return answer.json()["_debug_info"]["rendered_template"]
+
+
+def host_stops(url: str, model: str) -> list[str]:
+    shown = httpx.post(f"{url}/api/show", timeout=30, json={"model": model}).json()
+    return [c.args for c in parse_modelfile(shown["modelfile"]) if c.name == "stop"]
+
+
+def tokenizer_stops(tokenizer, model_dir: Path, end_of_turn: str) -> list[str]:
+    """The stops the tokenizer implies: the format's end of turn, its EOS, every EOS generation_config lists."""
+    listed = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    eos = tokenizer.convert_ids_to_tokens(listed if isinstance(listed, list) else [listed])
+    return list(dict.fromkeys([end_of_turn, tokenizer.eos_token, *eos]))
+
+
+# --- acceptance 1: each family's host renders what its tokenizer renders ---------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "mistral-nemo", "phi3.5"])
+def test_the_host_renders_each_conversation_as_the_tokenizer_does(family, family_model, family_tokenizer, pool,
+                                                                   build_cache, tmp_path, run_cli):
+    model, tokenizer = family_model(family), family_tokenizer(family)
+    [url] = pool.start(1)
+    name = "fidelity-" + family.replace(".", "-")
+    manifest = manifest_for(tmp_path / "m.yaml", model, name, [url], f"{{template: auto, system: {SYSTEM!r}}}")
+    result = run_cli("apply", manifest, "--cache-dir", build_cache, "--json")
+    assert result.code == 0, result.err
+    smoke = json.loads(result.out)["hosts"][0]["smoke"]
+    checked = {s["prompt"] for s in smoke if s["kind"] == "conversation" and s["passed"]}  # the product's check
+    tag = f"{name}:f16"
+    conversations = [c for c in CONVERSATIONS if family in WITH_TOOLS or not c.needs_tools]
+    assert len(conversations) == (4 if family in WITH_TOOLS else 3)
+    for conversation in conversations:
+        assert host_render(url, tag, conversation) == trained_prompt(tokenizer, conversation, SYSTEM), \
+            conversation.name
+        assert f"conversation: {conversation.name}" in checked
+    assert host_stops(url, tag) == tokenizer_stops(tokenizer, model, END_OF_TURN[family])
+
+
+# --- acceptance 2: a custom template one character off is refused ------------------------------------------------
+
+def test_a_custom_template_one_character_off_is_refused_by_validate(family_model, family_tokenizer, tmp_path,
+                                                                     run_cli):
+    model, tokenizer = family_model("qwen2.5"), family_tokenizer("qwen2.5")
+    off_by_one = BUILTINS["qwen2.5"].text.replace("<|im_start|>system\n", "<|im_start|>System\n", 1)
+    template = custom_template(tmp_path / "qwen.j2", off_by_one)
+    manifest = manifest_for(tmp_path / "m.yaml", model, "qwen-custom", [], f"{{template: {template}}}")
+    result = run_cli("validate", manifest)
+    assert result.code == 2 and result.out == ""
+    [line] = result.err.splitlines()
+    first = CONVERSATIONS[0]
+    position = trained_prompt(tokenizer, first, None).index("system")
+    origin = model / "tokenizer_config.json"
+    assert line.startswith(f"{manifest}: {template}: TEMPLATE does not render {origin}'s chat_template")
+    assert f"conversation {first.name!r} differs at character {position}:" in line
+    assert "modelfile.unchecked_template" in line
+
+    template = custom_template(tmp_path / "qwen.j2", BUILTINS["qwen2.5"].text)  # the same, exact: accepted
+    assert run_cli("validate", manifest).code == 0
+
+
+# --- acceptance 3: a host that renders the GGUF's own template is caught by the smoke test -----------------------
+
+@pytest.mark.slow
+def test_a_template_without_tools_is_caught_when_the_host_renders_the_ggufs_own(family_model, pool, build_cache,
+                                                                                tmp_path, run_cli):
+    [url] = pool.start(1)
+    template = custom_template(tmp_path / "plain.j2", NO_TOOLS_TEMPLATE)
+    manifest = manifest_for(tmp_path / "m.yaml", family_model("llama3.1"), "fidelity-llama3-1", [url],
+                            f"{{template: {template}, unchecked_template: {template}}}")
+    result = run_cli("apply", manifest, "--cache-dir", build_cache)
+    assert result.code != 0
+    assert "host renders the GGUF's own chat template, not the TEMPLATE sent" in result.err
+    tags = httpx.get(f"{url}/api/tags", timeout=30).json()["models"]
+    assert "fidelity-llama3-1:f16" not in {m["name"] for m in tags}  # never served
+
+
+# --- acceptance 4: stops come from the tokenizer, not from the family ---------------------------------------------
+
+def test_stops_follow_a_tokenizer_whose_eos_is_not_the_familys(family_model, family_tokenizer, tmp_path):
+    import transformers
+
+    # a fine-tune of Llama 3.1's base model: its EOS is <|end_of_text|>, and generation stops only there
+    tuned = write_family_model(tmp_path / "llama3.1", "llama3.1", eos_override="<|end_of_text|>",
+                               generation_eos=["<|end_of_text|>"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tuned)
+    assert tokenizer.eos_token == "<|end_of_text|>" != family_tokenizer("llama3.1").eos_token
+    chat = resolve_chat(Modelfile(), tuned)
+    assert chat.builtin is BUILTINS["llama3.1"]
+    stops = render_modelfile(Modelfile(), Path("m.gguf"), chat).parameters["stop"]
+    assert stops == tokenizer_stops(tokenizer, tuned, "<|eot_id|>") == ["<|eot_id|>", "<|end_of_text|>"]
+    default = resolve_chat(Modelfile(), family_model("llama3.1"))
+    assert list(default.stops) == ["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"]  # the family's own list

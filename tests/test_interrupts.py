@@ -55,6 +55,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def outlived(pid: int, timeout: float = 10) -> bool:
+    """Whether `pid` is still alive `timeout` seconds on: a child the kernel kills as its parent exits
+    (PR_SET_PDEATHSIG) may take a moment to go."""
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(pid)
+
+
 def uses(pid: int, directory: Path) -> bool:
     """Whether `pid` has a file under `directory` open or mapped: it is past its start-up, at work."""
     try:
@@ -151,7 +160,7 @@ def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cach
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; nothing partial was kept"
     assert "Traceback" not in err
-    assert not alive(quantizer)
+    assert not outlived(quantizer)
     assert published(cache, "quantize") == []
     assert [p.name for p in (cache / "objects").rglob("*.partial*")] == []
 
@@ -167,7 +176,7 @@ def test_sigterm_during_quantize_is_an_interrupt_too(built_demo, cache_without, 
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; nothing partial was kept"
-    assert not alive(quantizer)
+    assert not outlived(quantizer)
     assert published(cache, "quantize") == []
 
 
@@ -182,10 +191,7 @@ def test_a_killed_build_leaves_no_converter_running_and_no_temp_file(built_demo,
         os.kill(converter, signal.SIGSTOP)
         proc.kill()
         proc.communicate(timeout=60)
-    deadline = time.monotonic() + 10
-    while alive(converter) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(converter), "the converter outlived the build that started it"
+    assert not outlived(converter), "the converter outlived the build that started it"
     assert list((tmp_path / "tmp").iterdir()) == []
     # The frozen conversion was not published; one that finished before it (the other variant) may be, whole.
     assert len(published(cache, "convert")) < 2

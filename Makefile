@@ -1,7 +1,8 @@
 # Every target installs what it needs into .venv on first use.
 #   make deploy MANIFEST=manifests/phi35.yaml   build, register, smoke-test and roll out a manifest
 #   make demo       the same, offline: a tiny Phi-3 + SO8T adapter deployed to two local
-#                   Ollama-compatible test servers (there is no Ollama binary on these machines)
+#                   Ollama-compatible test servers (there is no Ollama binary on these machines);
+#                   FAMILY=qwen3 (gemma2, llama3.1, ...) deploys a tiny model of that chat family instead
 #   make demo-hosts those two test servers on 127.0.0.1:11534 and :11535 until Ctrl-C, to try
 #                   plan and apply by hand (README: "The first hour")
 #   make test       the test suite (CPU torch pinned, as CI runs it)
@@ -16,7 +17,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # project verified, as CI does: the demo runs on this machine's CPU and needs no multi-GB CUDA build.
 TORCH_SPEC ?= torch
 TEST_TORCH_SPEC := torch==2.13.0
-DEMO_DIR := .so8t/demo
+FAMILY ?=
+DEMO_DIR := .so8t/demo$(if $(FAMILY),-$(FAMILY))
 CACHE_DIR ?= .so8t/cache
 
 # llama.cpp comes pinned inside llama-cpp-python. A native build enables CPU kernels (AMX) that
@@ -103,7 +105,7 @@ lint: $(VENV)/.installed
 
 $(DEMO_DIR)/manifest.yaml: | $(VENV)/.installed
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/so8t-deploy demo init $(DEMO_DIR)
+	$(VENV)/bin/so8t-deploy demo init $(DEMO_DIR) $(if $(FAMILY),--family $(FAMILY))
 
 deploy: $(VENV)/.installed
 	@test -n "$(MANIFEST)" || { echo "usage: make deploy MANIFEST=path/to/manifest.yaml" >&2; exit 2; }
@@ -112,6 +114,9 @@ deploy: $(VENV)/.installed
 # Both use the hosts of tests/demo_hosts.py: 127.0.0.1:11534 and :11535 (or $OLLAMA_HOST_A and
 # $OLLAMA_HOST_B, as manifests/demo.yaml reads them), stores under .so8t/demo-hosts. `make demo`
 # deploys to them (to the running ones when `make demo-hosts` is up) and asks every tag for a reply.
+# manifests/demo.yaml reads the demo's directory and name from these (defaults: .so8t/demo, so8t-demo).
+demo demo-hosts: export SO8T_DEMO_DIR := ../$(DEMO_DIR)
+demo demo-hosts: export SO8T_DEMO_NAME := so8t-demo$(if $(FAMILY),-$(subst .,-,$(FAMILY)))
 demo: override TORCH_SPEC := $(TEST_TORCH_SPEC)
 demo: $(DEMO_DIR)/manifest.yaml go-toolchain
 	$(PY) -m tests.demo_hosts $(VENV)/bin/so8t-deploy apply manifests/demo.yaml --cache-dir "$(CACHE_DIR)"

@@ -4,9 +4,10 @@ Nothing here downloads anything: `demo init` and the test fixtures use these bui
 make models that transformers loads and llama.cpp's converter accepts as the real thing.
 Heavy imports (torch, transformers, sentencepiece) happen inside the functions.
 
-`write_family_model` builds a tiny model of a real chat family (Llama 3.x, Qwen2.5, Mistral Nemo,
-Phi-3.5) with that family's own tokenizer and chat template, both taken from the llama.cpp sources
-of the pinned llama-cpp-python sdist (see `external.llamacpp.locate_llama_cpp_models`).
+`write_family_model` builds a tiny model of a real chat family (Llama 3.x, Qwen2.5, Qwen3, Mistral Nemo,
+Phi-3.5, Phi-4, Gemma 2 and 3) with that family's own tokenizer (or a documented substitute) and chat template,
+taken from the llama.cpp sources of the pinned llama-cpp-python sdist (see
+`external.llamacpp.locate_llama_cpp_models`); Gemma 3's template is the caller's.
 """
 
 from __future__ import annotations
@@ -100,8 +101,12 @@ def write_sentencepiece_tokenizer(out_dir: Path) -> None:
 
 
 def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_heads: int = 4,
-                num_kv_heads: int | None = None, tie_word_embeddings: bool = False, **extra):
+                num_kv_heads: int | None = None, tie_word_embeddings: bool | None = None, **extra):
     """A transformers config of the given architecture with real-model structure and tiny sizes.
+
+    Architectures: phi3 (also Phi-4: pass num_kv_heads < num_heads), llama, mistral, qwen2, qwen3, gemma2,
+    gemma3 (Gemma3ForCausalLM's gemma3_text). Embeddings are tied where the family's small models tie them
+    (Gemma) unless `tie_word_embeddings` says otherwise.
 
     `extra` goes to the config as is (e.g. attention_bias=True for a Llama with biases).
     """
@@ -116,7 +121,7 @@ def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_head
         num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=bool(tie_word_embeddings) if tie_word_embeddings is not None else arch.startswith("gemma"),
         bos_token_id=1,
         eos_token_id=SPM_VOCAB_SIZE,  # <|endoftext|>
         pad_token_id=SPM_VOCAB_SIZE,
@@ -131,7 +136,24 @@ def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_head
         return transformers.MistralConfig(sliding_window=None, **common)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    head_dim = hidden_size // num_heads
+    if arch == "qwen3":  # per-head q_norm/k_norm; head_dim is its own field (128 in every Qwen3)
+        return transformers.Qwen3Config(head_dim=head_dim, **common)
+    if arch == "gemma2":
+        # Sandwich norms, a scaled and tied embedding, attention and final logit soft-capping, sliding
+        # windows on every other layer. query_pre_attn_scalar is head_dim, as in Gemma 2 2B and 9B (llama.cpp
+        # scales by head_dim for every size but 27B).
+        return transformers.Gemma2Config(**_gemma_sizes(common, head_dim))
+    if arch in ("gemma3", "gemma3_text"):
+        # Gemma 2's structure plus q_norm/k_norm, five sliding layers to one global, no attention soft-capping.
+        return transformers.Gemma3TextConfig(**_gemma_sizes(common, head_dim))
     raise ValueError(f"no tiny config for architecture {arch!r}")
+
+
+def _gemma_sizes(common: dict, head_dim: int) -> dict:
+    """Gemma's config fields at tiny sizes."""
+    return {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": 512,
+            "hidden_activation": "gelu_pytorch_tanh", **common, "rms_norm_eps": 1e-6}
 
 
 def write_tiny_model(out_dir: Path, arch: str = "phi3", *, seed: int = 0, dtype: str = "float32",
@@ -177,6 +199,11 @@ _QWEN25_ADDED = (  # Qwen2.5's tokens after <|im_end|> (151645): (text, special)
 # The control tokens Mistral's v3 templates write (Tekken has them among its first ids); appended here.
 MISTRAL_CONTROL_TOKENS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
                           "[/TOOL_RESULTS]", "[TOOL_CALLS]")
+_QWEN3_ADDED = (*_QWEN25_ADDED, *((t, False) for t in ("<tool_response>", "</tool_response>", "<think>", "</think>")))
+# Appended to the substitute vocabulary: Gemma's own special tokens (transformers' GemmaTokenizer adds a <mask>
+# where the vocabulary has none).
+GEMMA_CHAT_TOKENS = ("<pad>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+PHI4_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|im_sep|>")  # appended to GPT-2's vocabulary
 _PHI3_RSTRIP = frozenset({"</s>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>",
                           *(f"<|placeholder{i}|>" for i in range(1, 7))})
 
@@ -187,7 +214,7 @@ class ChatFamily:
 
     arch: str  # tiny_config's architecture
     vocab: str  # the vocabulary GGUF in llama.cpp's models/
-    template: str  # the chat template, models/templates/NAME
+    template: str | None  # the chat template, models/templates/NAME; None: template_case's, else the caller's
     tokenizer_class: str  # tokenizer_config.json's, as the real repository has it
     bos: str | None  # the tokenizer's bos_token (Qwen2.5 has none)
     eos: str
@@ -205,6 +232,8 @@ class ChatFamily:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: Mapping[str, Any] | None = None
+    template_case: str | None = None  # the chat template of this named case of llama.cpp's test-chat-template.cpp
+    space_prefix: bool = True  # a SentencePiece vocabulary starts text with a word boundary (Gemma's does not)
 
 
 def _llama3(template: str, rope_factor: float, tie: bool) -> ChatFamily:
@@ -213,6 +242,16 @@ def _llama3(template: str, rope_factor: float, tie: bool) -> ChatFamily:
         bos="<|begin_of_text|>", eos="<|eot_id|>", generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
         add_bos=True, renamed=_llama31_specials(), tie_word_embeddings=tie, max_position_embeddings=131072,
         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": rope_factor},
+    )
+
+
+def _gemma(arch: str, template: str | None, **sizes: Any) -> ChatFamily:
+    """Gemma 2 and 3 on a substitute of Gemma's SentencePiece vocabulary (see write_family_model)."""
+    return ChatFamily(
+        arch=arch, vocab="ggml-vocab-llama-spm.gguf", template=template, tokenizer_class="GemmaTokenizer",
+        bos="<bos>", eos="<eos>", pad="<pad>", generation_eos=("<eos>", "<end_of_turn>"), add_bos=True,
+        renamed={1: "<bos>", 2: "<eos>"}, added=tuple((t, True) for t in GEMMA_CHAT_TOKENS), sentencepiece=True,
+        space_prefix=False, tie_word_embeddings=True, model_max_length=sizes["max_position_embeddings"], **sizes,
     )
 
 
@@ -238,13 +277,28 @@ FAMILY_SPECS: dict[str, ChatFamily] = {
         generation_eos=("<|end|>", "<|assistant|>", "<|endoftext|>"), add_bos=False, rstrip=_PHI3_RSTRIP,
         vocab_size=32064, sentencepiece=True, num_kv_heads=4,
     ),
+    "qwen3": ChatFamily(
+        arch="qwen3", vocab="ggml-vocab-qwen2.gguf", template="Qwen-Qwen3-0.6B.jinja",
+        tokenizer_class="Qwen2Tokenizer", bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        generation_eos=("<|im_end|>", "<|endoftext|>"), add_bos=False, added=_QWEN3_ADDED, vocab_size=151936,
+        tie_word_embeddings=True, model_max_length=131072, max_position_embeddings=40960, rope_theta=1000000.0,
+    ),
+    "gemma2": _gemma("gemma2", "google-gemma-2-2b-it.jinja", max_position_embeddings=8192, rope_theta=10000.0),
+    "gemma3": _gemma("gemma3", None, max_position_embeddings=32768, rope_theta=1000000.0),
+    "phi4": ChatFamily(
+        arch="phi3", vocab="ggml-vocab-gpt-2.gguf", template=None, template_case="phi-4",
+        tokenizer_class="GPT2Tokenizer", bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",
+        generation_eos=("<|im_end|>",), add_bos=False, added=tuple((t, True) for t in PHI4_CHAT_TOKENS),
+        vocab_size=50304, model_max_length=16384, max_position_embeddings=16384, rope_theta=250000.0,
+    ),
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_SPECS)
 _PAD_TOKEN = re.compile(r"\[PAD\d+\]")  # llama.cpp's filler for ids a vocabulary does not use
 
 
 def write_family_model(out_dir: Path, family: str, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                       eos_override: str | None = None, generation_eos: list[str] | None = None) -> Path:
+                       eos_override: str | None = None, generation_eos: list[str] | None = None,
+                       chat_template: str | None = None) -> Path:
     """Save a tiny random model of a real chat family with its real tokenizer and chat template; return out_dir.
 
     The tokenizer is the family's vocabulary GGUF from llama.cpp's models/, read by transformers
@@ -272,12 +326,33 @@ def write_family_model(out_dir: Path, family: str, *, seed: int = 0, hidden_size
       special tokens their rstrip (as transformers does here) only when the GGUF's general.name, by
       default the model directory's name, contains "phi3" or "phi-3": name the directory e.g. phi3.5.
 
+    * qwen3 -- ggml-vocab-qwen2.gguf plus Qwen3's added tokens: Qwen2.5's, then <tool_response>
+      </tool_response> <think> </think> (ids 151665-151668, not special), no bos, eos <|im_end|>,
+      generation eos <|im_end|> <|endoftext|>, config vocab 151936, tied embeddings (Qwen3-0.6B's);
+      template Qwen-Qwen3-0.6B.jinja (thinking: enable_thinking, reasoning_content).
+    * gemma2, gemma3 -- a substitute tokenizer: Gemma's SentencePiece vocabulary (256k) is not in the
+      sdist (ggml-vocab-gemma-4.gguf is Gemma 4's, another tokenizer), so this is ggml-vocab-llama-spm.gguf
+      with ids 1 and 2 renamed <bos> and <eos>, plus <pad> <mask> <start_of_turn> <end_of_turn> as special
+      tokens at ids 32000-32003; bos <bos> (added), eos <eos>, generation eos <eos> <end_of_turn>, tied embeddings.
+      As in Gemma's own tokenizer, text has no dummy prefix (no word boundary at its start, after a special
+      token either), which is how llama.cpp reads every Gemma GGUF (add_space_prefix false). Gemma 2's
+      template is google-gemma-2-2b-it.jinja (it refuses a system message); Gemma 3's is not in the sdist:
+      pass it as `chat_template` (tests take it from Ollama's template/index.json, see
+      tests/family_templates.py). Gemma 3 is Gemma3ForCausalLM (the text-only model, as gemma-3-1b-it).
+    * phi4 -- microsoft/phi-4's template, the "phi-4" case of llama.cpp's tests/test-chat-template.cpp (a C
+      string literal, unescaped here); a substitute tokenizer: Phi-4's 100k tiktoken-style BPE is not in the
+      sdist, so this is GPT-2's byte-level BPE (ggml-vocab-gpt-2.gguf, the same kind, tokenizer_class
+      GPT2Tokenizer, which makes llama.cpp's Phi-3 converter read it as BPE) plus <|im_start|> <|im_end|>
+      <|im_sep|> as special tokens at ids 50257-50259; bos <|endoftext|> (not added), eos <|im_end|>, config
+      vocab 50304 (padded to a multiple of 64, as Phi-4's 100352); arch phi3 with grouped-query attention.
+
     There is no mistral-v0.3 family: the sdist has no Mistral-7B-Instruct-v0.3 chat template.
     The weights are random float32 (`seed`); the embeddings dominate the size: 33 MB per 128k-token
     matrix at hidden size 64.
 
     `eos_override` makes another token the tokenizer's (and config.json's) eos; `generation_eos`
-    replaces generation_config.json's eos list; both name tokens by their text.
+    replaces generation_config.json's eos list; both name tokens by their text. `chat_template` is the
+    template for a family whose template the sdist lacks (ValueError without it); it replaces any other's.
     """
     import torch
     import transformers
@@ -287,9 +362,17 @@ def write_family_model(out_dir: Path, family: str, *, seed: int = 0, hidden_size
         raise ValueError(f"unknown chat family {family!r}; choose from {', '.join(FAMILIES)}")
     from .external.llamacpp import locate_llama_cpp_models
 
-    template_name = f"templates/{spec.template}"
-    files = locate_llama_cpp_models([spec.vocab, template_name])
-    template = files[template_name].read_text(encoding="utf-8")
+    template_name = f"templates/{spec.template}" if spec.template and chat_template is None else None
+    files = locate_llama_cpp_models([spec.vocab, *([template_name] if template_name else [])])
+    if chat_template is not None:
+        template = chat_template
+    elif template_name:
+        template = files[template_name].read_text(encoding="utf-8")
+    elif spec.template_case:
+        template = chat_template_case(spec.template_case)
+    else:
+        raise ValueError(f"the {family} family's chat template is not in the llama.cpp sources: "
+                         "pass it as chat_template")
     eos = eos_override or spec.eos
     generation_eos = list(spec.generation_eos if generation_eos is None else generation_eos)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +400,38 @@ def write_family_model(out_dir: Path, family: str, *, seed: int = 0, hidden_size
         pad_token_id=pad_id)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+_C_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]+|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|[0-7]{1,3}|.)", re.DOTALL)
+_C_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _c_unescape(literal: str) -> str:
+    """The text of a C string literal's body (UTF-8 source, escapes as C++ reads them)."""
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1)
+        if code[0] in "xuU":
+            return chr(int(code[1:], 16))
+        if code[0] in "01234567":
+            return chr(int(code, 8))
+        return _C_SIMPLE_ESCAPES.get(code, code)  # \\ \" \' \? stand for themselves
+
+    return _C_ESCAPE.sub(one, literal)
+
+
+def chat_template_case(name: str) -> str:
+    """The template_str of the case `name` of llama.cpp's tests/test-chat-template.cpp (adjacent string
+    literals joined), the source of chat templates that models/templates/ lacks (microsoft/phi-4's)."""
+    from .external.llamacpp import locate_llama_cpp_models
+
+    file = "test-chat-template.cpp"
+    source = locate_llama_cpp_models([file], directory="tests")[file].read_text(encoding="utf-8")
+    literal = r'"((?:[^"\\\n]|\\.)*)"'
+    case = re.search(r'/\*\s*\.name=\s*\*/\s*"' + re.escape(name) + r'",\s*/\*\s*\.template_str=\s*\*/\s*'
+                     r'((?:' + literal + r'\s*)+),', source)
+    if case is None:
+        raise ValueError(f"llama.cpp's tests/{file} has no case named {name!r} with a plain string template")
+    return "".join(_c_unescape(body) for body in re.findall(literal, case.group(1)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -374,10 +489,11 @@ def _write_family_tokenizer(out_dir: Path, spec: ChatFamily, vocab_gguf: Path, t
     if (data.get("pre_tokenizer") or {}).get("type") == "Metaspace":
         # transformers' Metaspace marks only the start of the whole text as a word start; llama.cpp (and
         # Llama 2's own tokenizer.json) the start of every piece of text, the one after [INST] too. Use
-        # Llama 2's form, so that both tokenize a rendered conversation alike.
+        # Llama 2's form, so that both tokenize a rendered conversation alike; Gemma's (no dummy prefix at all)
+        # for a family without one.
+        replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
         data["normalizer"] = {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+            {"type": "Prepend", "prepend": "\u2581"}, replace]} if spec.space_prefix else replace
         data["pre_tokenizer"] = None
     bos = [{"SpecialToken": {"id": spec.bos, "type_id": 0}}] if spec.add_bos and spec.bos else []
     data["post_processor"] = {
@@ -416,13 +532,15 @@ def _write_family_tokenizer(out_dir: Path, spec: ChatFamily, vocab_gguf: Path, t
     _write_json(out_dir / "tokenizer_config.json", config)
     if spec.sentencepiece:
         scores, types = _sentencepiece_pieces(vocab_gguf, n_base)
-        _write_sentencepiece_model(out_dir / "tokenizer.model", [by_id[i] for i in range(n_base)], scores, types)
+        _write_sentencepiece_model(out_dir / "tokenizer.model", [by_id[i] for i in range(n_base)], scores, types,
+                                   dummy_prefix=spec.space_prefix)
     return vocab
 
 
-def _write_sentencepiece_model(path: Path, tokens: list[str], scores: list[float], types: list[int]) -> None:
+def _write_sentencepiece_model(path: Path, tokens: list[str], scores: list[float], types: list[int], *,
+                               dummy_prefix: bool = True) -> None:
     """A SentencePiece BPE model of exactly these pieces, set up as Llama 2's (the shape of every
-    SentencePiece vocabulary GGUF used here): byte fallback, a dummy prefix, no normalization."""
+    SentencePiece vocabulary GGUF used here): byte fallback, a dummy prefix (unless not), no normalization."""
     from sentencepiece import sentencepiece_model_pb2
 
     sp_pb2: Any = sentencepiece_model_pb2  # protobuf-generated: its classes are invisible to mypy
@@ -438,7 +556,7 @@ def _write_sentencepiece_model(path: Path, tokens: list[str], scores: list[float
     trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
     normalizer = model.normalizer_spec
     normalizer.name = "identity"
-    normalizer.add_dummy_prefix = True
+    normalizer.add_dummy_prefix = dummy_prefix
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
     path.write_bytes(model.SerializeToString())

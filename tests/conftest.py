@@ -128,15 +128,19 @@ def built_demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_model(tmp_path_factory):
     """Build (once per session) a tiny model of a real chat family, with the family's own tokenizer and chat
-    template from the pinned llama.cpp sdist: family_model("llama3.1") -> model dir (see tiny_models.FAMILIES).
-    The directory is named after the family (llama.cpp recognizes Phi-3 by the GGUF's name, taken from it)."""
+    template from the pinned llama.cpp sdist (or, where the sdist lacks it, from tests/family_templates.py):
+    family_model("llama3.1") -> model dir (see tiny_models.FAMILIES). The directory is named after the family
+    (llama.cpp recognizes Phi-3 by the GGUF's name, taken from it)."""
     from so8t_deploy.tiny_models import write_family_model
+
+    from .family_templates import family_chat_template
 
     cache: dict[str, Path] = {}
 
     def build(family: str) -> Path:
         if family not in cache:
-            cache[family] = write_family_model(tmp_path_factory.mktemp("family") / family, family)
+            cache[family] = write_family_model(tmp_path_factory.mktemp("family") / family, family,
+                                               chat_template=family_chat_template(family))
         return cache[family]
 
     return build

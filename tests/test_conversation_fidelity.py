@@ -1,7 +1,9 @@
 """What each host serves is the conversation the model was trained on (issue 18), end to end: tiny models of real
 chat families (their own tokenizers and chat templates, tiny_models.write_family_model) built with
 `template: auto`, applied to the Ollama test server, and the prompt the host renders for each fixed conversation
-(`_debug_render_only`) compared with transformers' `apply_chat_template`."""
+(`_debug_render_only`, with the conversation's think) compared with transformers' `apply_chat_template` (think as
+enable_thinking, a message's thinking as reasoning_content). Gemma 2's template refuses a system message: those
+conversations are not compared, and the host refuses them too."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from so8t_deploy.tiny_models import write_family_model
 pytestmark = pytest.mark.llamacpp
 
 SYSTEM = "Answer briefly."  # the Modelfile's: Ollama adds it to a conversation that has no system message
-END_OF_TURN = {"llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "mistral-nemo": "</s>", "phi3.5": "<|end|>"}
-WITH_TOOLS = {"llama3.1", "qwen2.5", "mistral-nemo"}  # Phi-3.5's chat template has no tools
+END_OF_TURN = {"llama3.1": "<|eot_id|>", "qwen2.5": "<|im_end|>", "mistral-nemo": "</s>", "phi3.5": "<|end|>",
+               "qwen3": "<|im_end|>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi4": "<|im_end|>"}
+WITH_TOOLS = {"llama3.1", "qwen2.5", "mistral-nemo", "qwen3"}  # Phi-3.5's, Gemma's and Phi-4's templates have none
+WITH_THINKING = {"qwen3"}
+NO_SYSTEM = {"gemma2"}  # its template refuses a system message ("System role not supported")
 # A Llama 3.1 TEMPLATE that renders plain turns and knows nothing of tools (no .Tools, no .ToolCalls).
 NO_TOOLS_TEMPLATE = """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
 
@@ -71,6 +76,8 @@ def hf_form(conversation: Conversation, system: str | None) -> list[dict]:
         {"role": "system", "content": system}]
     for m in conversation.messages:
         message = {"role": m["role"], "content": m["content"]}
+        if m.get("thinking"):
+            message["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
             message["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]}
                                      for c in m["tool_calls"]]
@@ -82,15 +89,22 @@ def hf_form(conversation: Conversation, system: str | None) -> list[dict]:
 
 def trained_prompt(tokenizer, conversation: Conversation, system: str | None) -> str:
     """The tokenizer's own rendering, less the leading BOS that llama.cpp adds when it tokenizes."""
+    kwargs = {} if conversation.think is None else {"enable_thinking": conversation.think}
     prompt = tokenizer.apply_chat_template(hf_form(conversation, system), add_generation_prompt=True,
-                                           tokenize=False)
+                                           tokenize=False, **kwargs)
     bos = tokenizer.bos_token
     return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
 
 
+def host_answer(url: str, model: str, conversation: Conversation) -> httpx.Response:
+    think = {} if conversation.think is None else {"think": conversation.think}
+    return httpx.post(f"{url}/api/chat", timeout=120, json={
+        "model": model, "messages": list(conversation.messages), "stream": False, "_debug_render_only": True,
+        **think})
+
+
 def host_render(url: str, model: str, conversation: Conversation) -> str:
-    answer = httpx.post(f"{url}/api/chat", timeout=120, json={
-        "model": model, "messages": list(conversation.messages), "stream": False, "_debug_render_only": True})
+    answer = host_answer(url, model, conversation)
     answer.raise_for_status()
     return answer.json()["_debug_info"]["rendered_template"]
 
@@ -110,24 +124,34 @@ def tokenizer_stops(tokenizer, model_dir: Path, end_of_turn: str) -> list[str]:
 # --- acceptance 1: each family's host renders what its tokenizer renders ---------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "mistral-nemo", "phi3.5"])
+@pytest.mark.parametrize("family", ["llama3.1", "qwen2.5", "mistral-nemo", "phi3.5", "qwen3", "gemma2", "gemma3",
+                                    "phi4"])
 def test_the_host_renders_each_conversation_as_the_tokenizer_does(family, family_model, family_tokenizer, pool,
                                                                    build_cache, tmp_path, run_cli):
     model, tokenizer = family_model(family), family_tokenizer(family)
     [url] = pool.start(1)
     name = "fidelity-" + family.replace(".", "-")
-    manifest = manifest_for(tmp_path / "m.yaml", model, name, [url], f"{{template: auto, system: {SYSTEM!r}}}")
+    system = None if family in NO_SYSTEM else SYSTEM
+    modelfile = "{template: auto}" if system is None else f"{{template: auto, system: {system!r}}}"
+    manifest = manifest_for(tmp_path / "m.yaml", model, name, [url], modelfile)
     result = run_cli("apply", manifest, "--cache-dir", build_cache, "--json")
     assert result.code == 0, result.err
     smoke = json.loads(result.out)["hosts"][0]["smoke"]
     checked = {s["prompt"] for s in smoke if s["kind"] == "conversation" and s["passed"]}  # the product's check
     tag = f"{name}:f16"
-    conversations = [c for c in CONVERSATIONS if family in WITH_TOOLS or not c.needs_tools]
-    assert len(conversations) == (4 if family in WITH_TOOLS else 3)
-    for conversation in conversations:
-        assert host_render(url, tag, conversation) == trained_prompt(tokenizer, conversation, SYSTEM), \
+    conversations = [c for c in CONVERSATIONS if (family in WITH_TOOLS or not c.needs_tools)
+                     and (family in WITH_THINKING or not c.needs_thinking)]
+    refused = [c for c in conversations if family in NO_SYSTEM and c.messages[0]["role"] == "system"]
+    compared = [c for c in conversations if c not in refused]
+    assert checked == {f"conversation: {c.name}" for c in compared}
+    for conversation in compared:
+        assert host_render(url, tag, conversation) == trained_prompt(tokenizer, conversation, system), \
             conversation.name
-        assert f"conversation: {conversation.name}" in checked
+    for conversation in refused:  # the model's own template raises; so does the host's TEMPLATE
+        with pytest.raises(Exception, match="System role not supported"):
+            trained_prompt(tokenizer, conversation, system)
+        answer = host_answer(url, tag, conversation)
+        assert answer.status_code == 500 and "System role not supported" in answer.json()["error"]
     assert host_stops(url, tag) == tokenizer_stops(tokenizer, model, END_OF_TURN[family])
 
 

@@ -98,3 +98,42 @@ def test_console_script_exit_codes(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(f"{bad}: quantize: ")
     proc = subprocess.run([sys.executable, "-m", "so8t_deploy", "validate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Missing argument" in proc.stderr
+
+
+def test_demo_refuses_an_unknown_family(run_cli, tmp_path):
+    result = run_cli("demo", "init", tmp_path / "d", "--family", "gpt5")
+    assert result.code == 2
+    assert result.err.startswith("--family: unknown family 'gpt5'") and "qwen3" in result.err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_of_another_family_is_what_the_shipped_manifest_deploys(run_cli, tmp_path, monkeypatch):
+    """`make demo FAMILY=qwen3`: demo init --family writes that family's model, and manifests/demo.yaml,
+    pointed at it by SO8T_DEMO_DIR and SO8T_DEMO_NAME (as the Makefile sets them), validates and plans it."""
+    from pathlib import Path
+
+    demo = tmp_path / "demo-qwen3"
+    assert run_cli("demo", "init", demo, "--family", "qwen3").code == 0
+    assert json.loads((demo / "model" / "config.json").read_text())["model_type"] == "qwen3"
+    manifest = Path(__file__).parents[1] / "manifests" / "demo.yaml"
+    monkeypatch.setenv("SO8T_DEMO_DIR", str(demo))
+    monkeypatch.setenv("SO8T_DEMO_NAME", "so8t-demo-qwen3")
+    validated = run_cli("validate", manifest)
+    assert validated.code == 0, validated.err
+    assert f"{manifest}: model: Qwen3 (qwen3)" in validated.out
+    assert "modelfile.template: qwen3: renders the model's chat template" in validated.err
+    plan = run_cli("plan", manifest, "--offline", "--json", "--cache-dir", tmp_path / "cache")
+    assert plan.code == 0, plan.err
+    planned = json.loads(plan.out)
+    assert planned["source"] == str(demo / "model")
+    assert [(b["variant"], b["stage"]) for b in planned["builds"]][:2] == [("full", "bake"), ("full", "convert")]
+
+
+def test_a_gemma2_demo_leaves_out_the_final_site(tmp_path):
+    """Gemma 2's llama.cpp graph ties its output to the embeddings, so its demo adapter has no `final` map."""
+    from so8t_deploy.demo import init_demo
+
+    demo = init_demo(tmp_path / "demo-gemma2", "gemma2")
+    with safe_open(demo / "adapters" / "so8t" / "so8t_adapter.safetensors", framework="pt") as f:
+        names = set(f.keys())
+    assert "final.generator" not in names and "layers.0.attn_out.generator" in names

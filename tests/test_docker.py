@@ -281,7 +281,7 @@ def test_the_control_plane_drives_the_docker_backend_from_a_venv_without_torch(e
         assert smoke.returncode == 0, smoke.stderr
         results = json.loads(smoke.stdout)
         assert [r["passed"] for r in results if r["kind"] == "prompt"] == [True] * 4
-        assert len([r for r in results if r["kind"] == "conversation" and r["passed"]]) == 4 * 3  # 3 per tag
+        assert len([r for r in results if r["kind"] == "conversation" and r["passed"]]) == 4 * 4  # 4 per tag
 
         check = _so8t(control_bin, "plan", manifest, "--cache-dir", cache, "--check", env=env, cwd=tmp_path)
         assert check.returncode == 0, check.stdout + check.stderr

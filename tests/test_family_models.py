@@ -36,6 +36,10 @@ class Expected:
     special: str  # a special token that llama.cpp must read as one token
     pre: str  # the GGUF's tokenizer.ggml.pre
     tied: bool = False
+    system: bool = True  # the template takes a system message (Gemma 2's refuses one)
+    # llama.cpp against transformers: ggml's CPU GELU rounds its input to fp16 and reads an fp16 table
+    # (GGML_GELU_FP16; see test_families.GgmlGelu), which moves a tiny Gemma's logits by ~1-1.5e-3
+    logits_atol: float = 1e-4
 
 
 def _llama3(tied: bool) -> Expected:
@@ -63,8 +67,46 @@ EXPECTED = {
         eos="<|endoftext|>", eos_id=32000, bos_id=1, generation_eos=(32007, 32001, 32000), vocab_size=32064,
         pieces=("<|system|>\nYou are terse.<|end|>\n", "<|user|>\nHi there<|end|>\n"), prompt_end="<|assistant|>\n",
         special="<|end|>", pre="default"),
+    "qwen3": Expected(
+        eos="<|im_end|>", eos_id=151645, bos_id=None, generation_eos=(151645, 151643), vocab_size=151936,
+        pieces=("<|im_start|>system\nYou are terse.<|im_end|>\n", "<|im_start|>user\nHi there<|im_end|>\n"),
+        prompt_end="<|im_start|>assistant\n", special="<|im_end|>", pre="qwen2", tied=True),
+    "gemma2": Expected(
+        eos="<eos>", eos_id=2, bos_id=1, generation_eos=(2, 32003), vocab_size=32004,
+        pieces=("<bos><start_of_turn>user\nHi there<end_of_turn>\n",), prompt_end="<start_of_turn>model\n",
+        special="<start_of_turn>", pre="default", tied=True, system=False, logits_atol=3e-3),
+    "gemma3": Expected(
+        eos="<eos>", eos_id=2, bos_id=1, generation_eos=(2, 32003), vocab_size=32004,
+        pieces=("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n",),
+        prompt_end="<start_of_turn>model\n", special="<end_of_turn>", pre="default", tied=True, logits_atol=3e-3),
+    "phi4": Expected(
+        eos="<|im_end|>", eos_id=50258, bos_id=50256, generation_eos=(50258,), vocab_size=50304,
+        pieces=("<|im_start|>system<|im_sep|>You are terse.<|im_end|>", "<|im_start|>user<|im_sep|>Hi there<|im_end|>"),
+        prompt_end="<|im_start|>assistant<|im_sep|>", special="<|im_sep|>", pre="gpt-2"),
 }
 slow_family = pytest.mark.parametrize("family", FAMILIES)
+
+
+def conversation_for(family: str) -> list[dict]:
+    return CONVERSATION if EXPECTED[family].system else CONVERSATION[1:]
+
+
+def source_template(family: str) -> str:
+    """The family's chat template where it comes from: llama.cpp's models/templates/, its test cases, or tests/."""
+    from so8t_deploy.external.llamacpp import locate_llama_cpp_models
+    from so8t_deploy.tiny_models import chat_template_case
+
+    from .family_templates import family_chat_template
+
+    spec = FAMILY_SPECS[family]
+    if spec.template:
+        name = f"templates/{spec.template}"
+        return locate_llama_cpp_models([name])[name].read_text(encoding="utf-8")
+    if spec.template_case:
+        return chat_template_case(spec.template_case)
+    template = family_chat_template(family)
+    assert template is not None
+    return template
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +159,8 @@ def _gguf_metadata(path: Path) -> dict[str, str]:
 
 def test_families_are_the_documented_ones():
     # mistral-v0.3 is left out: the pinned sdist has no Mistral-7B-Instruct-v0.3 chat template.
-    assert FAMILIES == ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "mistral-nemo", "phi3.5")
+    assert FAMILIES == ("llama3.1", "llama3.2", "llama3.3", "qwen2.5", "mistral-nemo", "phi3.5", "qwen3", "gemma2",
+                        "gemma3", "phi4")
     assert set(EXPECTED) == set(FAMILIES)
 
 
@@ -144,29 +187,27 @@ def test_transformers_loads_the_family_model(family, family_model, family_tokeni
     import torch
     import transformers
 
-    from so8t_deploy.external.llamacpp import locate_llama_cpp_models
-
     expected, spec, model_dir = EXPECTED[family], FAMILY_SPECS[family], family_model(family)
     tokenizer = family_tokenizer(family)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["vocab_size"] == expected.vocab_size >= len(tokenizer)
     assert config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                        "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[spec.arch]]
+                                        "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+                                        "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                                        "gemma3": "Gemma3ForCausalLM"}[spec.arch]]
     assert config["tie_word_embeddings"] is expected.tied
     assert config["eos_token_id"] == expected.eos_id
     generation = json.loads((model_dir / "generation_config.json").read_text())
     eos = generation["eos_token_id"]
     assert tuple(eos if isinstance(eos, list) else [eos]) == expected.generation_eos
 
-    # The tokenizer: the family's tokens, bos/eos, and its chat template verbatim from llama.cpp's models/templates/.
+    # The tokenizer: the family's tokens, bos/eos, and its chat template verbatim from its source.
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id) == (
         expected.eos, expected.eos_id, expected.bos_id)
-    template_name = f"templates/{spec.template}"
-    sdist_template = locate_llama_cpp_models([template_name])[template_name].read_text(encoding="utf-8")
     tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    assert tokenizer_config["chat_template"] == tokenizer.chat_template == sdist_template
+    assert tokenizer_config["chat_template"] == tokenizer.chat_template == source_template(family)
     assert not (model_dir / "chat_template.jinja").exists()
-    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(conversation_for(family), tokenize=False, add_generation_prompt=True)
     at = 0
     for piece in expected.pieces:
         found = rendered.find(piece, at)
@@ -175,6 +216,9 @@ def test_transformers_loads_the_family_model(family, family_model, family_tokeni
     assert rendered.endswith(expected.prompt_end)
     assert tokenizer.encode(expected.special, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(
         expected.special)]
+    if family == "qwen3":  # Qwen3's tokens after Qwen2.5's, at Qwen3's ids
+        assert tokenizer.convert_tokens_to_ids(["<tool_response>", "</tool_response>", "<think>", "</think>"]) == [
+            151665, 151666, 151667, 151668]
     ids = tokenizer.encode(rendered, add_special_tokens=False)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -196,7 +240,7 @@ def test_llama_cpp_reads_the_same_tokens_and_computes_the_same_logits(family, fa
     from so8t_deploy.external.llamacpp import gguf_logits
 
     expected, tokenizer, path = EXPECTED[family], family_tokenizer(family), family_gguf(family)
-    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(conversation_for(family), tokenize=False, add_generation_prompt=True)
     hf_ids = tokenizer.encode(rendered, add_special_tokens=False)
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     try:
@@ -211,7 +255,7 @@ def test_llama_cpp_reads_the_same_tokens_and_computes_the_same_logits(family, fa
     model = transformers.AutoModelForCausalLM.from_pretrained(family_model(family), dtype=torch.float32).eval()
     with torch.no_grad():
         reference = model(torch.tensor([hf_ids])).logits[0].double().numpy()
-    np.testing.assert_allclose(gguf_logits(path, hf_ids), reference, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(gguf_logits(path, hf_ids), reference, atol=expected.logits_atol, rtol=0)
 
 
 @pytest.mark.slow
@@ -277,3 +321,17 @@ def test_llama_cpp_models_are_extracted_once_atomically(tmp_path, monkeypatch):
     assert llamacpp.locate_llama_cpp_models(names[:1]) == {names[0]: checkout / "models" / names[0]}
     with pytest.raises(UsageError, match="no models/ggml-vocab-phi-3.gguf there"):
         llamacpp.locate_llama_cpp_models(names)
+
+
+def test_llama_cpp_test_files_are_extracted_beside_the_models(tmp_path, monkeypatch):
+    from so8t_deploy.external import llamacpp
+
+    sdist = os.environ.get("SO8T_LLAMA_CPP_SDIST")
+    require("the llama-cpp-python sdist", bool(sdist) and Path(sdist).is_file(), "run `make test`")
+    monkeypatch.delenv("SO8T_LLAMA_CPP_DIR", raising=False)
+    file = "test-chat-template.cpp"
+    found = llamacpp.locate_llama_cpp_models([file], converter_dir=tmp_path, directory="tests")
+    root = tmp_path / f"llama.cpp-{llamacpp.LLAMA_CPP_PYTHON_VERSION}-tests"
+    assert found == {file: root / file} and '"phi-4"' in found[file].read_text(encoding="utf-8")
+    with pytest.raises(UsageError, match="'examples': not one of llama.cpp's models, tests directories"):
+        llamacpp.locate_llama_cpp_models([file], converter_dir=tmp_path, directory="examples")

@@ -205,6 +205,25 @@ def test_template_selection_follows_ollama(go_templates, monkeypatch):
     assert choose(TOOLS_THINK_TEMPLATE).capabilities() == ["tools", "completion"]
 
 
+def test_qwen3s_chat_template_renders_unless_the_go_template_has_thinking_tags(go_templates, monkeypatch):
+    """Qwen3's own template has tools and thinking. Ollama keeps the qwen3 built-in, whose thinking tags it infers
+    (thinking.InferTags: .Thinking between text tags in the range over .Messages), and prefers the Jinja over a Go
+    template without them: the Qwen2.5 built-in (tools only), or the qwen3 one with the tags taken out."""
+    from so8t_deploy.chat.library import BUILTINS
+    from so8t_deploy.external.llamacpp import locate_llama_cpp_models
+
+    monkeypatch.delenv("OLLAMA_GO_TEMPLATE", raising=False)
+    name = "templates/Qwen-Qwen3-0.6B.jinja"
+    kv = {"general.architecture": "qwen3",
+          "tokenizer.chat_template": locate_llama_cpp_models([name])[name].read_text(encoding="utf-8")}
+    qwen3 = BUILTINS["qwen3"].text
+    kept = TemplateChoice.of(go_templates, qwen3, {}, kv)
+    assert not kept.native and kept.capabilities() == ["completion", "tools", "thinking"]
+    assert TemplateChoice.of(go_templates, BUILTINS["qwen2.5"].text, {}, kv).jinja
+    untagged = qwen3.replace("<think>\n{{ .Thinking }}\n</think>", "{{ .Thinking }}")
+    assert untagged != qwen3 and TemplateChoice.of(go_templates, untagged, {}, kv).jinja
+
+
 # --- the GGUF's Jinja chat template --------------------------------------------------------------------------
 
 def hf_render(template: str, messages: list[dict], tools: list | None = None) -> str:

@@ -229,7 +229,8 @@ def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
     served = [r for r in results if r["kind"] == "conversation"]  # what each tag serves, checked first
     assert {r["tag"] for r in served} == set(TAGS) and all(r["passed"] for r in served)
     assert {r["prompt"] for r in served} == {"conversation: system and one user turn", "conversation: no system",
-                                             "conversation: multi-turn with assistant turns"}
+                                             "conversation: multi-turn with assistant turns",
+                                             "conversation: multi-turn without a system message"}
 
 
 def test_header_values_are_sent_but_never_printed(demo, hosts, tmp_path, run_cli):
@@ -376,7 +377,7 @@ def test_a_host_that_renders_another_prompt_fails_the_smoke_test(demo, hosts, tm
            "model's template renders the end, this one ' '" in failed
     assert {r["prompt"] for r in report["hosts"][0]["smoke"] if not r["passed"]} == {
         "conversation: system and one user turn", "conversation: no system",
-        "conversation: multi-turn with assistant turns"}
+        "conversation: multi-turn with assistant turns", "conversation: multi-turn without a system message"}
     assert tag_digests(url) == {}  # nothing went live
 
 

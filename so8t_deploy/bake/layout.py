@@ -1,8 +1,10 @@
 """Where each projection of a decoder layer lives in a Hugging Face checkpoint.
 
-Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; Llama, Mistral and Qwen2
-keep them separate. A `Slot` names the weight tensor and, for a fused one, the rows that
-belong to one projection, so every fold can be written once for all architectures.
+Phi-3 (and Phi-4, the same model_type) fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`;
+Llama, Mistral, Qwen2, Qwen3 and Gemma 2/3 keep them separate. A `Slot` names the weight tensor and,
+for a fused one, the rows that belong to one projection, so every fold can be written once for all
+architectures. Qwen3 and Gemma 3 add per-head `q_norm`/`k_norm` after q/k; Gemma 2 and 3 add sandwich
+norms around attention and MLP (docs/so8t-adapter-v1.1.md says where each SO8T site acts on them).
 """
 
 from __future__ import annotations
@@ -11,7 +13,18 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 
-SUPPORTED_MODEL_TYPES = ("phi3", "llama", "mistral", "qwen2")
+# model_type -> the family's name, as `validate` reports it.
+FAMILIES = {"phi3": "Phi-3 / Phi-4", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+            "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Per-head RMS norms on q and k (applied after the projection, so input-side folds stay exact).
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# Sandwich norms: post_attention_layernorm after o_proj, pre/post_feedforward_layernorm around the MLP.
+SANDWICH_NORM_TYPES = ("gemma2", "gemma3_text")
+_REFUSED_MODEL_TYPES = {
+    "gemma3": "Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration, tensors under language_model.*) "
+              "is not supported; bake a text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text)",
+}
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -40,6 +53,12 @@ class ModelLayout:
     kv_rows: int
     intermediate_size: int
     tie_word_embeddings: bool
+    head_dim: int = 0  # the q_norm/k_norm size where the family has them
+
+    @property
+    def family(self) -> str:
+        """The family's name, e.g. "Gemma 2 (gemma2)"."""
+        return f"{FAMILIES[self.model_type]} ({self.model_type})"
 
     @property
     def fused(self) -> bool:
@@ -73,6 +92,12 @@ class ModelLayout:
             p = self._prefix(layer)
             shapes |= {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
                        f"{p}.self_attn.o_proj.weight": (h, q), f"{p}.mlp.down_proj.weight": (h, i)}
+            if self.model_type in SANDWICH_NORM_TYPES:
+                shapes |= {f"{p}.pre_feedforward_layernorm.weight": (h,),
+                           f"{p}.post_feedforward_layernorm.weight": (h,)}
+            if self.model_type in QK_NORM_TYPES:
+                hd = (self.head_dim, "head_dim")
+                shapes |= {f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,)}
             if self.fused:
                 qkv = (q[0] + 2 * kv[0], "(num_attention_heads+2*num_key_value_heads)*head_dim")
                 shapes[f"{p}.self_attn.qkv_proj.weight"] = (qkv, h)
@@ -140,6 +165,8 @@ def _sizes(config: dict, where: str) -> dict[str, int]:
 def layout_from_config(config: dict, where: str) -> ModelLayout:
     """The layout config.json describes; sizes that cannot make a model (0 heads, 5 heads in 64) are refused."""
     model_type = config.get("model_type")
+    if model_type in _REFUSED_MODEL_TYPES:
+        raise ModelError(f"{where}: model_type {model_type!r}: {_REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"{where}: unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -160,5 +187,6 @@ def layout_from_config(config: dict, where: str) -> ModelLayout:
         q_rows=heads * head_dim,
         kv_rows=kv_heads * head_dim,
         intermediate_size=sizes["intermediate_size"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", model_type in SANDWICH_NORM_TYPES)),
+        head_dim=head_dim,
     )

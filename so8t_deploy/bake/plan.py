@@ -133,7 +133,14 @@ def check_shape(plan: BakePlan, name: str, shape: tuple[int, ...], where: str) -
 
 
 # Biases an architecture can switch on, by config flag: the projections each flag gives a bias to.
-BIAS_FLAGS = {"llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")}}
+BIAS_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")},
+}
+# Flags transformers has but llama.cpp cannot follow: attention_bias also gives o_proj a bias, which llama.cpp's
+# graph for these families has no slot for (its loader stops at "wrong number of tensors"). Never switched on.
+UNLOADABLE_BIAS_FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
+    model_type: {"attention_bias": ("q", "k", "v", "o")} for model_type in ("qwen3", "gemma2", "gemma3_text")
+}
 
 
 def ensure_bias(plan: BakePlan, layout: ModelLayout, slot: Slot, module: str, where: str) -> None:
@@ -153,5 +160,11 @@ def ensure_bias(plan: BakePlan, layout: ModelLayout, slot: Slot, module: str, wh
                 plan.create(other.bias, (plan.require_shape(other.weight, where)[0],), after=other.weight)
         plan.config_updates[flag] = True
         return
+    for flag, roles in UNLOADABLE_BIAS_FLAGS.get(layout.model_type, {}).items():
+        if slot.weight in {layout.projection(layer, role).weight for layer in range(layout.num_layers)
+                           for role in roles}:
+            raise AdapterError(f"{where}: {module!r} gets a LoRA bias, but {layout.model_type} has no bias on that "
+                               f"projection, and its config flag {flag} would give o_proj a bias, which llama.cpp's "
+                               f"{layout.model_type} does not load")
     raise AdapterError(f"{where}: {module!r} gets a LoRA bias, but {layout.model_type} has no bias on that "
                        "projection and no config flag that adds one")

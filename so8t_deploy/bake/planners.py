@@ -12,10 +12,14 @@ from .layout import EMBED, LM_HEAD, ModelLayout, Slot
 from .lora_adapter import LoraAdapter, LoraModule
 from .maps import BlockDiagonalMap, LinearMap, ProjectedMap, gate_strength
 from .plan import BakePlan, check_shape, ensure_bias
+from .so8t_adapter import WEIGHTS_FILE as SO8T_WEIGHTS_FILE
 from .so8t_adapter import BlockGroup, So8tAdapter
 
 _TRIALITY_ROLE = {"vector": "q", "spinor_plus": "k", "spinor_minus": "v"}
 EMBED_MODULE = EMBED.removesuffix(".weight")
+# Families whose llama.cpp graph has no output matrix of its own: gemma2's converter drops lm_head.weight
+# (conversion/gemma.py Gemma2Model.filter_tensors) and src/models/gemma2.cpp multiplies by token_embd.
+HEAD_IS_EMBEDDING = {"gemma2": "Gemma 2"}
 
 
 def _block_map(group: BlockGroup | None, scale: float) -> BlockDiagonalMap | None:
@@ -144,20 +148,45 @@ def _check_vocabulary(plan: BakePlan, rows: int, changed_by: LoraAdapter | None)
         plan.vocabulary_from = changed_by
 
 
+def _head_differs(plan: BakePlan) -> bool:
+    """Whether lm_head no longer is the embedding matrix (or, stored apart in the base, either end changed)."""
+    if LM_HEAD not in plan.base_shapes:
+        return not plan.tied
+    return LM_HEAD in plan.tensors or EMBED in plan.tensors
+
+
+def _refuse_split_head(layout: ModelLayout, adapter: Adapter) -> None:
+    """On a family whose llama.cpp output is the embedding matrix, a separate head would be dropped silently."""
+    family = HEAD_IS_EMBEDDING[layout.model_type]
+    why = (f"which {family} cannot have: llama.cpp's {layout.model_type} always uses the token embeddings as its "
+           "output matrix (its converter drops lm_head.weight), so the GGUF would lose it")
+    if isinstance(adapter, So8tAdapter):
+        raise AdapterError(f"{adapter.path / SO8T_WEIGHTS_FILE}: final: the final map makes lm_head = E·M differ "
+                           f"from the token embeddings E, {why}; remove final.* from the adapter")
+    causes = [f"{'embedding ' if m.embedding else ''}LoRA on {m.module!r}" for m in adapter.modules
+              if m.module in ("lm_head", EMBED_MODULE)]
+    causes += [f"saved tensor {r.key!r}" for r in adapter.replacements if r.tensor in (LM_HEAD, EMBED)]
+    raise AdapterError(f"{adapter.weights_file}: {', '.join(causes) or 'the adapter'} makes lm_head differ from "
+                       f"the token embeddings, {why}")
+
+
 def plan_bake(layout: ModelLayout, shapes: dict[str, tuple[int, ...]], adapters: Sequence[Adapter],
               scales: Scales) -> BakePlan:
     """Edits for every tensor the adapters touch; `shapes` are the base checkpoint's tensors."""
     plan = BakePlan.for_base(shapes)
     changed_by = None
     for adapter in adapters:
+        split_before = _head_differs(plan)
         if isinstance(adapter, So8tAdapter):
             _plan_so8t(plan, adapter, layout, scales)
-            continue
-        rows = _vocabulary_rows(plan)
-        _plan_lora(plan, adapter, layout)
-        rows_after = _vocabulary_rows(plan)
-        if rows_after is not None and rows_after != rows:
-            changed_by = adapter
+        else:
+            rows = _vocabulary_rows(plan)
+            _plan_lora(plan, adapter, layout)
+            rows_after = _vocabulary_rows(plan)
+            if rows_after is not None and rows_after != rows:
+                changed_by = adapter
+        if layout.model_type in HEAD_IS_EMBEDDING and not split_before and _head_differs(plan):
+            _refuse_split_head(layout, adapter)
     final_rows = _vocabulary_rows(plan)
     if final_rows is not None:
         _check_vocabulary(plan, final_rows, changed_by)

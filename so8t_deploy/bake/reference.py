@@ -13,6 +13,7 @@ the bake, while every number still comes from the adapters' own forward code.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -163,7 +164,8 @@ def _attach_peft(model: PreTrainedModel, adapter: LoraAdapter) -> nn.Module:
 
 
 def _linear_and_embedding_paths(model: nn.Module) -> dict[str, type[nn.Module]]:
-    return {name: type(m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)}
+    """Every linear and embedding layer by path, with its exact class (Gemma's embedding is a subclass)."""
+    return {name: type(m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
 
 
 def _read_off(module: nn.Module, like: nn.Module) -> nn.Module:
@@ -176,8 +178,18 @@ def _read_off(module: nn.Module, like: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _read_off_embedding(module: nn.Module, like: nn.Embedding) -> nn.Embedding:
-    weight = module(torch.arange(like.num_embeddings))
-    return nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=like.padding_idx)
+    rows = module(torch.arange(like.num_embeddings))
+    if type(like) is nn.Embedding:
+        return nn.Embedding.from_pretrained(rows, freeze=False, padding_idx=like.padding_idx)
+    # Gemma's ScaledWordEmbedding returns weight[ids] * embed_scale: keep its class (the model's forward
+    # relies on the scale), with the weight whose scaled rows are what the wrapped module returned.
+    scale = getattr(like, "embed_scale", None)
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
+        raise VerifyError(f"cannot read off the embedding layer {type(like).__name__}: its forward is not "
+                          "nn.Embedding's, and it has no scalar embed_scale")
+    plain = copy.deepcopy(like)
+    plain.weight = nn.Parameter(rows / scale.to(rows.dtype))
+    return plain
 
 
 @torch.no_grad()

@@ -53,6 +53,19 @@ def check_local_inputs(manifest: Manifest) -> list[str]:
     return notes
 
 
+def source_family(manifest: Manifest) -> str | None:
+    """The local source model's family as the bake recognises it, e.g. "Gemma 2 (gemma2)"; None for a hub model.
+
+    Reads config.json only (no ML stack), so a control machine names the family too."""
+    if not manifest.source.is_local:
+        return None
+    from ..bake.layout import layout_from_config
+    from ..jsonfile import read_json_object
+
+    config = Path(manifest.source.model) / "config.json"
+    return layout_from_config(read_json_object(config, ModelError), str(config)).family
+
+
 def check_chat(manifest: Manifest) -> list[str]:
     """The chat template against the model's own (chat.setup), where the model is local; notes what it chose."""
     from ..chat.setup import resolve_chat
@@ -66,5 +79,6 @@ def check_chat(manifest: Manifest) -> list[str]:
     if not chat.expected:
         return [f"modelfile.template: {chat.template_name}: not checked (the model has no chat template, or "
                 "modelfile.unchecked_template names it)"]
-    return [f"modelfile.template: {chat.template_name}: renders the model's chat template on "
-            f"{len(chat.expected)} conversations; stops {', '.join(chat.stops)}"]
+    notes = [f"modelfile.template: {chat.template_name}: renders the model's chat template on "
+             f"{len(chat.expected)} conversations; stops {', '.join(chat.stops)}"]
+    return notes + [f"modelfile.template: {chat.template_name}: {r.describe()}" for r in chat.refused]

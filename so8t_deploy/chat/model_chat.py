@@ -42,15 +42,22 @@ class ModelChat:
         return self.special_tokens.get("bos_token", "")
 
     def render(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-               add_generation_prompt: bool = True) -> str:
+               add_generation_prompt: bool = True, enable_thinking: bool | None = None) -> str:
+        """apply_chat_template's rendering; `enable_thinking` is passed to the template unless it is None."""
         return render_hf(self.template, messages, special_tokens=self.special_tokens, tools=tools,
-                         add_generation_prompt=add_generation_prompt, origin=self.origin)
+                         add_generation_prompt=add_generation_prompt, origin=self.origin,
+                         enable_thinking=enable_thinking)
 
     def uses(self, name: str) -> bool:
         """Whether the template reads the variable `name` (tools, enable_thinking, ...)."""
         from jinja2 import meta
 
         return name in meta.find_undeclared_variables(_environment().parse(self.template))
+
+    @property
+    def knows_thinking(self) -> bool:
+        """Whether the template can be asked to think, or renders a message's thinking (reasoning_content)."""
+        return self.uses("enable_thinking") or "reasoning_content" in self.template
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -152,11 +159,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 def render_hf(template: str, messages: list[dict[str, Any]], *, special_tokens: dict[str, str],
               tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True,
-              origin: str = "chat_template") -> str:
-    """The prompt transformers' apply_chat_template(..., tokenize=False) renders."""
+              origin: str = "chat_template", enable_thinking: bool | None = None) -> str:
+    """The prompt transformers' apply_chat_template(..., tokenize=False) renders (`enable_thinking` is one of its
+    template kwargs, left undefined when None)."""
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     try:
         compiled = _environment().from_string(template)
         return compiled.render(messages=messages, tools=tools, documents=None,
-                               add_generation_prompt=add_generation_prompt, **special_tokens)
+                               add_generation_prompt=add_generation_prompt, **special_tokens, **kwargs)
     except jinja2.TemplateError as e:
         raise ModelError(f"{origin}: the chat template fails to render: {e}") from e

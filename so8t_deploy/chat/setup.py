@@ -4,6 +4,8 @@
 fixed conversation (fidelity.CONVERSATIONS); a named built-in or a custom `.j2` template is checked the same
 way, unless `modelfile.unchecked_template` names it. Stops are the template's end-of-turn token and the
 model's EOS tokens (the tokenizer's and every one `generation_config.json` lists), never a fixed list.
+A conversation the model's own template refuses is not compared (ChatSetup.refused); a Modelfile SYSTEM for a model
+whose template refuses any system message is refused, since Ollama would add it to every conversation.
 """
 
 from __future__ import annotations
@@ -11,9 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ManifestError
+from ..errors import ManifestError, ModelError
 from ..manifest.schema import Modelfile
-from .fidelity import ExpectedRender, Mismatch, check_template, choose_builtin, expected_renders
+from .fidelity import (
+    PROMPT,
+    ExpectedRender,
+    Mismatch,
+    Refusal,
+    check_template,
+    choose_builtin,
+    expected_renders,
+    model_render,
+    template_error,
+)
 from .library import AUTO, BUILTINS, BuiltinTemplate
 from .model_chat import ModelChat, read_model_chat
 
@@ -30,6 +42,7 @@ class ChatSetup:
     capabilities: tuple[str, ...] = ()  # what hosts must list for it: the model's template has tools/thinking
     model_chat: ModelChat | None = None
     known: bool = True  # False: `auto` with the model's files not on this machine yet (a hub model, offline)
+    refused: tuple[Refusal, ...] = ()  # conversations the model's own template refuses: not compared
 
     def check_custom(self, go_template: str, system: str | None, where: str) -> None:
         """A custom template's TEMPLATE against the model's own rendering (ManifestError on a difference)."""
@@ -56,6 +69,29 @@ def _capabilities(chat: ModelChat) -> tuple[str, ...]:
     return tuple(name for name, present in wanted if present)
 
 
+def _check_system(chat: ModelChat, system: str | None) -> None:
+    """A Modelfile SYSTEM goes into every conversation: refused when the model's template refuses a system
+    message (Gemma 2's), though it renders the same conversation without one."""
+    if system is None:
+        return
+    user = ({"role": "user", "content": PROMPT},)
+    try:
+        model_render(chat, user, system)
+    except ModelError as e:
+        try:
+            model_render(chat, user, None)
+        except ModelError:
+            return  # it refuses more than the system message: the conversations report it
+        raise ManifestError(f"modelfile.system: {chat.origin}'s chat_template refuses a system message "
+                            f"({template_error(e)}), and Ollama adds the SYSTEM to every conversation; "
+                            "leave modelfile.system out for this model") from None
+
+
+def _model_renders(chat: ModelChat, system: str | None) -> tuple[tuple[ExpectedRender, ...], tuple[Refusal, ...]]:
+    _check_system(chat, system)
+    return expected_renders(chat, system)
+
+
 def _no_match(chat: ModelChat, misses: list[tuple[str, Mismatch]]) -> ManifestError:
     name, mismatch = misses[0]
     return ManifestError(f"modelfile.template: auto: no built-in template renders {chat.origin}'s chat_template "
@@ -73,15 +109,19 @@ def resolve_chat(modelfile: Modelfile, model_dir: Path | None) -> ChatSetup:
         if chat is None:
             raise ManifestError(f"modelfile.template: auto: {model_dir} has no chat template (tokenizer_config.json "
                                 "chat_template or chat_template.jinja); name a built-in or a template file")
-        expected = expected_renders(chat, modelfile.system)
+        expected, refused = _model_renders(chat, modelfile.system)
+        if not expected:
+            raise ManifestError(f"modelfile.template: auto: {chat.origin}'s chat_template refuses every fixed "
+                                f"conversation ({refused[0].error}); {HOW_TO_BRING}")
         builtin, misses = choose_builtin(expected, modelfile.system)
         if builtin is None:
             raise _no_match(chat, misses)
-        return ChatSetup(builtin.name, builtin, _stops(builtin, chat), expected, _capabilities(chat), chat)
+        return ChatSetup(builtin.name, builtin, _stops(builtin, chat), expected, _capabilities(chat), chat,
+                         refused=refused)
     builtin = BUILTINS.get(modelfile.template)
-    expected = expected_renders(chat, modelfile.system) if chat is not None and not unchecked else ()
+    expected, refused = _model_renders(chat, modelfile.system) if chat is not None and not unchecked else ((), ())
     setup = ChatSetup(modelfile.template, builtin, _stops(builtin, chat), expected,
-                      _capabilities(chat) if chat is not None else (), chat)
+                      _capabilities(chat) if chat is not None else (), chat, refused=refused)
     if builtin is not None:
         setup.check_custom(builtin.text, modelfile.system, f"modelfile.template: {builtin.name}")
     return setup

@@ -11,9 +11,14 @@ from .typer_app import demo_app
 
 
 @demo_app.command("init")
-def demo_init(directory: Annotated[Path, typer.Argument(help="New directory to write the demo into.")]) -> None:
-    """Write a tiny Phi-3 model, a random SO8T adapter and a manifest, with no downloads."""
+def demo_init(
+    directory: Annotated[Path, typer.Argument(help="New directory to write the demo into.")],
+    family: Annotated[str | None, typer.Option(
+        help="A real chat family's tiny model (its own tokenizer and chat template) instead of the tiny Phi-3: "
+             "qwen3, gemma2, llama3.1, ...")] = None,
+) -> None:
+    """Write a tiny model, a random SO8T adapter and a manifest, with no downloads."""
     from ..demo import init_demo
 
-    out = init_demo(directory)
+    out = init_demo(directory, family)
     typer.echo(f"demo written to {out}; try: so8t-deploy plan {out / 'manifest.yaml'} --offline")

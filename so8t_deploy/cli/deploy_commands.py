@@ -26,11 +26,13 @@ Format = Literal["table", "json", "markdown"]
 @app.command()
 def validate(manifest: ManifestArg) -> None:
     """Check a manifest and its local inputs (no network); exit 2 with one line naming the field if it fails."""
-    from ..build.check import check_local_inputs
+    from ..build.check import check_local_inputs, source_family
 
     loaded = load(manifest)
     for note in check_local_inputs(loaded):
         typer.echo(f"{manifest}: note: {note}", err=True)
+    if family := source_family(loaded):
+        typer.echo(f"{manifest}: model: {family}")
     typer.echo(f"{manifest}: ok")
 
 

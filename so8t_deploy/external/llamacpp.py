@@ -128,38 +128,48 @@ def _extract_converter_unlocked(root: Path) -> None:
         publish_dir(staging, root)
 
 
-def locate_llama_cpp_models(names: Iterable[str], converter_dir: Path | None = None) -> dict[str, Path]:
-    """Files of llama.cpp's `models/` directory at the pinned version, by path inside it: its vocabulary
-    GGUFs (`ggml-vocab-llama-bpe.gguf`) and the chat templates of real models (`templates/NAME.jinja`).
+LLAMA_CPP_DATA_DIRS = ("models", "tests")  # the source directories tiny models are built from
 
-    From $SO8T_LLAMA_CPP_DIR/models if that is set, else extracted from the pinned sdist beside the
+
+def locate_llama_cpp_models(names: Iterable[str], converter_dir: Path | None = None, *,
+                            directory: str = "models") -> dict[str, Path]:
+    """Files of llama.cpp's `models/` directory at the pinned version, by path inside it: its vocabulary
+    GGUFs (`ggml-vocab-llama-bpe.gguf`) and the chat templates of real models (`templates/NAME.jinja`);
+    with `directory="tests"`, files of its `tests/` directory (`test-chat-template.cpp`, which holds the chat
+    templates of further models as C string literals).
+
+    From $SO8T_LLAMA_CPP_DIR/<directory> if that is set, else extracted from the pinned sdist beside the
     converter (in `converter_dir`, by default the one under $SO8T_CACHE_DIR), each file once, atomically.
     """
+    if directory not in LLAMA_CPP_DATA_DIRS:
+        raise UsageError(f"{directory!r}: not one of llama.cpp's {', '.join(LLAMA_CPP_DATA_DIRS)} directories")
     wanted = list(dict.fromkeys(names))
     for name in wanted:
         parts = Path(name).parts
         if not parts or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
-            raise UsageError(f"{name!r}: not a path inside llama.cpp's models/ directory")
+            raise UsageError(f"{name!r}: not a path inside llama.cpp's {directory}/ directory")
     override = os.environ.get("SO8T_LLAMA_CPP_DIR")
     if override:
-        found = {name: Path(override) / "models" / name for name in wanted}
+        found = {name: Path(override) / directory / name for name in wanted}
         if missing := [name for name, path in found.items() if not path.is_file()]:
-            raise UsageError(f"SO8T_LLAMA_CPP_DIR={override}: no models/{missing[0]} there")
+            raise UsageError(f"SO8T_LLAMA_CPP_DIR={override}: no {directory}/{missing[0]} there")
         return found
-    root = (converter_dir or Workspace(default_root()).converter) / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-models"
+    root = ((converter_dir or Workspace(default_root()).converter)
+            / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-{directory}")
     found = {name: root / name for name in wanted}
     if any(not path.is_file() for path in found.values()):
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root.parent / f".{root.name}.lock")):
             missing = [name for name, path in found.items() if not path.is_file()]
             if missing:
-                _extract_models_unlocked(root, missing)
+                _extract_models_unlocked(root, missing, directory)
     return found
 
 
-def _extract_models_unlocked(root: Path, names: list[str]) -> None:
-    """Extract models/NAME for each name in one pass over the sdist; each file appears complete or not at all."""
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/models/"
+def _extract_models_unlocked(root: Path, names: list[str], directory: str) -> None:
+    """Extract <directory>/NAME for each name in one pass over the sdist; each file appears complete or not at
+    all."""
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/{directory}/"
     pending = set(names)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".models-") as tmp:
         sdist = _find_or_download_sdist(Path(tmp))
@@ -181,7 +191,7 @@ def _extract_models_unlocked(root: Path, names: list[str]) -> None:
                 if not pending:
                     break
     if pending:
-        raise BuildError(f"{sdist}: no vendor/llama.cpp/models/{sorted(pending)[0]} inside")
+        raise BuildError(f"{sdist}: no vendor/llama.cpp/{directory}/{sorted(pending)[0]} inside")
 
 
 def _last_lines(text: str, n: int = 5) -> str:

@@ -309,15 +309,19 @@ class OllamaHost:
 
         return self._call(f"delete {model}", call)
 
-    def render_chat(self, model: str, messages: list[dict[str, Any]], timeout: float) -> str | None:
+    def render_chat(self, model: str, messages: list[dict[str, Any]], timeout: float, *,
+                    think: bool | None = None) -> str | None:
         """The prompt the host renders for this conversation, without generating (Ollama's `_debug_render_only`
-        on /api/chat, answered once the model is loaded); None when the host does not know the option (an older
-        Ollama answers with a generation, which `num_predict: 1` keeps short). Fails as a generation does."""
+        on /api/chat, answered once the model is loaded), with the request's `think` unless it is None; None when
+        the host does not know the option (an older Ollama answers with a generation, which `num_predict: 1`
+        keeps short). Fails as a generation does."""
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": False, "_debug_render_only": True,
+                                "options": {"num_predict": 1}}
+        if think is not None:
+            body["think"] = think
 
         def call(transport: httpx.Client) -> str | None:
-            response = transport.post("/api/chat", json={
-                "model": model, "messages": messages, "stream": False, "_debug_render_only": True,
-                "options": {"num_predict": 1}})
+            response = transport.post("/api/chat", json=body)
             response.raise_for_status()
             answer = response.json()
             if not isinstance(answer, dict):

@@ -93,7 +93,8 @@ def check_served_template(host: OllamaHost, desired: DesiredModel, model: str) -
     for expected in desired.expected_renders:
         what = f"conversation: {expected.conversation}"
         try:
-            rendered = host.render_chat(model, [dict(m) for m in expected.messages], RENDER_TIMEOUT_S)
+            rendered = host.render_chat(model, [dict(m) for m in expected.messages], RENDER_TIMEOUT_S,
+                                        think=expected.think)
         except GenerateTimedOut:
             return [_conversation_result(host, desired.tag, model, what, (
                 f"too slow: not rendered within {RENDER_TIMEOUT_S:g} s"))]

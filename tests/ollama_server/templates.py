@@ -11,7 +11,8 @@ Follows the current ollama/ollama server:
 - template/template.go Named and server/model.go detectChatTemplate: a GGUF import whose chat template is within
   Levenshtein distance 100 of a template of template/index.json gets that named template and its stop parameters.
   named_templates.json holds the whole index (so the nearest match is Ollama's) but the .gotmpl/.json data only of
-  chatml, llama3-instruct, mistral-instruct, phi-3 and gemma-instruct (qwen2.5-instruct has none upstream).
+  chatml, llama3-instruct, mistral-instruct, phi-3, gemma-instruct and gemma3-instruct (qwen2.5-instruct has none
+  upstream). Detection runs on every GGUF import, a TEMPLATE sent with the create replacing the detected one.
 
 The thinking capability of a Go template needs Go's parse tree (thinking.InferTags): gothink/main.go answers that.
 """

@@ -20,6 +20,7 @@ from so8t_deploy.chat.think_tags import think_tags
 from so8t_deploy.errors import ManifestError
 from so8t_deploy.manifest.schema import Modelfile
 from so8t_deploy.rollout.render import render_modelfile
+from tests.hf_oracle import trained_prompt
 
 # the template's end of turn, the tokenizer's eos, then generation_config's (<|end|> <|assistant|> <|endoftext|>)
 PHI3_STOPS = ["<|end|>", "<|endoftext|>", "<|assistant|>"]
@@ -141,27 +142,6 @@ NEW_FAMILIES = {"qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3", "phi4"
 SYSTEM = "Answer briefly."
 
 
-def transformers_render(tokenizer, conversation: Conversation, system: str | None) -> str:
-    """The oracle: the tokenizer's own apply_chat_template, with the request's think as enable_thinking and a
-    message's thinking as reasoning_content, less the leading BOS llama.cpp adds."""
-    messages = [] if system is None or conversation.messages[0]["role"] == "system" else [
-        {"role": "system", "content": system}]
-    for m in conversation.messages:
-        message = {"role": m["role"], "content": m["content"]}
-        if m.get("thinking"):
-            message["reasoning_content"] = m["thinking"]
-        if m.get("tool_calls"):
-            message["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]}
-                                     for c in m["tool_calls"]]
-        if m["role"] == "tool":
-            message.update(tool_call_id=m["tool_call_id"], name=m["tool_name"])
-        messages.append(message)
-    kwargs = {} if conversation.think is None else {"enable_thinking": conversation.think}
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-    bos = tokenizer.bos_token
-    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
-
-
 def applicable(family: str) -> list[Conversation]:
     return [c for c in CONVERSATIONS if (family == "qwen3" or not c.needs_tools and not c.needs_thinking)]
 
@@ -184,7 +164,7 @@ def test_auto_picks_each_new_builtin_and_it_renders_as_transformers_does(family,
     for conversation in conversations:
         if conversation.name in refusing:
             continue
-        expected = transformers_render(tokenizer, conversation, system)
+        expected = trained_prompt(tokenizer, conversation, system)
         assert render_chat(builtin.text, [dict(m) for m in conversation.messages], system=system,
                            think=conversation.think) == expected, conversation.name
         assert next(e for e in chat.expected if e.conversation == conversation.name).prompt == expected

@@ -81,8 +81,10 @@ def _write_family_demo_model(model_dir: Path, family: str) -> None:
 
 
 def _final_site_folds(model_dir: Path) -> bool:
-    """Whether the SO8T `final` site can be deployed on this model (not on Gemma 2: see the v1.1 spec)."""
+    """Whether the bake takes an SO8T `final` site on this model (not on Gemma 2: see the v1.1 spec)."""
     import json
 
+    from .bake.layout import HEAD_IS_EMBEDDING_TYPES
+
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return config.get("model_type") != "gemma2"
+    return config.get("model_type") not in HEAD_IS_EMBEDDING_TYPES

@@ -21,6 +21,9 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 QK_NORM_TYPES = ("qwen3", "gemma3_text")
 # Sandwich norms: post_attention_layernorm after o_proj, pre/post_feedforward_layernorm around the MLP.
 SANDWICH_NORM_TYPES = ("gemma2", "gemma3_text")
+# Families whose llama.cpp graph has no output matrix of its own: gemma2's converter drops lm_head.weight
+# (conversion/gemma.py Gemma2Model.filter_tensors) and src/models/gemma2.cpp multiplies by token_embd.
+HEAD_IS_EMBEDDING_TYPES = ("gemma2",)
 _REFUSED_MODEL_TYPES = {
     "gemma3": "Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration, tensors under language_model.*) "
               "is not supported; bake a text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text)",

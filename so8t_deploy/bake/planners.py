@@ -8,7 +8,7 @@ from ..errors import AdapterError
 from ..manifest.schema import Scales
 from .adapters import Adapter
 from .edits import AddLowRank, AddVector, DoraLowRank, LeftMultiply, RightMultiply, ScaleColumnsToNorm
-from .layout import EMBED, LM_HEAD, ModelLayout, Slot
+from .layout import EMBED, FAMILIES, HEAD_IS_EMBEDDING_TYPES, LM_HEAD, ModelLayout, Slot
 from .lora_adapter import LoraAdapter, LoraModule
 from .maps import BlockDiagonalMap, LinearMap, ProjectedMap, gate_strength
 from .plan import BakePlan, check_shape, ensure_bias
@@ -17,9 +17,6 @@ from .so8t_adapter import BlockGroup, So8tAdapter
 
 _TRIALITY_ROLE = {"vector": "q", "spinor_plus": "k", "spinor_minus": "v"}
 EMBED_MODULE = EMBED.removesuffix(".weight")
-# Families whose llama.cpp graph has no output matrix of its own: gemma2's converter drops lm_head.weight
-# (conversion/gemma.py Gemma2Model.filter_tensors) and src/models/gemma2.cpp multiplies by token_embd.
-HEAD_IS_EMBEDDING = {"gemma2": "Gemma 2"}
 
 
 def _block_map(group: BlockGroup | None, scale: float) -> BlockDiagonalMap | None:
@@ -157,7 +154,7 @@ def _head_differs(plan: BakePlan) -> bool:
 
 def _refuse_split_head(layout: ModelLayout, adapter: Adapter) -> None:
     """On a family whose llama.cpp output is the embedding matrix, a separate head would be dropped silently."""
-    family = HEAD_IS_EMBEDDING[layout.model_type]
+    family = FAMILIES[layout.model_type]
     why = (f"which {family} cannot have: llama.cpp's {layout.model_type} always uses the token embeddings as its "
            "output matrix (its converter drops lm_head.weight), so the GGUF would lose it")
     if isinstance(adapter, So8tAdapter):
@@ -185,7 +182,7 @@ def plan_bake(layout: ModelLayout, shapes: dict[str, tuple[int, ...]], adapters:
             rows_after = _vocabulary_rows(plan)
             if rows_after is not None and rows_after != rows:
                 changed_by = adapter
-        if layout.model_type in HEAD_IS_EMBEDDING and not split_before and _head_differs(plan):
+        if layout.model_type in HEAD_IS_EMBEDDING_TYPES and not split_before and _head_differs(plan):
             _refuse_split_head(layout, adapter)
     final_rows = _vocabulary_rows(plan)
     if final_rows is not None:

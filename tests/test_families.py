@@ -22,7 +22,7 @@ from so8t_deploy.bake.model_dir import open_model_dir
 from so8t_deploy.bake.verify import attach_adapters, load_adapters, verify_bake
 from so8t_deploy.manifest.schema import Scales
 
-from .test_peft_variants import LLAMA_LINEAR, PHI3_LINEAR, save_peft_adapter
+from .test_peft_variants import LLAMA_LINEAR, PHI3_LINEAR, probe, save_peft_adapter
 
 TOLERANCE = 1e-4
 
@@ -103,10 +103,6 @@ def family_adapters(family_base, so8t_adapter, tmp_path_factory):
     return build
 
 
-def _probe(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(5))
-
-
 @torch.no_grad()
 def _hf_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     import transformers
@@ -160,7 +156,7 @@ def test_bake_is_exact(family_adapters, run_cli, tmp_path, name, combo):
     assert report.max_abs_diff <= TOLERANCE, report
     assert report.adapter_effect > 0.05, report
     if "lora" in combo:  # (b) PEFT's own merge, SO8T wrapped on top
-        tokens = _probe(320)
+        tokens = probe(320)
         merged = peft_merged_logits(model, lora, so8t if "so8t" in combo else None, tokens)
         assert (merged - _hf_logits(out, tokens)).abs().max() <= TOLERANCE
     base_tied = json.loads((model / "config.json").read_text())["tie_word_embeddings"]
@@ -231,7 +227,7 @@ def test_gemma3_embedding_lora_matches_peft(family_base, run_cli, tmp_path, dora
     assert "lm_head.weight" in open_model_dir(out).tensor_names
     report = verify_bake(model, [(None, adapter)], out, Scales())
     assert report.max_abs_diff <= TOLERANCE and report.adapter_effect > 0.05, report
-    tokens = _probe(320)
+    tokens = probe(320)
     merged = peft_merged_logits(model, adapter, None, tokens, untie_first=True)
     assert (merged - _hf_logits(out, tokens)).abs().max() <= TOLERANCE
 

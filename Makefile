@@ -38,7 +38,7 @@ WHEELHOUSE := .cache/wheelhouse
 BASE_IMAGE := so8t-base:bookworm
 TEST_IMAGE := so8t-deploy-worker:test
 
-.PHONY: test lint demo demo-hosts deploy wheelhouse image clean go-toolchain FORCE
+.PHONY: test lint demo demo-hosts deploy wheelhouse image clean go-toolchain test-tools apt-install FORCE
 
 # A venv whose torch does not fit the target's TORCH_SPEC (scripts/torch_fits.py) is recreated, not
 # patched, so no CUDA libraries of an earlier `make deploy` linger under the tests (with pip's cache
@@ -69,14 +69,22 @@ $(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml $(LLAMA_WHEEL_DIR)/.compl
 
 # The Ollama test server renders templates with Go's own text/template (tests/gotemplate).
 go-toolchain:
-	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q golang-go >/dev/null; }; }; } \
-	  || { echo "the Ollama test server needs Go: install Debian's golang-go" >&2; exit 1; }
+	@command -v go >/dev/null || $(MAKE) -s apt-install PACKAGE=golang-go WHY="the Ollama test server needs Go"
+
+# The registry-mode tests run Debian's docker-registry (CNCF distribution) on loopback (tests/registry.py).
+test-tools: go-toolchain
+	@command -v docker-registry >/dev/null || $(MAKE) -s apt-install PACKAGE=docker-registry \
+	  WHY="the registry-mode tests need a registry"
+
+apt-install:
+	@{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PACKAGE) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PACKAGE) >/dev/null; }; }; } \
+	  || { echo "$(WHY): install Debian's $(PACKAGE)" >&2; exit 1; }
 
 # tests/test_environment.py checks that the suite really runs on SO8T_TEST_TORCH_SPEC.
 test: override TORCH_SPEC := $(TEST_TORCH_SPEC)
-test: $(VENV)/.installed go-toolchain
+test: $(VENV)/.installed test-tools
 	SO8T_TEST_TORCH_SPEC="$(TEST_TORCH_SPEC)" $(PY) -m pytest
 
 # Every wheel the worker image needs, at the versions installed here (so both backends produce

@@ -64,6 +64,10 @@ class HostChangedError(HostError):
     exit_code = EXIT_DRIFT
 
 
+class RegistryError(So8tError):
+    """The OCI registry is unreachable, refused a push, or answers in a way Ollama's puller cannot use."""
+
+
 class SmokeTestError(So8tError):
     """A deployed variant failed its smoke test."""
 

@@ -159,3 +159,39 @@ def family_tokenizer(family_model):
         return cache[family]
 
     return load
+
+
+# --- a real OCI registry (tests/registry.py: Debian's docker-registry on loopback) -----------------------
+
+@pytest.fixture
+def make_registry(tmp_path):
+    """make_registry(location_header=True, auth=None, realm="basic-realm") -> a started Registry, stopped after
+    the test. Without docker-registry: a skip (a failure under CI=true)."""
+    from tests.registry import INSTALL_HINT, Registry, registry_available
+
+    require("docker-registry", registry_available(), INSTALL_HINT)
+    started: list[Registry] = []
+
+    def make(**options) -> Registry:
+        registry = Registry(tmp_path / f"registry-{len(started)}", **options)
+        started.append(registry)
+        registry.start()
+        return registry
+
+    yield make
+    for registry in started:
+        registry.stop()
+
+
+@pytest.fixture
+def registry(make_registry):
+    """A registry that Ollama can pull from: plain HTTP, no auth, `Location: ?` on blob GETs."""
+    return make_registry()
+
+
+@pytest.fixture
+def auth_registry(make_registry):
+    """A registry with htpasswd auth for one user, tests.registry.TEST_AUTH (registry.auth)."""
+    from tests.registry import TEST_AUTH
+
+    return make_registry(auth=TEST_AUTH)

@@ -18,6 +18,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def end_process(proc: subprocess.Popen) -> None:
+    """Terminate a process this test run started, killing it after 10 s, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def server_arguments(module: str, description: str) -> argparse.ArgumentParser:
     """The options every test server has: --host and --port (0 picks a free one)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
@@ -66,12 +76,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc)
             self.proc.stdout.close()
             self.proc = None
 

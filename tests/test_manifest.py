@@ -174,6 +174,21 @@ INVALID = {
     "revision-on-local": (("model: ./model", "model: ./model\n  revision: main"), "source.revision", "hub"),
     "unset-env-var": (("Bearer secret-token", "Bearer ${SO8T_TEST_UNSET}"), "targets[1].headers.Authorization",
                       "'SO8T_TEST_UNSET' is not set"),
+    **{f"registry-{case}": (("name: phi35-so8t", f"name: {name}\ndistribution: {{registry: {{{registry}}}}}"),
+                            "distribution" + where, fragment)
+       for case, name, registry, where, fragment in [
+           ("http-not-insecure", "a", "url: 'http://r:5000', namespace: so8t", ".registry", "insecure: true"),
+           ("https-insecure", "a", "url: 'https://r', namespace: so8t, insecure: true", ".registry", "plain http"),
+           ("path", "a", "url: 'https://r/v2', namespace: so8t", ".registry.url", "no path"),
+           ("credentials", "a", "url: 'https://u:pw@r', namespace: so8t", ".registry.url", "registry.auth"),
+           ("namespace-dot", "a", "url: 'https://r', namespace: so.8t", ".registry.namespace", "lowercase"),
+           ("namespace-case", "a", "url: 'https://r', namespace: So8t", ".registry.namespace", "lowercase"),
+           ("unknown-key", "a", "url: 'https://r', namespace: s, tls: false", ".registry.tls", "unknown key"),
+           ("username-colon", "a", "url: 'https://r', namespace: s, auth: {username: 'a:b', password: pw}",
+            ".registry.auth.username", "':'"),
+           ("repository-name", "a-", "url: 'https://r', namespace: s", "", "OCI repository name"),
+       ]},
+    "distribution-typo": (("name: phi35-so8t", "name: a\ndistribution: pull"), "distribution", "'push' or"),
     "duplicate-yaml-key": (("name: phi35-so8t", "name: a\nname: b"), "", "duplicate key 'name'"),
     "invalid-yaml": (("name: phi35-so8t", "name: [unclosed"), "", "invalid YAML"),
 }

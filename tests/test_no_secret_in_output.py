@@ -135,3 +135,22 @@ def test_an_unexpected_error_quoting_the_token_is_redacted_with_and_without_v(ru
         assert result.err.splitlines()[-1] == (f"{path}: apply: unexpected ValueError: cannot send Authorization: "
                                                "'***'; run with -v for the traceback")
         assert ("Traceback" in result.err) == bool(verbose)
+
+
+def test_a_registry_password_is_never_printed(run_cli, demo_dir, tmp_path, echoing_host, monkeypatch):
+    monkeypatch.setenv("REGISTRY_PASSWORD", PASSWORD)
+    path = manifest(tmp_path / "m.yaml", demo_dir, echoing_host, f"Bearer {TOKEN}")
+    registry = (f"distribution: {{registry: {{url: '{echoing_host}', namespace: so8t, insecure: true, "
+                "auth: {username: deployer, password: '${REGISTRY_PASSWORD}'}}}\n")
+    path.write_text(path.read_text(encoding="utf-8") + registry, encoding="utf-8")
+    codes = scan(run_cli, path, tmp_path / "cache", (TOKEN, PASSWORD))
+    assert codes == {mode: 0 if mode.endswith("validate") else 1 for mode in codes}, codes
+
+    from so8t_deploy.deploy import commands
+
+    def bug(*args, **kwargs):
+        raise ValueError(f"cannot log in with {PASSWORD!r}")
+
+    monkeypatch.setattr(commands, "apply_manifest", bug)
+    result = run_cli("apply", path, "--cache-dir", tmp_path / "cache")
+    assert PASSWORD not in result.err and "cannot log in with '***'" in result.err

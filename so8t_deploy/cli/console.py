@@ -125,7 +125,20 @@ def plan_summary(plan: DeployPlan) -> dict:
             "builds": [s.model_dump(mode="json") for s in plan.builds.steps],
             "hosts": [{"target": h.target, "url": h.url, "error": h.error, "warnings": h.warnings,
                        "upload_bytes": plan.upload_bytes(h),
-                       "actions": [a.model_dump(mode="json") for a in plan.actions(h)]} for h in plan.hosts]}
+                       "actions": [a.model_dump(mode="json") for a in plan.actions(h)]} for h in plan.hosts],
+            "registry": plan.registry.model_dump(mode="json") if plan.registry else None}
+
+
+def registry_line(plan: DeployPlan) -> str | None:
+    """One line on the registry: where, whether hosts can pull from it, what is not known yet."""
+    registry = plan.registry
+    if registry is None:
+        return None
+    if registry.problem:
+        return f"registry {registry.repository}: {registry.problem}"
+    state = "anonymous reads, blob answers with Location" if registry.location_header else "anonymous reads"
+    return f"registry {registry.url} ({registry.repository}): {state}" + (f"; {registry.note}" if registry.note
+                                                                         else "")
 
 
 def print_deploy_plan(plan: DeployPlan, fmt: str) -> None:
@@ -138,6 +151,11 @@ def print_deploy_plan(plan: DeployPlan, fmt: str) -> None:
     steps = [(s.variant, s.stage, s.quant or "-", (s.key or "unknown")[:16], "cached" if s.cached else
               (s.note or "to build")) for s in plan.builds.steps]
     print_table(f"Build ({plan.source})", ["variant", "step", "type", "key", "state"], steps)
+    if (line := registry_line(plan)) is not None:
+        console.print(escape(line), style="red" if plan.registry and plan.registry.problem else None)
+        rows = [(a.kind, a.tag, a.detail, human_size(a.bytes) if a.bytes != 0 else "") for a in plan.publish_rows()]
+        if rows:
+            print_table("registry: publish once, before any host pulls", ["action", "tag", "detail", "bytes"], rows)
     for host in plan.hosts:
         if host.error:
             console.print(f"[bold]{host.target}[/bold] ({host.url}): [red]{escape(host.error)}[/red]")
@@ -163,16 +181,22 @@ def plan_markdown(plan: DeployPlan) -> str:
                  f"{len(to_build)} of {len(plan.builds.steps)} build steps to run (source `{plan.source}`).")
     if plan.note:
         lines += ["", f"Some keys are unknown: {markdown_text(plan.note)}."]
-    lines += ["", "| host | upload | create | verify | unchanged | held | tidy | delete |",
-              "|---|---|---|---|---|---|---|---|"]
+    if (line := registry_line(plan)) is not None:
+        published = [f"`{a.tag}` ({human_size(a.bytes)})" for a in plan.publish_rows()]
+        lines += ["", markdown_text(line) + (f"; publish {', '.join(published)}" if published else "") + "."]
+    # A host uploads in push mode and pulls in registry mode: the first column says which.
+    kinds = ("pull" if plan.registry is not None else "upload", "create", "verify", "unchanged", "held", "tidy",
+             "delete")
+    lines += ["", "| host | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
     for host in plan.hosts:
         if host.error:
             cells = [markdown_text(host.target), f"host error: {markdown_text(host.error)}", *[""] * 6]
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        kinds = [str(a.kind) for a in plan.actions(host)]
-        counts = [str(kinds.count(k)) for k in ("create", "verify", "unchanged", "held", "tidy", "delete")]
-        lines.append(f"| {host.target} | {human_size(plan.upload_bytes(host))} | " + " | ".join(counts) + " |")
+        done = [str(a.kind) for a in plan.actions(host)]
+        first = str(done.count("pull")) if plan.registry is not None else human_size(plan.upload_bytes(host))
+        counts = [str(done.count(k)) for k in kinds[1:]]
+        lines.append(f"| {host.target} | {first} | " + " | ".join(counts) + " |")
     changes = [(h.target, a) for h in plan.hosts for a in plan.actions(h) if a.kind != "unchanged"]
     if changes:
         lines += ["", "<details><summary>Actions</summary>", ""]
@@ -216,10 +240,14 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
     if as_json:
         print_json({"build": {"built": result.build.built, "reused": result.build.reused},
                     "gated": result.gated, "forced": result.forced,
+                    "published": dataclasses.asdict(result.published) if result.published else None,
                     "hosts": [dataclasses.asdict(h) | {"outcome": h.outcome} for h in result.hosts]})
         return
     if result.build.built:
         console.print(f"build: built {result.build.built} steps, reused {result.build.reused}")
+    if (published := result.published) is not None:
+        console.print(f"registry {published.registry}: published {len(published.published)} tags "
+                      f"({human_size(published.pushed_bytes)} pushed), {len(published.present)} already there")
     smoke = [r for h in result.hosts for r in h.smoke]
     if smoke:
         print_smoke_results(smoke, as_json=False)
@@ -229,7 +257,7 @@ def print_apply_result(result: ApplyResult, *, as_json: bool) -> None:
 
 
 def _tag_counts(host: HostReport) -> str:
-    counts = {"created": host.created, "verified": host.verified, "promoted": host.promoted,
+    counts = {"created": host.created, "pulled": host.pulled, "verified": host.verified, "promoted": host.promoted,
               "unchanged": host.unchanged, "held": host.held, "tidied": host.tidied, "deleted": host.deleted,
               "rolled back": host.rolled_back}
     return ", ".join(f"{len(tags)} {what}" for what, tags in counts.items() if tags) or "-"

@@ -14,6 +14,7 @@ from ..errors import (
     DriftError,
     HostError,
     Interrupted,
+    RegistryError,
     RolloutError,
     UsageError,
 )
@@ -82,6 +83,8 @@ def plan(
             made.save(out)
         except OSError as e:
             raise UsageError(f"--out {out}: cannot write the plan: {e.strerror or e}") from e
+    if made.registry is not None and made.registry.problem:
+        raise RegistryError(f"plan: {made.registry.problem}")
     down = [h for h in made.hosts if h.error]
     if down:
         raise HostError(f"plan: {len(down)} of {len(made.hosts)} hosts could not be observed: "

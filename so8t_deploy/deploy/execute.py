@@ -1,4 +1,5 @@
-"""Execute a deployment: derive the plan now, hold it against a saved one, build, gate, roll out.
+"""Execute a deployment: derive the plan now, hold it against a saved one, build, gate, publish (registry mode),
+roll out.
 
 Whether or not a plan was saved, what apply does comes from the manifest and what it observes now
 (one decision path): every host is observed before the first change. A saved plan only pins and
@@ -18,14 +19,15 @@ from ..build.runner import Runner, runner_for
 from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..chat.setup import resolve_chat
-from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL
+from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, RegistryError
 from ..manifest.schema import Manifest
 from ..progress import Progress
 from ..quality.evaluate import evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
-from ..rollout.host_plan import TagKind
+from ..rollout.host_plan import HostPlan, TagKind
+from ..rollout.publish import PublishReport, publish
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_unchanged
 
@@ -37,6 +39,7 @@ class ApplyResult:
     build: BuildReport = field(default_factory=BuildReport)
     gated: dict[str, list[str]] = field(default_factory=dict)  # tag -> why the quality gate held it back
     forced: dict[str, list[str]] = field(default_factory=dict)  # failing tags rolled out anyway (--force)
+    published: PublishReport | None = None  # registry mode: what was pushed to the registry
     interrupted: bool = False
 
     @property
@@ -85,6 +88,8 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
                                 hub_commit=saved.hub_commit if saved else None)
     if saved is not None:
         check_unchanged(saved, plan, manifest)
+    if plan.registry is not None and plan.registry.problem and _pulls(plan.hosts):
+        raise RegistryError(f"apply: {plan.registry.problem}; nothing was changed")
     result = ApplyResult(plan=plan, hosts=[])
     models = {m.tag: m for m in desired}
     creating = {d.tag for h in plan.hosts for d in h.decisions if d.kind is TagKind.CREATE}
@@ -109,6 +114,15 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
         progress.warning(f"quality gate: {tag} is not rolled out: {'; '.join(reasons)}")
     for tag, reasons in result.forced.items():
         progress.warning(f"--force: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
+    registry = manifest.distribution.registry
+    if registry is not None and (pulled := sorted(_pulls(hosts) - set(result.gated))):
+        result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel)
+        models.update(published)
     result.hosts = apply_rollout(manifest, hosts, models, set(result.gated), workspace, progress, cancel)
     result.interrupted = cancel.cancelled
     return result
+
+
+def _pulls(hosts: list[HostPlan]) -> set[str]:
+    """Registry mode: the tags some host will pull (a candidate an interrupted run left is reused instead)."""
+    return {d.tag for h in hosts for d in h.decisions if d.kind is TagKind.CREATE and not d.reuse_candidate}

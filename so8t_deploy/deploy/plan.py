@@ -1,8 +1,9 @@
 """The DeployPlan: everything `apply` will do, computed without side effects, and saved as JSON.
 
 It holds the build steps with their cache keys (and whether each is already built), per tag the
-digest of its rendered Modelfile and the quality gate's verdict where it is known, and per host
-what it holds now and the decision for every tag. Computing it reads the manifest, hashes local
+digest of its rendered Modelfile and the quality gate's verdict where it is known, per host
+what it holds now and the decision for every tag, and in registry mode what the registry
+answers (see rollout.publish) and what apply would publish to it. Computing it reads the manifest, hashes local
 inputs (remembered in the workspace's digest cache), asks the hub for metadata and observes each
 host: it never downloads weights, starts a container or changes a host.
 
@@ -36,6 +37,7 @@ from ..quality.evaluate import cached_gate
 from ..rollout.desired import DesiredModel, desired_models
 from ..rollout.fleet import plan_hosts
 from ..rollout.host_plan import ActionKind, HostPlan, TagKind
+from ..rollout.publish import RegistryPlan, observe_registry
 
 PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
 
@@ -76,6 +78,7 @@ class DeployPlan(Frozen):
     builds: BuildPlan
     tags: list[PlannedTag]
     hosts: list[HostPlan] = Field(default_factory=list)
+    registry: RegistryPlan | None = None  # registry mode: what was observed of it, and what apply publishes
 
     def planned(self, tag: str) -> PlannedTag:
         return next(t for t in self.tags if t.tag == tag)
@@ -97,7 +100,8 @@ class DeployPlan(Frozen):
             elif tag.held:
                 rows.append(Action(kind=ActionKind.HELD, tag=d.tag, detail="; ".join(tag.gate or [])))
             else:
-                rows += _create_rows(d.tag, d.upload, d.reuse_candidate, d.observed_digest is not None, tag)
+                rows += _create_rows(d.tag, d.upload, d.reuse_candidate, d.observed_digest is not None, tag,
+                                     pull=self.registry.repository if self.registry else None)
         rows += [Action(kind=ActionKind.DELETE, tag=t, detail="pruned") for t in host.deletes]
         return rows
 
@@ -109,10 +113,22 @@ class DeployPlan(Frozen):
     def drift(self) -> bool:
         return any(a.kind is not ActionKind.UNCHANGED for h in self.hosts for a in self.actions(h))
 
+    def publish_rows(self) -> list[Action]:
+        """Registry mode: the images apply publishes before any host pulls."""
+        if self.registry is None:
+            return []
+        return [Action(kind=ActionKind.PUBLISH, tag=tag, bytes=size,
+                       detail=f"{self.registry.repository}:{tag.split(':', 1)[1]}" + (
+                           ", its GGUF already there" if size == 0 else "" if size else ", once built"))
+                for tag, size in self.registry.publish.items()]
+
     @property
     def unobserved(self) -> list[str]:
-        """What could not be observed: hosts that did not answer, and the hub (keys unknown)."""
+        """What could not be observed: hosts that did not answer, the hub (keys unknown), a registry hosts could
+        not pull from."""
         found = [f"{h.target}: {h.error}" for h in self.hosts if h.error]
+        if self.registry is not None and self.registry.problem:
+            found.append(self.registry.problem)
         if self.note:
             found.append(f"the hub ({self.note})")
         return found
@@ -128,32 +144,42 @@ class DeployPlan(Frozen):
         write_atomic(path, self.model_dump_json(indent=2) + "\n")
 
 
-def _create_rows(tag: str, upload: bool | None, reuse: bool, live: bool, planned: PlannedTag) -> list[Action]:
+def _create_rows(tag: str, upload: bool | None, reuse: bool, live: bool, planned: PlannedTag, *,
+                 pull: str | None = None) -> list[Action]:
+    """A new model for `tag`: uploaded and created (push mode) or pulled from `pull`, the registry repository
+    (registry mode), or an interrupted run's candidate reused; then promoted."""
+    gate = "; quality gate pending" if planned.gate is None else ""
     rows = []
-    if upload is None:
-        rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail="if missing once built", bytes=None))
-    elif upload:
-        rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail=planned.gguf_name, bytes=planned.size))
     if reuse:
-        detail = "reuse the candidate an interrupted run left"
-    elif planned.sha256:
-        detail = f"as {tag}-candidate, sha256:{planned.sha256[:12]}"
+        rows.append(Action(kind=ActionKind.CREATE, tag=tag, detail="reuse the candidate an interrupted run left"
+                           + gate))
+    elif pull is not None:
+        rows.append(Action(kind=ActionKind.PULL, tag=tag,
+                           detail=f"{pull}:{tag.split(':', 1)[1]} as {tag}-candidate{gate}"))
     else:
-        detail = f"as {tag}-candidate, " + ("after build" if planned.identity else
-                                            "after build (key known after download)")
-    if planned.gate is None:
-        detail += "; quality gate pending"
-    rows.append(Action(kind=ActionKind.CREATE, tag=tag, detail=detail))
+        if upload is None:
+            rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail="if missing once built", bytes=None))
+        elif upload:
+            rows.append(Action(kind=ActionKind.UPLOAD, tag=tag, detail=planned.gguf_name, bytes=planned.size))
+        if planned.sha256:
+            detail = f"as {tag}-candidate, sha256:{planned.sha256[:12]}"
+        else:
+            detail = f"as {tag}-candidate, " + ("after build" if planned.identity else
+                                                "after build (key known after download)")
+        rows.append(Action(kind=ActionKind.CREATE, tag=tag, detail=detail + gate))
     promote = f"once smoke-tested; the live model becomes {tag}-prev" if live else "once smoke-tested (a new tag)"
     rows.append(Action(kind=ActionKind.PROMOTE, tag=tag, detail=promote))
     return rows
 
 
 def manifest_digest(manifest: Manifest) -> str:
-    """What identifies a manifest's content; header values (secrets) are left out, names kept."""
+    """What identifies a manifest's content; header values and the registry password (secrets) are left out,
+    names kept."""
     data = manifest.model_dump(mode="json", by_alias=True)
     for target in data.get("targets", []):
         target["headers"] = sorted(target.get("headers", {}))
+    if (registry := data["distribution"]["registry"]) is not None and registry["auth"] is not None:
+        registry["auth"]["password"] = None
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,11 +197,17 @@ def derive_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, p
     builds = plan_builds(manifest, inputs, workspace)
     models = desired_models(manifest, builds, resolve_chat(manifest.modelfile, inputs.chat_dir))
     hosts = plan_hosts(manifest, models, workspace) if not offline else []
+    gate = cached_gate(manifest, builds, workspace)
+    registry = None
+    if manifest.distribution.registry is not None and not offline:
+        pulls = {d.tag for h in hosts for d in h.decisions
+                 if d.kind is TagKind.CREATE and not d.reuse_candidate and not gate[d.tag]}
+        registry = observe_registry(manifest.distribution.registry, manifest.name, models, pulls)
     plan = DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,
                       llama_cpp=llama_cpp_label(), source=inputs.source_label, hub_commit=inputs.hub_commit,
                       offline=offline, note=inputs.note, builds=builds,
-                      tags=planned_tags(models, cached_gate(manifest, builds, workspace)), hosts=hosts)
+                      tags=planned_tags(models, gate), hosts=hosts, registry=registry)
     return plan, models
 
 

@@ -66,6 +66,10 @@ class CreateFailed(HostError):
     """The server refused or aborted a create, or the model never appeared after its answer was lost."""
 
 
+class PullFailed(HostError):
+    """The host could not pull a model from its registry (it said why, or the pull never finished)."""
+
+
 class GenerateFailed(HostError):
     """The server answered a generation with an error (typically: the model did not load or run)."""
 
@@ -296,6 +300,45 @@ class OllamaHost:
             self._clock.sleep(min(pause, until - now))
             pause = min(pause * 1.5, CREATE_POLL_MAX_S)
 
+    def pull(self, model: str, *, insecure: bool, size: int, progress: Callable[[int], None] | None = None) -> None:
+        """Pull `model` (HOST/NAMESPACE/NAME:TAG) from its registry, streamed, and return once the host wrote its
+        manifest; `progress(n)` gets the bytes fetched as they come.
+
+        What the host reports (an HTTP error, or an error line in the stream: a registry it cannot read, a blob
+        whose digest does not match) raises PullFailed. A connection that drops, or a proxy's gateway answer, is
+        retried: a pull is idempotent (blobs already there are skipped, a partial one resumes). The read timeout
+        is a create's: the host hashes every fetched blob in silence before it writes the manifest.
+        """
+        what = f"pull {model}"
+        seen: dict[str, int] = {}  # digest -> bytes fetched, so far reported
+        lost = ""
+        kind: type[HostError] = PullFailed
+        for attempt in range(1, self._retries + 1):
+            if attempt > 1:
+                self._clock.sleep(self._backoff * 2 ** (attempt - 2))
+            with self._transport(create_read_timeout(size)) as transport:
+                try:
+                    status = None
+                    for update in self._ollama_client(transport).pull(model, insecure=insecure, stream=True):
+                        status = update.status
+                        if progress and update.digest and update.completed:
+                            progress(max(0, update.completed - seen.get(update.digest, 0)))
+                            seen[update.digest] = max(update.completed, seen.get(update.digest, 0))
+                    if status == "success":
+                        return
+                    lost = f"the stream ended with {status!r}, not 'success'"
+                except ollama.ResponseError as e:
+                    if e.status_code not in GATEWAY_STATUSES:
+                        where = " (in the response stream)" if e.status_code == -1 else f" (HTTP {e.status_code})"
+                        raise self._error(what, f"{_short(e.error)}{where}", PullFailed) from e
+                    lost, kind = f"HTTP {e.status_code}: {_short(e.error)}", PullFailed
+                except (httpx.TransportError, ConnectionError, TimeoutError) as e:
+                    lost = f"unreachable ({_transport_reason(e)})"
+                    kind = HostUnreachableError if isinstance(e, httpx.ConnectError | ConnectionError) else PullFailed
+                except (ValueError, TypeError) as e:
+                    raise self._error(what, "not an Ollama server (unexpected response body)", PullFailed) from e
+        raise self._error(what, f"no success after {self._retries} attempts ({lost})", kind)
+
     def copy(self, source: str, destination: str) -> None:
         self._call(f"copy {source} to {destination}", lambda: self.client.copy(source, destination))
 
@@ -382,4 +425,5 @@ def _error_text(response: httpx.Response) -> str:
         return _short(response.text) if hasattr(response, "text") else "error"
 
 
-__all__ = ["Clock", "CreateFailed", "GenerateFailed", "GenerateTimedOut", "OllamaHost", "create_read_timeout"]
+__all__ = ["Clock", "CreateFailed", "GenerateFailed", "GenerateTimedOut", "OllamaHost", "PullFailed",
+           "create_read_timeout"]

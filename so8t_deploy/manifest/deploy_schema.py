@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    GetJsonSchemaHandler,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, resolve_local
 
@@ -193,3 +203,99 @@ class Quality(Frozen):
     @property
     def gated(self) -> bool:
         return self.max_mean_kl is not None or self.min_top1 is not None
+
+
+# Ollama's name parts (types/model/name.go): a host is [A-Za-z0-9_][A-Za-z0-9_.:-]*, at most 350 characters.
+OLLAMA_HOST_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
+# A repository path component both Ollama (a namespace has no '.') and CNCF distribution
+# (reference/regexp.go: lowercase alphanumerics joined by '.', '_', '__' or dashes) accept.
+REGISTRY_NAMESPACE_RE = re.compile(r"^[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*$")
+REGISTRY_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+
+
+class RegistryAuth(Frozen):
+    """Push credentials: interpolate them from the environment (`${REGISTRY_PASSWORD}`); never printed."""
+
+    username: str = Field(min_length=1, description="User name (ECR: AWS; a robot account on Harbor).")
+    password: HeaderValue = Field(description="Password or token (ECR: `aws ecr get-login-password`); a secret.")
+
+    @field_validator("username")
+    @classmethod
+    def _check_username(cls, value: str) -> str:
+        if ":" in value:
+            raise ValueError("contains ':', which basic authentication cannot carry")
+        if (problem := header_value_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+
+class Registry(Frozen):
+    url: str = Field(description="The registry, http(s)://host[:port] with no path: the address the controller "
+                     "pushes to and every host pulls from.")
+    namespace: str = Field(description="The repository namespace: images are NAMESPACE/NAME:TAG (a Harbor "
+                           "project, an ECR repository prefix).")
+    insecure: bool = Field(default=False, description="Plain HTTP: Ollama's `insecure` pull speaks http, so an "
+                           "http:// URL needs it and an https:// URL must not have it.")
+    auth: RegistryAuth | None = Field(default=None, description="Credentials for pushing (basic, or a token "
+                                      "fetched with them); hosts always pull anonymously.")
+    timeout_s: float = Field(default=30, gt=0, le=MAX_TIMEOUT_S,
+                             description="Read timeout of every registry call but blob uploads, which scale with "
+                             "the blob.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "@" in value:
+            raise ValueError(f"a URL with credentials ({mask_credentials(value)!r}): put them in "
+                             "distribution.registry.auth, from the environment")
+        url = normalize_host_url(value.strip())
+        host = url.split("://", 1)[1]
+        if not OLLAMA_HOST_PART_RE.match(host):
+            raise ValueError(f"registry host {host!r} is not one Ollama can pull from (letters, digits, '.', '_', "
+                             "'-' and a ':port'; no IPv6 literal)")
+        return url
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if len(value) > 80 or not REGISTRY_NAMESPACE_RE.match(value):
+            raise ValueError(f"namespace {value!r} must be lowercase letters and digits joined by '_' or '-' (one "
+                             "path part, at most 80 characters): what both Ollama and OCI registries accept")
+        return value
+
+    @model_validator(mode="after")
+    def _check_insecure(self) -> Registry:
+        if self.url.startswith("http://") and not self.insecure:
+            raise ValueError("the registry URL is http://, which Ollama pulls only with insecure: true")
+        if self.url.startswith("https://") and self.insecure:
+            raise ValueError("insecure: true makes Ollama pull over plain http: with an https:// registry URL, "
+                             "leave it false")
+        return self
+
+    @property
+    def host(self) -> str:
+        """host[:port], as it starts an Ollama model name."""
+        return self.url.split("://", 1)[1]
+
+
+class Distribution(Frozen):
+    """How GGUFs reach the hosts: uploaded by the controller to every host (`push`, the default), or published
+    once to an OCI registry that every host pulls from (`registry:`)."""
+
+    registry: Registry | None = Field(default=None, description="Publish each tag once as an Ollama image; every "
+                                      "host pulls it.")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """`push`, or the mapping: what `_push` accepts."""
+        return {"anyOf": [{"const": "push", "type": "string"}, handler(core_schema)],
+                "description": cls.__doc__ and " ".join(cls.__doc__.split())}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _push(cls, value: Any) -> Any:
+        if value == "push":
+            return {}
+        if isinstance(value, str):
+            raise ValueError(f"expected 'push' or a mapping with registry:, got {value!r}")
+        return value

@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from ..chat.library import AUTO, BUILTINS
 from ..errors import UsageError
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
-from .deploy_schema import Quality, Rollout, SmokeTest, Target
+from .deploy_schema import REGISTRY_COMPONENT_RE, Distribution, Quality, Rollout, SmokeTest, Target
 from .modelfile import ModelfileSyntaxError, quote
 from .quant_types import lookup_quant_type
 
@@ -294,6 +294,9 @@ class Manifest(Frozen):
                              "parallelism, what a failed host means for the others, and pruning.")
     smoke: list[SmokeTest] = Field(default_factory=list, description="Prompts every deployed variant must pass.")
     quality: Quality = Field(default_factory=Quality, description="Quant quality evaluation and gate.")
+    distribution: Distribution = Field(default_factory=Distribution, description="How the GGUFs reach the hosts: "
+                                       "`push` (uploaded to each host) or `registry:` (published once, pulled by "
+                                       "every host).")
 
     @field_validator("name")
     @classmethod
@@ -328,6 +331,15 @@ class Manifest(Frozen):
             if target.name in seen:
                 raise ValueError(f"duplicate target name {target.name!r}")
             seen.add(target.name)
+        return value
+
+    @field_validator("distribution")
+    @classmethod
+    def _name_fits_registry(cls, value: Distribution, info: ValidationInfo) -> Distribution:
+        name = info.data.get("name")
+        if value.registry is not None and name is not None and not REGISTRY_COMPONENT_RE.match(name):
+            raise ValueError(f"the model name {name!r} cannot be an OCI repository name: lowercase letters and "
+                             "digits joined by '.', '_' or '-', with no separator at either end or two in a row")
         return value
 
     @field_validator("rollout")

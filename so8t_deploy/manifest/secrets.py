@@ -3,7 +3,7 @@
 The manifest refuses a header value that HTTP would refuse, and no message of ours quotes one; but a host's
 errors are also made of text we do not write (the HTTP library's, a proxy's echo of a rejected token). So
 every message that becomes a report row, a JSON field or the final error line is redacted on its way there,
-with every header value of every target replaced by `***`.
+with every header value of every target, and the registry's password, replaced by `***`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ class Redactor:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> Redactor:
-        return cls(value.get_secret_value() for target in manifest.targets for value in target.headers.values())
+        secrets = [value.get_secret_value() for target in manifest.targets for value in target.headers.values()]
+        registry = manifest.distribution.registry
+        if registry is not None and registry.auth is not None:
+            secrets.append(registry.auth.password.get_secret_value())
+        return cls(secrets)
 
     def __call__(self, text: str) -> str:
         for needle in self._needles:

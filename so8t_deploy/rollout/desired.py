@@ -36,6 +36,12 @@ COMPANION_SUFFIXES = (BACKUP_SUFFIX, ROLLBACK_SUFFIX, CANDIDATE_SUFFIX)
 
 
 @dataclass(frozen=True)
+class PublishedImage:
+    reference: str  # HOST/NAMESPACE/NAME:TAG, an Ollama model name
+    digest: str  # the manifest's: what a host that pulled it lists
+
+
+@dataclass(frozen=True)
 class DesiredModel:
     tag: str
     gguf_name: str
@@ -46,6 +52,8 @@ class DesiredModel:
     expected_renders: tuple[ExpectedRender, ...] = ()  # what a host must render for the fixed conversations
     capabilities: tuple[str, ...] = ()  # what a host must list for it (the model's template has tools, thinking)
     identity: dict[str, str] | None = None  # GGUF keys that identify its bytes; None if not known yet
+    build_key: str | None = None  # the cache key of the step that makes its GGUF (provenance)
+    image: PublishedImage | None = None  # in registry mode, once published: what every host pulls
     gguf: Path | None = None  # once built
     sha256: str | None = None  # once built
     size: int | None = None  # once built
@@ -93,7 +101,7 @@ def desired_models(manifest: Manifest, plan: BuildPlan, chat: ChatSetup) -> list
     models = []
     for tag in plan.tags:
         model = DesiredModel(tag=tag.tag, gguf_name=tag.file_name, template="", system=manifest.modelfile.system,
-                             identity=tag.identity)
+                             identity=tag.identity, build_key=tag.key)
         if chat.known:
             rendered = render_modelfile(manifest.modelfile, Path(tag.file_name), chat)
             model = replace(model, template=rendered.template, system=rendered.system,

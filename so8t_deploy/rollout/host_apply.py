@@ -1,10 +1,12 @@
 """Bring one host to its plan, blue/green per tag: a live tag only ever serves a smoke-tested model.
 
-1. upload every missing GGUF (nothing the host serves changes);
+1. upload every missing GGUF (nothing the host serves changes); in registry mode nothing is uploaded;
 2. check that the host is still as planned, then tidy what interrupted runs left (see host_plan);
 3. per changed tag: create the new model as `TAG-candidate` (re-checking its blob first: a
    restarting server prunes unreferenced blobs). A create is sent once, with `"stream": false`;
-   when its answer is lost the host is polled for it, and only what it reports decides;
+   when its answer is lost the host is polled for it, and only what it reports decides. In
+   registry mode the host pulls the published image instead (`HOST/NAMESPACE/NAME:TAG`, which
+   must then list the published digest), which is copied to `TAG-candidate` and deleted;
 4. smoke-test every candidate (and every live tag an interrupted promotion left);
 5. promote, only once every test on the host passed: copy the live tag to `TAG-rollback`, then
    the candidate to the live tag (the manifest, byte for byte: the model that passed);
@@ -32,13 +34,13 @@ from enum import StrEnum
 
 from ..build.workspace import Workspace
 from ..cancel import CancelToken
-from ..errors import HostChangedError, HostError, HostUnreachableError, Interrupted
+from ..errors import BuildError, HostChangedError, HostError, HostUnreachableError, Interrupted
 from ..external.ollama_host import OllamaHost
 from ..manifest.schema import Manifest, Target
 from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
-from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown
+from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown, pulled_name
 from .records import HostRecords, TagRecord
 from .smoke import CANNOT_RENDER, SmokeResult, run_smoke_tests
 
@@ -62,6 +64,7 @@ class HostReport:
     status: HostStatus = HostStatus.PENDING
     uploaded_bytes: int = 0
     created: list[str] = field(default_factory=list)  # tags whose candidate this run created
+    pulled: list[str] = field(default_factory=list)  # registry mode: tags whose candidate this run pulled
     verified: list[str] = field(default_factory=list)  # live tags an interrupted promotion left, smoke-tested now
     promoted: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
@@ -155,6 +158,7 @@ class HostRollout:
         self.report = HostReport(target.name, target.host, warnings=list(plan.warnings))
         self.redact = Redactor.for_manifest(manifest)  # every message taken from an exception passes through it
         self.records = HostRecords(workspace.hosts, target.host)
+        self.registry = manifest.distribution.registry
         self.expected = dict(plan.observed)  # what the host holds, as observed and then changed by this run
         self._candidates: list[DesiredModel] = []  # created or reused by this run, not yet promoted
         self._promoted: list[DesiredModel] = []
@@ -182,7 +186,7 @@ class HostRollout:
         try:
             for decision in creates:
                 self.cancel.check()
-                if not decision.reuse_candidate:
+                if not decision.reuse_candidate and self.registry is None:
                     self._upload(host, self.models[decision.tag])
             self.cancel.check()
             self._check_unchanged(host, changed_since(self.plan, self.manifest, host.tags()))
@@ -265,7 +269,8 @@ class HostRollout:
         """What interrupted runs left: an unwanted candidate is deleted; a `-rollback` copy that duplicates the
         live tag or the backup is deleted, and any other becomes the backup (its promotion had happened)."""
         for name in self.plan.tidy:
-            model = next(m for m in self.models.values() if name in (m.candidate_tag, m.rollback_tag))
+            model = next(m for m in self.models.values()
+                         if name in (m.candidate_tag, m.rollback_tag) or name == pulled_name(self.manifest, m.tag))
             if name == model.rollback_tag:
                 rollback = self.expected.get(name)
                 if rollback not in (self.expected.get(model.tag), self.expected.get(model.backup_tag)):
@@ -281,6 +286,15 @@ class HostRollout:
         if decision.reuse_candidate:
             self.inflight.add(host.name, model.candidate_tag)
             return
+        if self.registry is not None:
+            self._pull(host, model)
+        else:
+            self._create(host, model)
+        if not matches_shown(host.show(model.candidate_tag), model):
+            raise HostError(f"{host.name}: {model.candidate_tag} does not hold what was sent (template, system, "
+                            "parameters or GGUF keys differ after the create)")
+
+    def _create(self, host: OllamaHost, model: DesiredModel) -> None:
         self._upload(host, model)  # the blob may have been pruned since the upload phase
         path, digest, size = model.built_file()
         self.inflight.add(host.name, model.candidate_tag)  # before: a create whose answer is lost may land
@@ -290,10 +304,27 @@ class HostRollout:
             host.create(model.candidate_tag, {path.name: digest}, model.template, model.system, model.parameters,
                         size=size)
         self.expected[model.candidate_tag] = host.tags().get(model.candidate_tag, "?")
-        if not matches_shown(host.show(model.candidate_tag), model):
-            raise HostError(f"{host.name}: {model.candidate_tag} does not hold what was sent (template, system, "
-                            "parameters or GGUF keys differ after the create)")
         self.report.created.append(model.tag)
+
+    def _pull(self, host: OllamaHost, model: DesiredModel) -> None:
+        """Registry mode: the host pulls the published image, which must arrive as published, byte for byte; it
+        becomes the candidate, and the pulled name goes."""
+        assert self.registry is not None
+        if model.image is None:
+            raise BuildError(f"{model.tag}: not published (internal: a pull needs the published image)")
+        reference, size = model.image.reference, model.size or 0
+        self.inflight.add(host.name, reference)  # before: a pull whose answer is lost may land
+        self.progress.step(f"{host.name}: pull {reference}")
+        host.pull(reference, insecure=self.registry.insecure, size=size,
+                  progress=self.progress.transfer(f"{host.name} pulls {model.gguf_name}", size))
+        listed = {name.lower(): digest for name, digest in host.tags().items()}
+        self.expected[reference] = pulled = listed.get(reference.lower(), "?")
+        if pulled.removeprefix("sha256:") != model.image.digest.removeprefix("sha256:"):  # /api/tags lists hex
+            raise HostError(f"{host.name}: the pull of {reference} left {pulled if pulled != '?' else 'nothing'}, "
+                            f"not the published {model.image.digest}")
+        self._copy(host, reference, model.candidate_tag)
+        self._delete(host, reference)
+        self.report.pulled.append(model.tag)
 
     def _smoke(self, host: OllamaHost, creates: list[TagDecision], verifies: list[TagDecision]) -> None:
         tags = [d.tag for d in (*creates, *verifies)]
@@ -378,3 +409,5 @@ class HostRollout:
 
     def _drop(self, host: OllamaHost, model: DesiredModel) -> None:
         self._delete(host, model.candidate_tag)  # also when its create failed: a lost answer may still land
+        if model.image is not None and self.registry is not None:  # a pull whose answer was lost may have landed
+            self._delete(host, model.image.reference)

@@ -15,7 +15,8 @@ Per tag (see host_apply for how each is carried out):
   promotion, or restore the older model.
 
 Other leftovers of interrupted runs (a candidate that is not wanted, a `TAG-rollback` that
-duplicates the live tag or the backup) are tidied before the first create.
+duplicates the live tag or the backup, in registry mode a pulled `HOST/NAMESPACE/NAME:TAG` not yet
+copied to its candidate) are tidied before the first create.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from ..external.ollama_show import ShownModel, same_parameters
 from ..frozen import Frozen
 from ..manifest.schema import Manifest
 from .desired import COMPANION_SUFFIXES, DesiredModel
+from .image import registry_reference
 from .records import HostRecords
 
 
 class ActionKind(StrEnum):
+    PUBLISH = "publish"  # registry mode: the tag's image, pushed once to the registry
     UPLOAD = "upload"
+    PULL = "pull"  # registry mode: the host pulls the tag's image, then it is created as the candidate
     CREATE = "create"  # a candidate tag, smoke-tested before it is promoted
     VERIFY = "verify"  # a live tag an interrupted promotion left: smoke-test it, then finish or restore
     PROMOTE = "promote"  # the tested candidate becomes the live tag; the live model becomes TAG-prev
@@ -91,9 +95,16 @@ def in_namespace(manifest: Manifest, tag: str) -> bool:
     return tag.lower().startswith(manifest.name.lower() + ":")
 
 
+def pulled_name(manifest: Manifest, tag: str) -> str | None:
+    """In registry mode, the name a host lists `tag`'s pulled image under until it is copied to the candidate."""
+    registry = manifest.distribution.registry
+    return registry_reference(registry, tag) if registry is not None else None
+
+
 def companions(manifest: Manifest) -> set[str]:
-    """Every named tag with its candidate, rollback and backup tags."""
-    return {tag + suffix for tag in manifest.tags() for suffix in ("", *COMPANION_SUFFIXES)}
+    """Every named tag with its candidate, rollback and backup tags (and, in registry mode, its pulled name)."""
+    names = {tag + suffix for tag in manifest.tags() for suffix in ("", *COMPANION_SUFFIXES)}
+    return names | {name for tag in manifest.tags() if (name := pulled_name(manifest, tag)) is not None}
 
 
 def namespace_extras(manifest: Manifest, tags: dict[str, str]) -> list[str]:
@@ -108,7 +119,9 @@ def _live_matches(host: OllamaHost, records: HostRecords, model: DesiredModel, d
     return records.verified_as(model.tag, model.spec_digest, digest) or matches_shown(host.show(model.tag), model)
 
 
-def decide_tag(host: OllamaHost, observed: dict[str, str], records: HostRecords, model: DesiredModel) -> TagDecision:
+def decide_tag(host: OllamaHost, observed: dict[str, str], records: HostRecords, model: DesiredModel, *,
+               pulls: bool = False) -> TagDecision:
+    """The decision for one tag; `pulls`: the host pulls from the registry, so no blob is uploaded to it."""
     live, backup = observed.get(model.tag), observed.get(model.backup_tag)
     rollback = observed.get(model.rollback_tag)
     if _live_matches(host, records, model, live):
@@ -116,14 +129,16 @@ def decide_tag(host: OllamaHost, observed: dict[str, str], records: HostRecords,
         kind = TagKind.VERIFY if unfinished else TagKind.UNCHANGED
         return TagDecision(tag=model.tag, kind=kind, observed_digest=live)
     reuse = model.candidate_tag in observed and matches_shown(host.show(model.candidate_tag), model)
-    upload = None if model.sha256 is None or reuse else not host.has_blob(model.digest)
+    upload = False if pulls or reuse else None if model.sha256 is None else not host.has_blob(model.digest)
     return TagDecision(tag=model.tag, kind=TagKind.CREATE, observed_digest=live, upload=upload,
                        reuse_candidate=reuse)
 
 
-def leftovers(decision: TagDecision, model: DesiredModel, observed: dict[str, str]) -> list[str]:
-    """The companions of one tag that an interrupted run left and that apply tidies before any create."""
-    found = []
+def leftovers(decision: TagDecision, model: DesiredModel, observed: dict[str, str],
+              pulled: str | None = None) -> list[str]:
+    """The companions of one tag that an interrupted run left and that apply tidies before any create (`pulled`:
+    the tag's pulled name in registry mode)."""
+    found = [name for name in observed if pulled is not None and name.lower() == pulled.lower()]
     if model.candidate_tag in observed and not decision.reuse_candidate:
         found.append(model.candidate_tag)
     if model.rollback_tag in observed and decision.kind is not TagKind.VERIFY:
@@ -136,8 +151,10 @@ def observe_host(host: OllamaHost, manifest: Manifest, desired: list[DesiredMode
     """The host's plan from its current state; raises HostError if it cannot be observed."""
     host.check_version()
     observed = host.tags()
-    decisions = [decide_tag(host, observed, records, model) for model in desired]
-    tidy = [name for d, m in zip(decisions, desired, strict=True) for name in leftovers(d, m, observed)]
+    pulls = manifest.distribution.registry is not None
+    decisions = [decide_tag(host, observed, records, model, pulls=pulls) for model in desired]
+    tidy = [name for d, m in zip(decisions, desired, strict=True)
+            for name in leftovers(d, m, observed, pulled_name(manifest, m.tag))]
     return HostPlan(target=host.name, url=host.url, observed=observed, warnings=list(host.warnings),
                     decisions=decisions, tidy=tidy,
                     deletes=namespace_extras(manifest, observed) if manifest.rollout.prune else [])

@@ -9,12 +9,13 @@ It prints one line, ``listening on http://HOST:PORT``, once it accepts connectio
 text/template, so it needs Go: tests/gotemplate is built on first use (`apt-get install golang-go`).
 
 Modules: names (model names), ggufinfo (GGUF headers), store (blobs, manifests, pruning), create (the create
-worker), faults (test faults), generation (llama.cpp), templates (template selection, capabilities, chat-template
-autodetection; named_templates.json, gothink/), jinja (the GGUF's chat template as llama-server applies it),
-chat (generate and chat), api (the other endpoints), handler (HTTP, `main`), launch (OllamaTestServer, ServerPool).
+worker), pull (the pull worker and blob downloads), registry_client (Ollama's registry HTTP client), faults (test
+faults), generation (llama.cpp), templates (template selection, capabilities, chat-template autodetection;
+named_templates.json, gothink/), jinja (the GGUF's chat template as llama-server applies it), chat (generate and
+chat), api (the other endpoints), handler (HTTP, `main`), launch (OllamaTestServer, ServerPool).
 
-It follows Ollama 0.32 and, for templates, current Ollama (server/create.go, server/routes.go, manifest/,
-template/ of ollama/ollama):
+It follows Ollama 0.32 and, for templates and pulls, current Ollama (server/create.go, server/routes.go,
+server/images.go, server/download.go, manifest/, template/ of ollama/ollama):
 - The store is Ollama's: blobs/sha256-<hex> and manifests/<host>/<namespace>/<model>/<tag>, the manifest JSON
   as Go writes it. /api/tags `digest` is the sha256 of that file, `modified_at` its mtime.
 - A GGUF import is validated by llama.cpp's quantizer in COPY mode and stored as a new layer with a new digest:
@@ -28,8 +29,21 @@ template/ of ollama/ollama):
 - An error before the first line is a plain HTTP error; a later one an NDJSON {"error"} line under HTTP 200
   (a bad TEMPLATE, parsed after the rewrite, is "template error: …"; a GGUF llama.cpp refuses is "failed to
   validate GGUF with llama-quantize …").
-- At start, blobs that no manifest references are pruned once older than an hour (OLLAMA_NOPRUNE: never);
-  a create removes the layers only the replaced manifest used.
+- At start, blobs that no manifest references (and partial downloads) are pruned once older than an hour
+  (OLLAMA_NOPRUNE: never); a create or a pull removes the layers only the replaced manifest used.
+- /api/pull follows current Ollama (server/images.go PullModel, server/download.go, routes.go PullHandler):
+  `{"model": "HOST:PORT/NAMESPACE/MODEL:TAG", "insecure": true}` fetches the Docker v2 manifest over https, or
+  http when insecure (so insecure false against a plain-HTTP registry fails as Go does: "http: server gave HTTP
+  response to HTTPS client"); each layer then the config that blobs/ lacks: a HEAD for its size, a GET that must
+  answer 200 or 307 with a Location ("http: no Location header in response" otherwise, ollama#7244; its body is
+  never read), then ranged GETs of that URL into blobs/<blob>-partial (parts of 100 MB to 1 GB recorded in
+  <blob>-partial-N), resumed by the next pull after a failure or a cancel; then every downloaded blob is re-hashed
+  (a mismatch deletes it: "digest mismatch, file must be downloaded again: want …, got …") and the manifest is
+  written as the registry's bytes, so the /api/tags digest is the registry's manifest digest. Lines: `pulling
+  manifest`, `pulling <12 hex>` (with digest, total, completed: once for a stored blob, else every 60 ms while its
+  download runs), `verifying sha256 digest`, `writing manifest`, `removing unused layers`, `success`; errors after
+  the first line come in-stream. A client that goes away cancels the pull (its partials stay). The pull sends no
+  credentials: from a registry with basic auth it fails on the token flow ("realm host "" does not match …").
 - A GGUF import gets the named template (and its stops) nearest its `tokenizer.chat_template` within Levenshtein
   distance 100, as "using autodetected template NAME"; a TEMPLATE sent replaces it, sent parameters win.
 - Templates and capabilities follow current Ollama (server/images.go GetModel/Capabilities, routes.go): a model
@@ -44,14 +58,19 @@ template/ of ollama/ollama):
   keep_alive 5m (OLLAMA_KEEP_ALIVE), 0 unloads after the request, negative keeps the model loaded.
 
 Test-only, not Ollama:
-- POST/GET /_test/faults (faults.py: FAULT_DEFAULTS, CreateRules), GET /_test/stats, GET/DELETE /_test/requests
-  (handler.py), --seed (a default for requests without one), --prune-grace (seconds; 0 prunes young blobs at
-  start), and `OllamaTestServer` / `ServerPool` (launch.py) to start servers from tests.
+- POST/GET /_test/faults (faults.py: FAULT_DEFAULTS, CreateRules; fail_pull_after_bytes breaks a pull's first
+  download off after N bytes with Ollama's "max retries exceeded: unexpected EOF", minus its 63 s of retries),
+  GET /_test/stats (pulls, pulls_failed and bytes_pulled, the blob bytes read from registries, among them),
+  GET/DELETE /_test/requests (handler.py), --seed (a default for requests without one), --prune-grace
+  (seconds; 0 prunes young blobs at start), and `OllamaTestServer` / `ServerPool` (launch.py) to start servers
+  from tests.
 - One GGUF per create (no safetensors, adapters, drafts, split GGUFs); requests are checked for tools/thinking/
   insert capabilities and tools reach the templates, but no tool calls or thinking are parsed from the output,
   images are counted, not seen; built-in renderers and parsers (RENDERER/PARSER) are not emulated (the Go
   TEMPLATE renders); a prompt longer than num_ctx is an error instead of being truncated, generation stops at
-  the end of the context instead of shifting it; two threads per model.
+  the end of the context instead of shifting it; two threads per model; a pull of a model with tensor layers
+  fails as on a host without MLX, `:cloud`/`:local` name suffixes are not normalized, and the token request a
+  401 leads to is not signed with an Ollama key.
 """
 
 from .common import REPO

@@ -22,6 +22,7 @@ from .faults import FAULT_DEFAULTS, CreateFaults, CreateRules
 from .generation import Models
 from .ggufinfo import GGUFInfo
 from .names import ModelName, valid_file_path
+from .pull import Downloads, PullJob, start_pull
 from .store import MEDIA, Layer, Manifest, Store
 from .templates import TemplateChoice
 
@@ -129,6 +130,9 @@ CREATE_FIELDS = {"model": str, "name": str, "stream": bool, "quantize": str, "qu
                  "files": dict, "adapters": dict, "draft_files": dict, "template": str, "system": str,
                  "license": (str, list), "parameters": dict, "messages": list, "renderer": str, "parser": str,
                  "requires": str}
+# api.PullRequest's fields.
+PULL_FIELDS = {"model": str, "name": str, "insecure": bool, "username": str, "password": str, "stream": bool}
+GO_TYPES = {str: "string", bool: "bool"}
 
 
 class App(GenerateEndpoints):
@@ -141,7 +145,9 @@ class App(GenerateEndpoints):
         self.lock = threading.Lock()
         self.faults = self.fresh_faults()
         self.stats = dict.fromkeys(("blob_uploads", "bytes_received", "creates", "creates_failed",
-                                    "creates_abandoned", "copies", "deletes"), 0)
+                                    "creates_abandoned", "copies", "deletes", "pulls", "pulls_failed",
+                                    "bytes_pulled"), 0)
+        self.downloads = Downloads()
         self.requests: list[dict] = []
 
     # -- test hooks --
@@ -161,6 +167,20 @@ class App(GenerateEndpoints):
                 self.faults["cut_upload_times"] -= 1
                 if self.faults["cut_upload_times"] <= 0:
                     self.faults.update(cut_upload_after_bytes=None, cut_upload_times=1)
+            return cut_after
+
+    def take_pull_cut(self, name: ModelName) -> int | None:
+        """The byte count after which to fail this pull's first download, if the fail_pull faults say so."""
+        with self.lock:
+            cut_after = self.faults["fail_pull_after_bytes"]
+            wanted = str(self.faults["fail_pull_model"] or "").lower()
+            shown = name.display().lower()
+            if wanted and not (shown == wanted or shown.endswith(("/" + wanted, ":" + wanted))):
+                return None
+            if cut_after is not None:
+                self.faults["fail_pull_times"] -= 1
+                if self.faults["fail_pull_times"] <= 0:
+                    self.faults.update(fail_pull_after_bytes=None, fail_pull_times=1, fail_pull_model=None)
             return cut_after
 
     def count(self, key: str, n: int = 1) -> None:
@@ -241,6 +261,23 @@ class App(GenerateEndpoints):
                 job.channel.send({"error": str(exc), "status": getattr(exc, "status", 500)})
         finally:
             job.channel.close()
+
+    # -- pull --
+
+    def pull(self, req: dict) -> PullJob:
+        """PullHandler up to its goroutine (pull.py runs PullModel)."""
+        for key, kind in PULL_FIELDS.items():
+            if req.get(key) is not None and not isinstance(req[key], kind):
+                raise ApiError(400, f"json: cannot unmarshal {type(req[key]).__name__} into Go struct field "
+                                    f"PullRequest.{key} of type {GO_TYPES[kind]}")
+        raw = (req.get("model") or req.get("name") or "").strip()
+        name = ModelName.parse(raw) if raw else None
+        if name is None:
+            raise ApiError(400, "invalid model name")
+        job = PullJob(self.store.existing_name(name), stream=req.get("stream") is not False,
+                      insecure=bool(req.get("insecure")))
+        start_pull(self, job)
+        return job
 
     # -- model management --
 

@@ -143,14 +143,21 @@ class Rendezvous:
             self._abandoned = True
             self._cond.notify_all()
 
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
 
 @dataclass
 class CreateJob:
-    """A create running in its worker; the handler streams (or, with "stream": false, waits for) its lines."""
+    """A create running in its worker; the handler streams (or, with "stream": false, waits for) its lines.
+    pull.PullJob is one too."""
 
     name: ModelName
     stream: bool
     channel: Rendezvous = field(default_factory=Rendezvous)
+    kind: str = "create"
+    finished: threading.Event = field(default_factory=threading.Event)  # set once the worker is done
 
 
 @dataclass

@@ -10,6 +10,15 @@ from .names import ModelName
 FAULT_DEFAULTS: dict = {
     "cut_upload_after_bytes": None,  # next blob upload: read N bytes, then reset the connection
     "cut_upload_times": 1,  # how many uploads in a row cut_upload_after_bytes cuts
+    # next pull(s): fetch N bytes of the first blob the pull downloads (none if every blob is stored), keep the
+    # partial, and fail in-stream with "max retries exceeded: unexpected EOF", what Ollama answers once its six
+    # retries of a part that keeps breaking off are spent (without their 63 s of back-off); the next pull resumes
+    # the partial. A blob of N bytes or fewer downloads whole.
+    "fail_pull_after_bytes": None,
+    "fail_pull_times": 1,  # how many pulls in a row fail_pull_after_bytes fails
+    # only pulls of this model: HOST/NAMESPACE/MODEL:TAG, or its end after a "/" or ":" ("MODEL:TAG", "TAG");
+    # case-insensitive. None: every pull. Other pulls neither fail nor count down fail_pull_times.
+    "fail_pull_model": None,
     "fail_generate": False,  # generate/chat answer 500 "injected failure"
     "generate_response": None,  # generate/chat answer this text instead of running llama.cpp
     "generate_tokens_per_second": 50.0,  # the speed reported for generate_response

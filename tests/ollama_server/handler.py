@@ -10,6 +10,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from . import __doc__ as PACKAGE_DOC
 from .api import App
 from .common import CHUNK, ApiError, log
 from .create import CreateJob
+from .pull import PullJob
 from .store import PRUNE_GRACE_S, Store
 from .templates import ensure_gothink
 
@@ -45,6 +47,7 @@ class Handler(BaseHTTPRequestHandler):
         ("POST", "/api/copy"): App.copy,
         ("DELETE", "/api/delete"): App.delete,
         ("POST", "/api/create"): App.create,
+        ("POST", "/api/pull"): App.pull,
         ("POST", "/api/generate"): lambda app, req: app.generate(req, chat=False),
         ("POST", "/api/chat"): lambda app, req: app.generate(req, chat=True),
         ("POST", "/_test/faults"): App.set_faults,
@@ -193,6 +196,8 @@ class Handler(BaseHTTPRequestHandler):
             req = self._discard_body()
         result = route(self.app, req)
         if isinstance(result, CreateJob):
+            if isinstance(result, PullJob):
+                self._watch_client(result)
             self._stream_job(result) if result.stream else self._wait_job(result)
         elif isinstance(result, tuple):
             self._reply(*result)
@@ -263,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             self._write_chunk(b"")
         except (OSError, _Dropped) as exc:
             job.channel.abandon()
-            log(f"create of {job.name.display()}: stopped reading its lines ({exc})")
+            log(f"{job.kind} of {job.name.display()}: stopped reading its lines ({exc})")
             self.close_connection = True
 
     def _wait_job(self, job: CreateJob) -> None:
@@ -275,13 +280,25 @@ class Handler(BaseHTTPRequestHandler):
             latest = event
         self._reply(200, latest)
 
+    def _watch_client(self, job: PullJob) -> None:
+        """A pull runs in the request's context, which Go cancels when the client goes away, even while no line
+        is written (or with "stream": false): watch the connection until the pull is done."""
+        def watch() -> None:
+            while not job.finished.wait(0.1):
+                if self._client_gone():
+                    log(f"pull of {job.name.display()}: the client went away; cancelling it")
+                    job.ctx.cancel()
+                    return
+
+        threading.Thread(target=watch, daemon=True, name=f"watch {job.name.display()}").start()
+
     def _client_gone(self) -> bool:
         """Whether the peer closed its end (Go's CloseNotify): readable with nothing to read."""
         try:
             if not select.select([self.connection], [], [], 0)[0]:
                 return False
             return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
+        except (OSError, ValueError):  # ValueError: closed meanwhile (the pull watcher runs in its own thread)
             return True
 
     def _write_chunk(self, data: bytes) -> None:

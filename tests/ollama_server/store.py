@@ -182,6 +182,14 @@ class Store:
         tmp.write_text(go_json(manifest, sort_keys=False) + "\n")
         os.replace(tmp, path)
 
+    def write_raw(self, name: ModelName, data: bytes) -> None:
+        """A pulled manifest: the bytes the registry sent (os.WriteFile in PullModel)."""
+        path = self.manifest_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.new_temp("manifest-")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
     def copy(self, src: ModelName, dst: ModelName) -> None:
         """CopyModel: the manifest file, byte for byte."""
         if self.manifest_path(src) == self.manifest_path(dst):
@@ -202,9 +210,13 @@ class Store:
 
     def remove_layers(self, m: Manifest) -> None:
         """Manifest.RemoveLayers: delete every blob of m that no (other) manifest references."""
+        self.remove_unused(m.digests())
+
+    def remove_unused(self, digests: set[str]) -> None:
+        """deleteUnusedLayers: delete the blobs among `digests` that no manifest references."""
         with self.lock:
             used = set().union(*(other.digests() for other in self.all()))
-            for digest in m.digests() - used:
+            for digest in digests - used:
                 with contextlib.suppress(FileNotFoundError, ApiError):
                     self.blob_path(digest).unlink()
 

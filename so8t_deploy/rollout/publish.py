@@ -1,0 +1,109 @@
+"""Registry mode: publish each tag once as an Ollama image, so that every host pulls it instead of the controller
+uploading it to each one.
+
+A tag is published before any host is touched: its blobs (each skipped when the registry has it), then its
+manifest (skipped when the registry holds exactly it). Then one blob is fetched the way Ollama's puller fetches
+it, anonymously and without following redirects: a registry whose answers Ollama cannot use is refused here,
+with its fix, rather than by every host in the middle of a rollout. A run stopped half-way leaves only
+content-addressed blobs, which the next run reuses; a tag's manifest is written last, so a tag never names an
+image that is not whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from pydantic import Field
+
+from ..cancel import CancelToken
+from ..errors import RegistryError
+from ..external.gguf_info import read_gguf_info
+from ..external.registry import RegistryClient
+from ..frozen import Frozen
+from ..manifest.deploy_schema import Registry
+from ..progress import Progress
+from .desired import DesiredModel, PublishedImage
+from .image import OllamaImage, build_image, repository
+
+
+class RegistryPlan(Frozen):
+    """What plan observed of the registry, and what apply would publish to it."""
+
+    url: str
+    repository: str  # NAMESPACE/NAME
+    reachable: bool
+    anonymous_reads: bool | None = None
+    location_header: bool | None = None  # None: not known until an image is published (apply checks it first)
+    problem: str | None = None  # why hosts could not pull from it, in one line
+    note: str = ""
+    publish: dict[str, int | None] = Field(default_factory=dict)  # tag -> GGUF bytes to push (None: once built)
+
+
+@dataclass
+class PublishReport:
+    registry: str
+    published: list[str] = field(default_factory=list)  # tags whose manifest this run pushed
+    present: list[str] = field(default_factory=list)  # tags the registry already held, exactly
+    pushed_bytes: int = 0  # blob and manifest bytes sent to the registry
+    digests: dict[str, str] = field(default_factory=dict)  # tag -> image (manifest) digest
+
+
+def image_of(model: DesiredModel, registry: Registry) -> OllamaImage:
+    """The image of a built model (its GGUF, template, system and parameters), with its provenance."""
+    path, _, _ = model.built_file()
+    identity = model.identity or {}
+    annotations = {"gguf.sha256": model.sha256 or "", "build.key": model.build_key or "",
+                   "bake.key": identity.get("so8t.bake_key", ""), "llama-cpp": identity.get("so8t.llama_cpp", ""),
+                   "modelfile.sha256": model.modelfile_digest}
+    return build_image(registry, model.tag, path, model.sha256 or "", read_gguf_info(path), model.template,
+                       model.system, model.parameters, {k: v for k, v in annotations.items() if v})
+
+
+def publish(registry: Registry, models: list[DesiredModel], progress: Progress,
+            cancel: CancelToken) -> tuple[PublishReport, dict[str, DesiredModel]]:
+    """Publish every model (each built) and check that hosts can pull; the models with their images filled in."""
+    report, published = PublishReport(registry=registry.url), {}
+    with RegistryClient(registry) as client:
+        images = [image_of(model, registry) for model in models]
+        for model, image in zip(models, images, strict=True):
+            cancel.check()
+            if client.manifest_digest(image.repository, image.registry_tag) == image.digest:
+                report.present.append(model.tag)
+            else:
+                progress.step(f"registry: publish {image.reference}")
+                for blob in image.blobs:
+                    cancel.check()
+                    advance = progress.transfer(f"push {blob.digest[7:19]} to the registry", blob.size) \
+                        if blob.path is not None else None
+                    client.push_blob(image.repository, blob.digest, blob.size, blob.source, advance)
+                client.put_manifest(image.repository, image.registry_tag, image.manifest)
+                report.published.append(model.tag)
+            report.digests[model.tag] = image.digest
+            published[model.tag] = replace(model, image=PublishedImage(image.reference, image.digest))
+        if images:
+            client.check_blob_answer(images[0].repository, images[0].config.digest)
+        report.pushed_bytes = client.sent_bytes
+    return report, published
+
+
+def observe_registry(registry: Registry, name: str, models: list[DesiredModel], tags: set[str]) -> RegistryPlan:
+    """The registry as hosts will see it (see RegistryClient.probe), and the GGUF bytes that publishing `tags` would
+    push (0 where the registry has the blob); reads only."""
+    repo = repository(registry, name)
+    publish: dict[str, int | None] = {}
+    with RegistryClient(registry) as client:
+        known = None
+        try:
+            for model in models:
+                if model.sha256 is not None and client.has_blob(repo, model.digest):
+                    known = known or model.digest
+                    if model.tag in tags:
+                        publish[model.tag] = 0
+                elif model.tag in tags:
+                    publish[model.tag] = model.size
+        except RegistryError:
+            publish = {m.tag: m.size for m in models if m.tag in tags}  # the probe says why
+        probe = client.probe(repo, known)
+    return RegistryPlan(url=probe.url, repository=repo, reachable=probe.reachable,
+                        anonymous_reads=probe.anonymous_reads, location_header=probe.location_header,
+                        problem=probe.problem, note=probe.note, publish=publish)

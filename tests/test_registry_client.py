@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -131,3 +133,97 @@ def test_the_probe_says_in_one_line_why_hosts_could_not_pull(tmp_path, make_regi
         assert "Location: [\"?\"]" in probe.problem  # with the fix
         with pytest.raises(RegistryError, match="no Location header"):
             client.check_blob_answer(built.repository, built.config.digest)
+
+
+class _FakeRegistry(BaseHTTPRequestHandler):
+    """What some registries answer and distribution does not: a token realm, redirects to storage. Routes by path:
+    /v2/ (a Bearer challenge whose realm is /token on this host), /token (`token` or only `access_token`), a blob
+    (401 without the token, else a 307 to `/storage` on `redirect_to`), /storage (200, without a Location)."""
+
+    token_field = "token"
+    redirect_to = ""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        host = f"http://{self.headers['Host']}"
+        if self.path.startswith("/token"):
+            self._answer(200, json.dumps({self.token_field: "tok"}).encode())
+        elif self.path.startswith("/storage"):
+            self._answer(200, b"blob")
+        elif self.headers.get("Authorization") != "Bearer tok":
+            self._answer(401, b"{}", {"WWW-Authenticate": f'Bearer realm="{host}/token",service="fake",'
+                                                          'scope="repository:so8t/demo:pull"'})
+        elif self.path == "/v2/":
+            self._answer(200, b"{}")
+        else:
+            self._answer(307, b"", {"Location": f"{self.redirect_to or host}/storage"})
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_registry():
+    def start(**attributes) -> str:
+        handler = type("Handler", (_FakeRegistry,), attributes)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    servers: list[ThreadingHTTPServer] = []
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_blob_check_takes_ollamas_token_and_follows_redirects_that_stay_on_the_host(fake_registry):
+    digest = "sha256:" + "2" * 64
+    # A 307 to storage on another host ends Ollama's redirects: the Location is what it downloads from.
+    storage = fake_registry().replace("127.0.0.1", "localhost")
+    url = fake_registry(redirect_to=storage)
+    with RegistryClient(settings(url)) as client:
+        assert client.probe("so8t/demo").anonymous_reads  # an anonymous token from a realm on its own host
+        client.check_blob_answer("so8t/demo", digest)
+    # The same redirect to another port of the same host is followed, as Ollama does, to a 200 with no Location.
+    url = fake_registry(redirect_to=fake_registry())
+    with RegistryClient(settings(url), backoff=0.01) as client, pytest.raises(RegistryError, match="no Location"):
+        client.check_blob_answer("so8t/demo", digest)
+    # Ollama reads the realm's `token` only: an answer with only `access_token` leaves its pulls unauthorized.
+    url = fake_registry(token_field="access_token", redirect_to=storage)
+    with RegistryClient(settings(url)) as client:
+        assert "refuses anonymous reads" in client.probe("so8t/demo").problem
+        with pytest.raises(RegistryError, match="HTTP 401"):
+            client.check_blob_answer("so8t/demo", digest)
+
+
+def test_names_a_host_lists_and_what_registry_mode_makes_of_them(tmp_path):
+    from so8t_deploy.manifest.loader import parse_manifest
+    from so8t_deploy.rollout.host_plan import HostPlan, name_parts, pulled_copy_of, spelling_problem, tag_spellings
+
+    assert name_parts("llama3:8b") == ("registry.ollama.ai", "library", "llama3", "8b")
+    assert name_parts("me/llama3") == ("registry.ollama.ai", "me", "llama3", "latest")
+    assert name_parts("127.0.0.1:5000/fleet/demo:q8_0") == ("127.0.0.1:5000", "fleet", "demo", "q8_0")
+    (tmp_path / "model").mkdir()
+    text = (f"apiVersion: so8t-deploy/v1\nname: demo\nsource: {{model: {tmp_path / 'model'}}}\nquantize: [q8_0, f16]\n"
+            "modelfile: {template: phi3}\n"
+            "distribution: {registry: {url: 'http://127.0.0.1:5000', namespace: fleet, insecure: true}}\n")
+    manifest = parse_manifest(text, source=tmp_path / "m.yaml")
+    # Any registry's pull of a named tag is a leftover of a stopped run, whatever the settings are now.
+    assert pulled_copy_of(manifest, "old.example:443/team/demo:Q8_0") == "demo:q8_0"
+    assert pulled_copy_of(manifest, "127.0.0.1:5000/fleet/demo:q4_0") is None  # not a tag of the manifest
+    assert pulled_copy_of(manifest, "fleet/demo:q8_0") is None  # Ollama's own registry: a model someone pulled
+    # Ollama reuses the spelling of a part it holds: a tag is published under it, a repository path cannot be.
+    host = HostPlan(target="a", url="http://a", observed={"hf.co/x/y:Q8_0": "1", "demo:f16": "2"})
+    assert tag_spellings(manifest, [host]) == {"demo:q8_0": {"Q8_0"}}
+    assert spelling_problem(manifest, host.observed) is None
+    assert "'Fleet'" in spelling_problem(manifest, {"Fleet/other:latest": "3"})
+    assert "'Demo'" in spelling_problem(manifest, {"Demo:latest": "4"})

@@ -126,12 +126,15 @@ def test_registry_mode_publishes_the_ladder_once_and_every_host_pulls_it(built_d
 
 
 @pytest.mark.parametrize("on_failure", ["rollback", "halt"])
-def test_a_pull_cut_midway_rolls_that_host_back_and_the_others_follow_the_policy(built_demo, fleet, tmp_path,
-                                                                                  run_cli, on_failure):
+def test_a_pull_cut_midway_rolls_that_host_back_and_the_others_follow_the_policy(built_demo, fleet, registry,
+                                                                                  tmp_path, run_cli, on_failure):
     demo_dir, cache = built_demo
     hosts = fleet(3)
     first = hosts.manifest(tmp_path / "v1.yaml", demo_dir, variants="{full: {}}", parallelism=1)
     assert run_cli("apply", first, "--cache-dir", cache).code == 0
+    # host-2 holds someone's model whose tag is one of ours in upper case: Ollama's pull of `...:light-f16` there
+    # asks the registry for `...:LIGHT-F16` (it reuses a held spelling), so the image is published under both.
+    ollama.Client(host=hosts.urls[2], timeout=30).copy("so8t-demo:full-f16", "keep/other:LIGHT-F16")
     before = [tag_digests(url) for url in hosts.urls]
 
     second = hosts.manifest(tmp_path / "v2.yaml", demo_dir, system="You are terse.", on_failure=on_failure,
@@ -147,8 +150,13 @@ def test_a_pull_cut_midway_rolls_that_host_back_and_the_others_follow_the_policy
     assert len(broken["pulled"]) == 3  # three of its four pulls landed before the fourth broke off ...
     assert tag_digests(hosts.urls[1]) == before[1]  # ... and the host is exactly as it was, backups included
     if on_failure == "rollback":
-        assert by_host["host-2"]["status"] == "ok"
-        assert sorted(tag for tag in tag_digests(hosts.urls[2]) if tag in DEMO_TAGS) == sorted(DEMO_TAGS)
+        assert by_host["host-2"]["status"] == "ok", by_host["host-2"]
+        held = tag_digests(hosts.urls[2])  # Ollama wrote so8t-demo:light-f16 as so8t-demo:LIGHT-F16 there
+        assert sorted(tag.lower() for tag in held if tag.lower() in DEMO_TAGS) == sorted(DEMO_TAGS)
+        assert held["keep/other:LIGHT-F16"] == before[2]["keep/other:LIGHT-F16"]
+        digest = report["published"]["digests"]["so8t-demo:light-f16"]
+        assert registry_manifest(registry, "fleet/so8t-demo", "LIGHT-F16") == \
+            registry_manifest(registry, "fleet/so8t-demo", digest)
     else:
         assert by_host["host-2"]["status"] == "skipped"
         assert tag_digests(hosts.urls[2]) == before[2]
@@ -164,6 +172,7 @@ def test_a_pull_cut_midway_rolls_that_host_back_and_the_others_follow_the_policy
     assert result.code == 0, result.err
     assert {h["target"]: h["status"] for h in report["hosts"]} == {f"host-{i}": "ok" for i in range(3)}
     assert report["hosts"][1]["tidied"] == [leftover] and "/" not in "".join(tag_digests(hosts.urls[1]))
+    assert run_cli("plan", second, "--cache-dir", cache, "--check").code == 0  # also where Ollama chose the spelling
 
 
 def test_plan_says_in_one_line_when_hosts_could_not_pull_from_the_registry(built_demo, make_registry, pool, tmp_path,

@@ -135,7 +135,7 @@ def registry_line(plan: DeployPlan) -> str | None:
     if registry is None:
         return None
     if registry.problem:
-        return f"registry {registry.repository}: {registry.problem}"
+        return registry.problem + ("" if registry.publish else " (no host needs a pull now)")
     state = "anonymous reads, blob answers with Location" if registry.location_header else "anonymous reads"
     return f"registry {registry.url} ({registry.repository}): {state}" + (f"; {registry.note}" if registry.note
                                                                          else "")

@@ -83,7 +83,7 @@ def plan(
             made.save(out)
         except OSError as e:
             raise UsageError(f"--out {out}: cannot write the plan: {e.strerror or e}") from e
-    if made.registry is not None and made.registry.problem:
+    if made.registry is not None and made.registry.blocking:
         raise RegistryError(f"plan: {made.registry.problem}")
     down = [h for h in made.hosts if h.error]
     if down:

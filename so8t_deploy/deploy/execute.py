@@ -26,7 +26,7 @@ from ..quality.evaluate import evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
-from ..rollout.host_plan import HostPlan, TagKind
+from ..rollout.host_plan import HostPlan, TagKind, tag_spellings
 from ..rollout.publish import PublishReport, publish
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_unchanged
@@ -88,7 +88,7 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
                                 hub_commit=saved.hub_commit if saved else None)
     if saved is not None:
         check_unchanged(saved, plan, manifest)
-    if plan.registry is not None and plan.registry.problem and _pulls(plan.hosts):
+    if plan.registry is not None and plan.registry.blocking:
         raise RegistryError(f"apply: {plan.registry.problem}; nothing was changed")
     result = ApplyResult(plan=plan, hosts=[])
     models = {m.tag: m for m in desired}
@@ -116,7 +116,8 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
         progress.warning(f"--force: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
     registry = manifest.distribution.registry
     if registry is not None and (pulled := sorted(_pulls(hosts) - set(result.gated))):
-        result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel)
+        result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel,
+                                              tag_spellings(manifest, hosts))
         models.update(published)
     result.hosts = apply_rollout(manifest, hosts, models, set(result.gated), workspace, progress, cancel)
     result.interrupted = cancel.cancelled

@@ -127,8 +127,8 @@ class DeployPlan(Frozen):
         """What could not be observed: hosts that did not answer, the hub (keys unknown), a registry hosts could
         not pull from."""
         found = [f"{h.target}: {h.error}" for h in self.hosts if h.error]
-        if self.registry is not None and self.registry.problem:
-            found.append(self.registry.problem)
+        if self.registry is not None and self.registry.blocking:
+            found.append(self.registry.problem or "")
         if self.note:
             found.append(f"the hub ({self.note})")
         return found
@@ -178,7 +178,9 @@ def manifest_digest(manifest: Manifest) -> str:
     data = manifest.model_dump(mode="json", by_alias=True)
     for target in data.get("targets", []):
         target["headers"] = sorted(target.get("headers", {}))
-    if (registry := data["distribution"]["registry"]) is not None and registry["auth"] is not None:
+    if (registry := data["distribution"]["registry"]) is None:
+        del data["distribution"]  # the default: a manifest's digest stays what it was before registry mode
+    elif registry["auth"] is not None:
         registry["auth"]["password"] = None
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

@@ -28,7 +28,15 @@ from ..external.hub import HubUnavailableError
 from ..jsonfile import read_bounded_text
 from ..manifest.schema import Manifest
 from ..rollout.desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX
-from ..rollout.host_plan import HostPlan, TagKind, changed_since, companions, in_namespace, namespace_extras
+from ..rollout.host_plan import (
+    HostPlan,
+    TagKind,
+    changed_since,
+    companions,
+    in_namespace,
+    namespace_extras,
+    pulled_copy_of,
+)
 from ..validation import first_error
 from .plan import PLAN_FORMAT, DeployPlan
 
@@ -75,7 +83,7 @@ def check_fits(plan: DeployPlan, manifest: Manifest, path: Path) -> None:
         decided = [d.tag for d in host.decisions]
         if host.error is None and sorted(decided) != sorted(named):
             raise refuse(f"{host.target}: its decisions are not one per tag of the manifest")
-        if stray := sorted(set(host.tidy) - allowed_tidy):
+        if stray := sorted(t for t in set(host.tidy) - allowed_tidy if pulled_copy_of(manifest, t) is None):
             raise refuse(f"{host.target}: it would remove {stray[0]!r}, which is no leftover of a tag the manifest "
                          "names")
         for tag in host.deletes:

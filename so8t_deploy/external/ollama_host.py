@@ -300,9 +300,12 @@ class OllamaHost:
             self._clock.sleep(min(pause, until - now))
             pause = min(pause * 1.5, CREATE_POLL_MAX_S)
 
-    def pull(self, model: str, *, insecure: bool, size: int, progress: Callable[[int], None] | None = None) -> None:
+    def pull(self, model: str, *, insecure: bool, size: int, progress: Callable[[int], None] | None = None,
+             check: Callable[[], None] | None = None) -> None:
         """Pull `model` (HOST/NAMESPACE/NAME:TAG) from its registry, streamed, and return once the host wrote its
-        manifest; `progress(n)` gets the bytes fetched as they come.
+        manifest; `progress(n)` gets the bytes fetched as they come, and `check()` is called at every line: what it
+        raises (an interrupt) ends the request, which cancels the pull on the host (its partial blobs stay, for
+        the next pull to resume).
 
         What the host reports (an HTTP error, or an error line in the stream: a registry it cannot read, a blob
         whose digest does not match) raises PullFailed. A connection that drops, or a proxy's gateway answer, is
@@ -320,6 +323,8 @@ class OllamaHost:
                 try:
                     status = None
                     for update in self._ollama_client(transport).pull(model, insecure=insecure, stream=True):
+                        if check is not None:
+                            check()
                         status = update.status
                         if progress and update.digest and update.completed:
                             progress(max(0, update.completed - seen.get(update.digest, 0)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -27,6 +26,7 @@ import httpx
 
 from .. import __version__
 from ..errors import RegistryError
+from ..frozen import Frozen
 from ..manifest.deploy_schema import Registry
 from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason
 
@@ -35,6 +35,7 @@ UPLOAD_CHUNK = 1 << 20
 # A blob upload's read timeout: the registry hashes the whole blob before it answers.
 UPLOAD_BASE_TIMEOUT_S = 300.0
 UPLOAD_BYTES_PER_SECOND = 8 << 20
+MAX_SAME_HOST_REDIRECTS = 10  # what Ollama's puller follows (download.go)
 T = TypeVar("T")
 
 
@@ -42,9 +43,8 @@ class _Retry(Exception):
     """A failure worth retrying: no answer, or a 5xx."""
 
 
-@dataclass(frozen=True)
-class RegistryProbe:
-    """What plan found out about the registry: one line per problem, None where all is well."""
+class RegistryProbe(Frozen):
+    """What a probe found out about the registry: one line per problem, None where all is well."""
 
     url: str
     repository: str
@@ -137,7 +137,7 @@ class RegistryClient:
         (`content` may be a factory: a generator body cannot be sent twice)."""
         for answered in (False, True):
             sent = dict(headers or {})
-            if self._authorization:
+            if self._authorization and _same_origin(url, self.url):  # not to an upload URL on another host
                 sent["Authorization"] = self._authorization
             response = client.request(method, url, headers=sent, content=content() if callable(content) else content)
             if response.status_code != 401 or answered:
@@ -162,6 +162,9 @@ class RegistryClient:
         realm = params.get("realm")
         if not realm:
             raise self._error("authenticate", "a Bearer challenge without a realm")
+        if urlsplit(realm).scheme != "https" and not self.registry.insecure:
+            raise self._error("authenticate", f"its token realm is not https ({urlsplit(realm).netloc}): the "
+                              "credentials are not sent over plain http")
         query = {"service": params.get("service", ""), "scope": scope}
         with httpx.Client(timeout=httpx.Timeout(self.registry.timeout_s, connect=CONNECT_TIMEOUT_S),
                           follow_redirects=False) as client:
@@ -272,65 +275,100 @@ class RegistryClient:
     # -- what Ollama's puller needs -------------------------------------------------------------------------
 
     def check_blob_answer(self, repository: str, digest: str) -> None:
-        """RegistryError unless an anonymous GET of the blob answers as Ollama's puller requires."""
+        """RegistryError unless the blob answers as Ollama's puller requires (download.go): fetched without
+        credentials (an anonymous token from the registry's realm if it asks for one, as auth.go does),
+        following redirects while they stay on the registry's host, then 200 or 307 with a Location header."""
         what = f"anonymous GET of blob {digest[:19]}"
 
         def call() -> None:
-            with self._transport(self.registry.timeout_s) as client, \
-                    client.stream("GET", f"/v2/{repository}/blobs/{digest}") as response:
-                if response.status_code >= 500:
-                    raise _Retry(f"HTTP {response.status_code}")
-                problem = location_problem(response)
+            url = f"{self.url}/v2/{repository}/blobs/{digest}"
+            headers: dict[str, str] = {}
+            with self._transport(self.registry.timeout_s) as client:
+                for _ in range(MAX_SAME_HOST_REDIRECTS + 1):
+                    with client.stream("GET", url, headers=headers) as response:
+                        if response.status_code >= 500:
+                            raise _Retry(f"HTTP {response.status_code}")
+                        if response.status_code == 401 and not headers:
+                            token = self._anonymous_token(client, response.headers.get("www-authenticate", ""))
+                            if token is not None:
+                                headers = {"Authorization": f"Bearer {token}"}
+                                continue
+                        location = response.headers.get("location")
+                        if response.is_redirect and location and \
+                                urlsplit(urljoin(url, location)).hostname == urlsplit(url).hostname:
+                            url = urljoin(url, location)  # Ollama follows a redirect that stays on the host
+                            continue
+                        problem = location_problem(response)
+                        break
+                else:
+                    problem = f"more than {MAX_SAME_HOST_REDIRECTS} redirects"
             if problem:
                 raise self._error(what, problem + (_LOCATION_FIX if "Location" in problem else ""))
 
         self._call(what, call)
+
+    def _anonymous_token(self, client: httpx.Client, header: str, scope: str | None = None) -> str | None:
+        """The token Ollama would get for a Bearer challenge (server/auth.go): from a realm on the registry's own
+        host, the JSON `token` of its answer; None when there is none to get."""
+        scheme, params = _challenge(header)
+        realm = params.get("realm", "")
+        if scheme != "bearer" or not realm or urlsplit(realm).netloc != urlsplit(self.url).netloc:
+            return None
+        answer = client.get(realm, params={"service": params.get("service", ""),
+                                           "scope": scope or params.get("scope", "")})
+        try:
+            token = answer.json().get("token") if answer.status_code == 200 else None
+        except (ValueError, AttributeError):
+            token = None
+        return token if isinstance(token, str) and token else None
 
     def probe(self, repository: str, known_blob: str | None = None) -> RegistryProbe:
         """Can hosts pull from here? Reachable, anonymous reads, and blob answers with a Location header (checked on
         `known_blob` when the registry holds one of ours, else on /v2/'s answer headers, else left unknown)."""
         try:
             with self._transport(self.registry.timeout_s) as client:
-                response = self._call("probe", lambda: client.get("/v2/"))
-                anonymous, problem = self._anonymous_reads(client, response, repository)
+                response, (anonymous, problem) = self._call("probe", lambda: self._anonymous_reads(client,
+                                                                                                   repository))
         except RegistryError as e:
             return RegistryProbe(url=self.url, repository=repository, reachable=False, problem=str(e))
-        base = RegistryProbe(url=self.url, repository=repository, reachable=True, anonymous_reads=anonymous,
-                             problem=problem)
+        probe = RegistryProbe(url=self.url, repository=repository, reachable=True, anonymous_reads=anonymous,
+                              problem=problem)
         if problem is not None:
-            return base
+            return probe
         if known_blob is not None:
             try:
                 self.check_blob_answer(repository, known_blob)
             except RegistryError as e:
-                return RegistryProbe(**{**base.__dict__, "location_header": False, "problem": str(e)})
-            return RegistryProbe(**{**base.__dict__, "location_header": True})
+                return probe.model_copy(update={"location_header": False, "problem": str(e)})
+            return probe.model_copy(update={"location_header": True})
         if "location" in response.headers:
-            return RegistryProbe(**{**base.__dict__, "location_header": True,
-                                    "note": "no image published yet: its answers carry a Location header"})
-        return RegistryProbe(**{**base.__dict__, "note": "blob answers not checked yet (no image published): "
-                                "apply checks them before any host pulls"})
+            return probe.model_copy(update={"location_header": True, "note": "no image published yet: its "
+                                            "answers carry a Location header"})
+        return probe.model_copy(update={"note": "blob answers not checked yet (no image published): apply checks "
+                                        "them before any host pulls"})
 
-    def _anonymous_reads(self, client: httpx.Client, response: httpx.Response,
-                         repository: str) -> tuple[bool, str | None]:
-        """(anonymous reads work, else the problem) from an anonymous GET /v2/."""
+    def _anonymous_reads(self, client: httpx.Client,
+                         repository: str) -> tuple[httpx.Response, tuple[bool, str | None]]:
+        """An anonymous GET /v2/, and (anonymous reads work, else the problem) from it."""
+        response = client.get("/v2/")
+        if response.status_code >= 500:
+            raise _Retry(f"HTTP {response.status_code}")
         if response.status_code == 200:
-            return True, None
+            return response, (True, None)
         where = f"registry {self.url}"
         if response.status_code != 401:
-            return False, f"{where}: GET /v2/ answered HTTP {response.status_code}: not an OCI distribution registry?"
-        scheme, params = _challenge(response.headers.get("www-authenticate", ""))
-        refused = (f"{where} refuses anonymous reads (HTTP 401, {scheme or 'no'} authentication): Ollama hosts pull "
-                   f"without credentials; allow anonymous pulls of {repository}")
+            return response, (False, f"{where}: GET /v2/ answered HTTP {response.status_code}: not an OCI "
+                              "distribution registry?")
+        header = response.headers.get("www-authenticate", "")
+        scheme, params = _challenge(header)
         realm = params.get("realm", "")
-        if scheme != "bearer" or not realm:
-            return False, refused
-        if urlsplit(realm).netloc != urlsplit(self.url).netloc:
-            return False, (f"{where}: its token realm is on another host ({urlsplit(realm).netloc}), which Ollama's "
-                           "puller refuses (server/auth.go)")
-        token = client.get(realm, params={"service": params.get("service", ""),
-                                          "scope": f"repository:{repository}:pull"})
-        return (True, None) if token.status_code == 200 else (False, refused)
+        if scheme == "bearer" and realm and urlsplit(realm).netloc != urlsplit(self.url).netloc:
+            return response, (False, f"{where}: its token realm is on another host ({urlsplit(realm).netloc}), "
+                              "which Ollama's puller refuses (server/auth.go)")
+        if self._anonymous_token(client, header, f"repository:{repository}:pull") is not None:
+            return response, (True, None)
+        return response, (False, f"{where} refuses anonymous reads (HTTP 401, {scheme or 'no'} authentication): "
+                          f"Ollama hosts pull without credentials; allow anonymous pulls of {repository}")
 
 
 _LOCATION_FIX = ("; Ollama's puller needs a Location header on blob answers (ollama#7244): for CNCF distribution "
@@ -346,6 +384,12 @@ def location_problem(response: httpx.Response) -> str | None:
     if "location" not in response.headers:
         return "the answer has no Location header, so Ollama's pull fails ('http: no Location header in response')"
     return None
+
+
+def _same_origin(url: str, base: str) -> bool:
+    """Whether `url` (absolute, or relative to `base`) goes to `base`'s scheme, host and port."""
+    target, origin = urlsplit(urljoin(base + "/", url)), urlsplit(base)
+    return (target.scheme, target.netloc) == (origin.scheme, origin.netloc)
 
 
 def _chunks(path: Path, progress: Callable[[int], None] | None) -> Iterator[bytes]:

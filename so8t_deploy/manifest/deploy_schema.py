@@ -250,6 +250,9 @@ class Registry(Frozen):
                              "distribution.registry.auth, from the environment")
         url = normalize_host_url(value.strip())
         host = url.split("://", 1)[1]
+        if urlsplit(url).hostname == "registry.ollama.ai":
+            raise ValueError("registry.ollama.ai is Ollama's own registry: Ollama lists its models without the host, "
+                             "as local models, and pushing there needs Ollama's signed keys; use your own registry")
         if not OLLAMA_HOST_PART_RE.match(host):
             raise ValueError(f"registry host {host!r} is not one Ollama can pull from (letters, digits, '.', '_', "
                              "'-' and a ':port'; no IPv6 literal)")

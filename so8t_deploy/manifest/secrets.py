@@ -8,6 +8,7 @@ with every header value of every target, and the registry's password, replaced b
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -40,8 +41,9 @@ class Redactor:
     def for_manifest(cls, manifest: Manifest) -> Redactor:
         secrets = [value.get_secret_value() for target in manifest.targets for value in target.headers.values()]
         registry = manifest.distribution.registry
-        if registry is not None and registry.auth is not None:
-            secrets.append(registry.auth.password.get_secret_value())
+        if registry is not None and registry.auth is not None:  # the password, and the Basic header made of it
+            password = registry.auth.password.get_secret_value()
+            secrets += [password, base64.b64encode(f"{registry.auth.username}:{password}".encode()).decode()]
         return cls(secrets)
 
     def __call__(self, text: str) -> str:

@@ -40,7 +40,7 @@ from ..manifest.schema import Manifest, Target
 from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
-from .host_plan import HostPlan, TagDecision, TagKind, changed_since, matches_shown, pulled_name
+from .host_plan import HostPlan, TagDecision, TagKind, as_named, changed_since, matches_shown, pulled_copy_of
 from .records import HostRecords, TagRecord
 from .smoke import CANNOT_RENDER, SmokeResult, run_smoke_tests
 
@@ -189,7 +189,7 @@ class HostRollout:
                 if not decision.reuse_candidate and self.registry is None:
                     self._upload(host, self.models[decision.tag])
             self.cancel.check()
-            self._check_unchanged(host, changed_since(self.plan, self.manifest, host.tags()))
+            self._check_unchanged(host, changed_since(self.plan, self.manifest, self._tags(host)))
             self._tidy(host)
             for decision in creates:
                 self.cancel.check()
@@ -226,6 +226,10 @@ class HostRollout:
         else:
             self.report.status = HostStatus.FAILED
 
+    def _tags(self, host: OllamaHost) -> dict[str, str]:
+        """The host's models, the manifest's tags and companions in the manifest's spelling (see as_named)."""
+        return as_named(self.manifest, host.tags())
+
     def _check_unchanged(self, host: OllamaHost, changed: list[str]) -> None:
         if changed:
             raise HostChangedError(f"{host.name}: changed since the plan was made ({', '.join(changed[:3])}"
@@ -235,8 +239,9 @@ class HostRollout:
     def _check_tag(self, host: OllamaHost, model: DesiredModel) -> None:
         """Right before a change: the tag and its companions are still what this run expects (another apply
         may have started since)."""
-        now = host.tags()
-        names = (model.tag, model.candidate_tag, model.rollback_tag, model.backup_tag)
+        now = self._tags(host)
+        names = (model.tag, model.candidate_tag, model.rollback_tag, model.backup_tag,
+                 *((model.image.reference,) if model.image is not None and self.registry is not None else ()))
         self._check_unchanged(host, [n for n in names if now.get(n) != self.expected.get(n)])
 
     # -- changes, each recorded in `expected` and the in-flight ledger ------------------------------------
@@ -269,8 +274,11 @@ class HostRollout:
         """What interrupted runs left: an unwanted candidate is deleted; a `-rollback` copy that duplicates the
         live tag or the backup is deleted, and any other becomes the backup (its promotion had happened)."""
         for name in self.plan.tidy:
-            model = next(m for m in self.models.values()
-                         if name in (m.candidate_tag, m.rollback_tag) or name == pulled_name(self.manifest, m.tag))
+            if pulled_copy_of(self.manifest, name) is not None:  # a registry-mode pull never copied to its candidate
+                self._delete(host, name)
+                self.report.tidied.append(name)
+                continue
+            model = next(m for m in self.models.values() if name in (m.candidate_tag, m.rollback_tag))
             if name == model.rollback_tag:
                 rollback = self.expected.get(name)
                 if rollback not in (self.expected.get(model.tag), self.expected.get(model.backup_tag)):
@@ -292,7 +300,7 @@ class HostRollout:
             self._create(host, model)
         if not matches_shown(host.show(model.candidate_tag), model):
             raise HostError(f"{host.name}: {model.candidate_tag} does not hold what was sent (template, system, "
-                            "parameters or GGUF keys differ after the create)")
+                            f"parameters or GGUF keys differ after the {'pull' if self.registry else 'create'})")
 
     def _create(self, host: OllamaHost, model: DesiredModel) -> None:
         self._upload(host, model)  # the blob may have been pruned since the upload phase
@@ -303,27 +311,32 @@ class HostRollout:
         with ticking(WAITING_LINE_EVERY_S, lambda elapsed: self.progress.step(line.format(elapsed))):
             host.create(model.candidate_tag, {path.name: digest}, model.template, model.system, model.parameters,
                         size=size)
-        self.expected[model.candidate_tag] = host.tags().get(model.candidate_tag, "?")
+        self.expected[model.candidate_tag] = self._tags(host).get(model.candidate_tag, "?")
         self.report.created.append(model.tag)
 
     def _pull(self, host: OllamaHost, model: DesiredModel) -> None:
         """Registry mode: the host pulls the published image, which must arrive as published, byte for byte; it
-        becomes the candidate, and the pulled name goes."""
+        becomes the candidate, and the pulled name goes. The host lists the pulled name in its own spelling
+        (Ollama reuses the case of a part it already holds), which is the one copied and deleted."""
         assert self.registry is not None
         if model.image is None:
             raise BuildError(f"{model.tag}: not published (internal: a pull needs the published image)")
         reference, size = model.image.reference, model.size or 0
         self.inflight.add(host.name, reference)  # before: a pull whose answer is lost may land
         self.progress.step(f"{host.name}: pull {reference}")
-        host.pull(reference, insecure=self.registry.insecure, size=size,
-                  progress=self.progress.transfer(f"{host.name} pulls {model.gguf_name}", size))
-        listed = {name.lower(): digest for name, digest in host.tags().items()}
-        self.expected[reference] = pulled = listed.get(reference.lower(), "?")
+        advance = self.progress.transfer(f"{host.name} pulls {model.gguf_name}", size)
+        host.pull(reference, insecure=self.registry.insecure, size=size, progress=advance, check=self.cancel.check)
+        listed = host.tags()
+        pulled_as = next((name for name in listed if name.lower() == reference.lower()), reference)
+        if pulled_as != reference:
+            self.inflight.discard(host.name, reference)
+            self.inflight.add(host.name, pulled_as)
+        self.expected[pulled_as] = pulled = listed.get(pulled_as, "?")
         if pulled.removeprefix("sha256:") != model.image.digest.removeprefix("sha256:"):  # /api/tags lists hex
             raise HostError(f"{host.name}: the pull of {reference} left {pulled if pulled != '?' else 'nothing'}, "
                             f"not the published {model.image.digest}")
-        self._copy(host, reference, model.candidate_tag)
-        self._delete(host, reference)
+        self._copy(host, pulled_as, model.candidate_tag)
+        self._delete(host, pulled_as)
         self.report.pulled.append(model.tag)
 
     def _smoke(self, host: OllamaHost, creates: list[TagDecision], verifies: list[TagDecision]) -> None:
@@ -372,7 +385,7 @@ class HostRollout:
         for tag in self.plan.deletes:
             self._delete(host, tag)
             self.report.deleted.append(tag)
-        now = host.tags()
+        now = self._tags(host)
         for decision in (*creates, *verifies):
             model = self.models[decision.tag]
             self.records.put(model.tag, TagRecord(model.spec_digest, now.get(model.tag)))
@@ -386,6 +399,8 @@ class HostRollout:
         reused = {d.tag for d in self.plan.decisions if d.reuse_candidate}
         drop = [m for m in self._candidates if m.tag not in reused or m.tag in failed]
         steps = [(m.tag, self._restore, m) for m in restore] + [(m.candidate_tag, self._drop, m) for m in drop]
+        if self.registry is not None:  # a pull whose answer was lost may have landed
+            steps += [(m.image.reference, self._drop_pulled, m) for m in drop if m.image is not None]
         for name, step, model in steps:
             try:
                 step(host, model)
@@ -409,5 +424,10 @@ class HostRollout:
 
     def _drop(self, host: OllamaHost, model: DesiredModel) -> None:
         self._delete(host, model.candidate_tag)  # also when its create failed: a lost answer may still land
-        if model.image is not None and self.registry is not None:  # a pull whose answer was lost may have landed
-            self._delete(host, model.image.reference)
+
+    def _drop_pulled(self, host: OllamaHost, model: DesiredModel) -> None:
+        assert model.image is not None
+        listed = next((n for n in host.tags() if n.lower() == model.image.reference.lower()), None)
+        if listed is not None:
+            self._delete(host, listed)
+        self.inflight.discard(host.name, model.image.reference)

@@ -15,8 +15,9 @@ Per tag (see host_apply for how each is carried out):
   promotion, or restore the older model.
 
 Other leftovers of interrupted runs (a candidate that is not wanted, a `TAG-rollback` that
-duplicates the live tag or the backup, in registry mode a pulled `HOST/NAMESPACE/NAME:TAG` not yet
-copied to its candidate) are tidied before the first create.
+duplicates the live tag or the backup, a registry-mode pull `HOST/NAMESPACE/NAME:TAG` of a named
+tag not yet copied to its candidate, whatever the registry settings are now) are tidied before
+the first create.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from ..errors import HostError
 from ..external.ollama_host import OllamaHost
 from ..external.ollama_show import ShownModel, same_parameters
 from ..frozen import Frozen
 from ..manifest.schema import Manifest
 from .desired import COMPANION_SUFFIXES, DesiredModel
-from .image import registry_reference
 from .records import HostRecords
 
 
@@ -95,16 +96,72 @@ def in_namespace(manifest: Manifest, tag: str) -> bool:
     return tag.lower().startswith(manifest.name.lower() + ":")
 
 
-def pulled_name(manifest: Manifest, tag: str) -> str | None:
-    """In registry mode, the name a host lists `tag`'s pulled image under until it is copied to the candidate."""
-    registry = manifest.distribution.registry
-    return registry_reference(registry, tag) if registry is not None else None
+OLLAMA_DEFAULT_HOST, OLLAMA_DEFAULT_NAMESPACE = "registry.ollama.ai", "library"
+
+
+def name_parts(name: str) -> tuple[str, str, str, str]:
+    """(host, namespace, model, tag) of a model name as /api/tags lists it (Ollama's DisplayShortest leaves the
+    default host and namespace out)."""
+    rest, tag = (name.rsplit(":", 1) if name.rfind(":") > name.rfind("/") else (name, "latest"))
+    parts = rest.split("/")
+    host, namespace = OLLAMA_DEFAULT_HOST, OLLAMA_DEFAULT_NAMESPACE
+    if len(parts) >= 3:
+        host, namespace = "/".join(parts[:-2]), parts[-2]
+    elif len(parts) == 2:
+        namespace = parts[0]
+    return host, namespace, parts[-1], tag
+
+
+def pulled_copy_of(manifest: Manifest, name: str) -> str | None:
+    """The manifest's tag that `name` is a registry-mode pull of (HOST/NAMESPACE/NAME:TAG from any registry and
+    namespace, as a run stopped between the pull and the copy to the candidate leaves it), or None."""
+    host, _, model, tag = name_parts(name)
+    if host.lower() == OLLAMA_DEFAULT_HOST or model.lower() != manifest.name:
+        return None
+    return next((t for t in manifest.tags() if t.split(":", 1)[1].lower() == tag.lower()), None)
 
 
 def companions(manifest: Manifest) -> set[str]:
-    """Every named tag with its candidate, rollback and backup tags (and, in registry mode, its pulled name)."""
-    names = {tag + suffix for tag in manifest.tags() for suffix in ("", *COMPANION_SUFFIXES)}
-    return names | {name for tag in manifest.tags() if (name := pulled_name(manifest, tag)) is not None}
+    """Every named tag with its candidate, rollback and backup tags."""
+    return {tag + suffix for tag in manifest.tags() for suffix in ("", *COMPANION_SUFFIXES)}
+
+
+def as_named(manifest: Manifest, listed: dict[str, str]) -> dict[str, str]:
+    """A host's models, with every name that matches one of the manifest's tags or their companions ignoring case
+    keyed by the manifest's spelling: Ollama matches names ignoring case, and writes a new name in the spelling
+    of any part it already holds (a host holding `x:Q8_0` stores a copy to `name:q8_0` as `name:Q8_0`)."""
+    ours = {name.lower(): name for name in companions(manifest)}
+    return {ours.get(name.lower(), name): digest for name, digest in listed.items()}
+
+
+def spelling_problem(manifest: Manifest, observed: dict[str, str]) -> str | None:
+    """Registry mode: why this host would pull from another repository than the one published, or None.
+
+    Ollama's pull first gives each part of the name the spelling of any model it holds whose part matches
+    ignoring case (routes.go getExistingName); a repository path is lowercase, so a held `Fleet/...` or
+    `.../So8t-Demo` would send the pull to a repository that does not exist. (A tag part is handled by
+    publishing every spelling a host would ask for: see tag_spellings.)"""
+    registry = manifest.distribution.registry
+    if registry is None:
+        return None
+    for name in observed:
+        _, namespace, model, _ = name_parts(name)
+        for held, ours in ((namespace, registry.namespace), (model, manifest.name)):
+            if held.lower() == ours and held != ours:
+                return (f"it holds {name!r}, so Ollama would pull {ours!r} as {held!r} (it reuses the spelling of a "
+                        "model it holds, ignoring case), which the registry cannot serve; rename or delete that model")
+    return None
+
+
+def tag_spellings(manifest: Manifest, hosts: list[HostPlan]) -> dict[str, set[str]]:
+    """Registry mode: per tag, the spellings of its tag part that some host holds (ignoring case), which that
+    host's pull would ask the registry for (see spelling_problem)."""
+    found: dict[str, set[str]] = {}
+    for tag in manifest.tags():
+        part = tag.split(":", 1)[1]
+        found[tag] = {held for h in hosts for name in h.observed
+                      if (held := name_parts(name)[3]).lower() == part.lower() and held != part}
+    return {tag: spellings for tag, spellings in found.items() if spellings}
 
 
 def namespace_extras(manifest: Manifest, tags: dict[str, str]) -> list[str]:
@@ -134,11 +191,9 @@ def decide_tag(host: OllamaHost, observed: dict[str, str], records: HostRecords,
                        reuse_candidate=reuse)
 
 
-def leftovers(decision: TagDecision, model: DesiredModel, observed: dict[str, str],
-              pulled: str | None = None) -> list[str]:
-    """The companions of one tag that an interrupted run left and that apply tidies before any create (`pulled`:
-    the tag's pulled name in registry mode)."""
-    found = [name for name in observed if pulled is not None and name.lower() == pulled.lower()]
+def leftovers(decision: TagDecision, model: DesiredModel, observed: dict[str, str]) -> list[str]:
+    """The companions of one tag that an interrupted run left and that apply tidies before any create."""
+    found = []
     if model.candidate_tag in observed and not decision.reuse_candidate:
         found.append(model.candidate_tag)
     if model.rollback_tag in observed and decision.kind is not TagKind.VERIFY:
@@ -150,11 +205,13 @@ def observe_host(host: OllamaHost, manifest: Manifest, desired: list[DesiredMode
                  records: HostRecords) -> HostPlan:
     """The host's plan from its current state; raises HostError if it cannot be observed."""
     host.check_version()
-    observed = host.tags()
+    observed = as_named(manifest, host.tags())
     pulls = manifest.distribution.registry is not None
+    if pulls and (problem := spelling_problem(manifest, observed)) is not None:
+        raise HostError(f"{host.name}: {problem}")
     decisions = [decide_tag(host, observed, records, model, pulls=pulls) for model in desired]
-    tidy = [name for d, m in zip(decisions, desired, strict=True)
-            for name in leftovers(d, m, observed, pulled_name(manifest, m.tag))]
+    tidy = [name for d, m in zip(decisions, desired, strict=True) for name in leftovers(d, m, observed)]
+    tidy += sorted(name for name in observed if pulled_copy_of(manifest, name) is not None)
     return HostPlan(target=host.name, url=host.url, observed=observed, warnings=list(host.warnings),
                     decisions=decisions, tidy=tidy,
                     deletes=namespace_extras(manifest, observed) if manifest.rollout.prune else [])
@@ -162,7 +219,7 @@ def observe_host(host: OllamaHost, manifest: Manifest, desired: list[DesiredMode
 
 def relevant_names(manifest: Manifest, plan: HostPlan) -> set[str]:
     """The tags whose state a host's plan depends on: every named tag with its companions, and what it prunes."""
-    names = companions(manifest) | set(plan.deletes)
+    names = companions(manifest) | set(plan.deletes) | {t for t in plan.observed if pulled_copy_of(manifest, t)}
     if manifest.rollout.prune:
         names |= {t for t in plan.observed if in_namespace(manifest, t)}
     return names
@@ -170,7 +227,7 @@ def relevant_names(manifest: Manifest, plan: HostPlan) -> set[str]:
 
 def changed_since(plan: HostPlan, manifest: Manifest, now: dict[str, str]) -> list[str]:
     """Tags whose state differs from what the plan observed (its tags, their companions, prune candidates)."""
-    names = relevant_names(manifest, plan)
+    names = relevant_names(manifest, plan) | {t for t in now if pulled_copy_of(manifest, t)}
     if manifest.rollout.prune:
         names |= set(namespace_extras(manifest, now))
     return sorted(n for n in names if plan.observed.get(n) != now.get(n))

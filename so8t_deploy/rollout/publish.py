@@ -18,25 +18,22 @@ from pydantic import Field
 from ..cancel import CancelToken
 from ..errors import RegistryError
 from ..external.gguf_info import read_gguf_info
-from ..external.registry import RegistryClient
-from ..frozen import Frozen
+from ..external.registry import RegistryClient, RegistryProbe
 from ..manifest.deploy_schema import Registry
 from ..progress import Progress
 from .desired import DesiredModel, PublishedImage
 from .image import OllamaImage, build_image, repository
 
 
-class RegistryPlan(Frozen):
+class RegistryPlan(RegistryProbe):
     """What plan observed of the registry, and what apply would publish to it."""
 
-    url: str
-    repository: str  # NAMESPACE/NAME
-    reachable: bool
-    anonymous_reads: bool | None = None
-    location_header: bool | None = None  # None: not known until an image is published (apply checks it first)
-    problem: str | None = None  # why hosts could not pull from it, in one line
-    note: str = ""
     publish: dict[str, int | None] = Field(default_factory=dict)  # tag -> GGUF bytes to push (None: once built)
+
+    @property
+    def blocking(self) -> bool:
+        """Hosts need a pull from a registry they cannot pull from: plan fails, apply refuses to start."""
+        return self.problem is not None and bool(self.publish)
 
 
 @dataclass
@@ -59,9 +56,14 @@ def image_of(model: DesiredModel, registry: Registry) -> OllamaImage:
                        model.system, model.parameters, {k: v for k, v in annotations.items() if v})
 
 
-def publish(registry: Registry, models: list[DesiredModel], progress: Progress,
-            cancel: CancelToken) -> tuple[PublishReport, dict[str, DesiredModel]]:
-    """Publish every model (each built) and check that hosts can pull; the models with their images filled in."""
+def publish(registry: Registry, models: list[DesiredModel], progress: Progress, cancel: CancelToken,
+            spellings: dict[str, set[str]] | None = None) -> tuple[PublishReport, dict[str, DesiredModel]]:
+    """Publish every model (each built) and check that hosts can pull; the models with their images filled in.
+
+    `spellings` names, per tag, the other spellings of its tag part that some host would request: Ollama reuses
+    the spelling of any model it holds whose tag matches ignoring case (getExistingName: a host holding
+    `hf.co/x:Q8_0` pulls `…:Q8_0` for `…:q8_0`), and registry tags are case-sensitive, so the manifest is also
+    published under each of them."""
     report, published = PublishReport(registry=registry.url), {}
     with RegistryClient(registry) as client:
         images = [image_of(model, registry) for model in models]
@@ -78,6 +80,9 @@ def publish(registry: Registry, models: list[DesiredModel], progress: Progress,
                     client.push_blob(image.repository, blob.digest, blob.size, blob.source, advance)
                 client.put_manifest(image.repository, image.registry_tag, image.manifest)
                 report.published.append(model.tag)
+            for alias in sorted((spellings or {}).get(model.tag, set()) - {image.registry_tag}):
+                if client.manifest_digest(image.repository, alias) != image.digest:
+                    client.put_manifest(image.repository, alias, image.manifest)
             report.digests[model.tag] = image.digest
             published[model.tag] = replace(model, image=PublishedImage(image.reference, image.digest))
         if images:
@@ -104,6 +109,4 @@ def observe_registry(registry: Registry, name: str, models: list[DesiredModel], 
         except RegistryError:
             publish = {m.tag: m.size for m in models if m.tag in tags}  # the probe says why
         probe = client.probe(repo, known)
-    return RegistryPlan(url=probe.url, repository=repo, reachable=probe.reachable,
-                        anonymous_reads=probe.anonymous_reads, location_header=probe.location_header,
-                        problem=probe.problem, note=probe.note, publish=publish)
+    return RegistryPlan(**probe.model_dump(), publish=publish)

@@ -26,7 +26,7 @@ from ..quality.evaluate import evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
-from ..rollout.host_plan import HostPlan, TagKind, tag_spellings
+from ..rollout.host_plan import TagKind, new_models, tag_spellings
 from ..rollout.publish import PublishReport, publish
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_unchanged
@@ -115,7 +115,7 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
     for tag, reasons in result.forced.items():
         progress.warning(f"--force: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
     registry = manifest.distribution.registry
-    if registry is not None and (pulled := sorted(_pulls(hosts) - set(result.gated))):
+    if registry is not None and (pulled := sorted(new_models(hosts) - set(result.gated))):
         result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel,
                                               tag_spellings(manifest, hosts))
         models.update(published)
@@ -123,7 +123,3 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
     result.interrupted = cancel.cancelled
     return result
 
-
-def _pulls(hosts: list[HostPlan]) -> set[str]:
-    """Registry mode: the tags some host will pull (a candidate an interrupted run left is reused instead)."""
-    return {d.tag for h in hosts for d in h.decisions if d.kind is TagKind.CREATE and not d.reuse_candidate}

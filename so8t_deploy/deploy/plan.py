@@ -36,7 +36,7 @@ from ..progress import Progress
 from ..quality.evaluate import cached_gate
 from ..rollout.desired import DesiredModel, desired_models
 from ..rollout.fleet import plan_hosts
-from ..rollout.host_plan import ActionKind, HostPlan, TagKind
+from ..rollout.host_plan import ActionKind, HostPlan, TagKind, new_models
 from ..rollout.publish import RegistryPlan, observe_registry
 
 PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
@@ -202,8 +202,7 @@ def derive_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, p
     gate = cached_gate(manifest, builds, workspace)
     registry = None
     if manifest.distribution.registry is not None and not offline:
-        pulls = {d.tag for h in hosts for d in h.decisions
-                 if d.kind is TagKind.CREATE and not d.reuse_candidate and not gate[d.tag]}
+        pulls = {tag for tag in new_models(hosts) if not gate[tag]}
         registry = observe_registry(manifest.distribution.registry, manifest.name, models, pulls)
     plan = DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,

@@ -225,15 +225,9 @@ class OllamaHost:
         """Stream a file to the blob store (1 MiB at a time); return the bytes sent (0 if already there)."""
         size = path.stat().st_size
 
-        def chunks() -> Iterator[bytes]:
-            with open(path, "rb") as f:
-                while chunk := f.read(UPLOAD_CHUNK):
-                    if progress:
-                        progress(len(chunk))
-                    yield chunk
-
         def call() -> int:
-            response = self.http.post(f"/api/blobs/{digest}", content=chunks(), headers={"Content-Length": str(size)})
+            response = self.http.post(f"/api/blobs/{digest}", content=file_chunks(path, progress),
+                                      headers={"Content-Length": str(size)})
             if response.status_code == 400 and "digest" in _error_text(response):
                 raise self._error(f"upload {path.name}", f"the server computed a different digest than {digest} "
                                   "(file changed or corrupted in transit)")
@@ -400,6 +394,15 @@ class OllamaHost:
                 raise self._error(what, str(e), kind) from e.__cause__
             except HostError as e:
                 raise GenerateFailed(str(e)) from e
+
+
+def file_chunks(path: Path, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """A file as an upload body, UPLOAD_CHUNK bytes at a time, each reported to `progress` as it is read."""
+    with open(path, "rb") as f:
+        while chunk := f.read(UPLOAD_CHUNK):
+            if progress:
+                progress(len(chunk))
+            yield chunk
 
 
 def _transport_reason(e: BaseException) -> str:

@@ -28,10 +28,9 @@ from .. import __version__
 from ..errors import RegistryError
 from ..frozen import Frozen
 from ..manifest.deploy_schema import Registry
-from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason
+from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason, file_chunks
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
-UPLOAD_CHUNK = 1 << 20
 # A blob upload's read timeout: the registry hashes the whole blob before it answers.
 UPLOAD_BASE_TIMEOUT_S = 300.0
 UPLOAD_BYTES_PER_SECOND = 8 << 20
@@ -92,7 +91,7 @@ class RegistryClient:
         self._retries, self._backoff, self._clock = retries, backoff, clock or Clock()
         self._authorization: str | None = None  # a Basic or Bearer header value, once the registry asked for one
         self.http = self._transport(registry.timeout_s)
-        self.sent_bytes = 0  # blob bytes this client uploaded
+        self.sent_bytes = 0  # blob and manifest bytes this client uploaded
 
     def _transport(self, read_timeout: float | None) -> httpx.Client:
         """A client with no credentials: `_send` adds them, to the registry's own requests only."""
@@ -231,7 +230,7 @@ class RegistryClient:
         def body() -> Iterator[bytes] | bytes:
             if isinstance(source, bytes):
                 return source
-            return _chunks(source, progress)
+            return file_chunks(source, progress)
 
         def call() -> int:
             start = self._send(self.http, "POST", f"/v2/{repository}/blobs/uploads/", scope)
@@ -390,14 +389,6 @@ def _same_origin(url: str, base: str) -> bool:
     """Whether `url` (absolute, or relative to `base`) goes to `base`'s scheme, host and port."""
     target, origin = urlsplit(urljoin(base + "/", url)), urlsplit(base)
     return (target.scheme, target.netloc) == (origin.scheme, origin.netloc)
-
-
-def _chunks(path: Path, progress: Callable[[int], None] | None) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(UPLOAD_CHUNK):
-            if progress:
-                progress(len(chunk))
-            yield chunk
 
 
 def _body(response: httpx.Response) -> str:

@@ -205,6 +205,7 @@ class Quality(Frozen):
         return self.max_mean_kl is not None or self.min_top1 is not None
 
 
+OLLAMA_DEFAULT_HOST = "registry.ollama.ai"  # the host of a model name that has none (types/model/name.go)
 # Ollama's name parts (types/model/name.go): a host is [A-Za-z0-9_][A-Za-z0-9_.:-]*, at most 350 characters.
 OLLAMA_HOST_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,349}$")
 # A repository path component both Ollama (a namespace has no '.') and CNCF distribution
@@ -250,9 +251,10 @@ class Registry(Frozen):
                              "distribution.registry.auth, from the environment")
         url = normalize_host_url(value.strip())
         host = url.split("://", 1)[1]
-        if urlsplit(url).hostname == "registry.ollama.ai":
-            raise ValueError("registry.ollama.ai is Ollama's own registry: Ollama lists its models without the host, "
-                             "as local models, and pushing there needs Ollama's signed keys; use your own registry")
+        if urlsplit(url).hostname == OLLAMA_DEFAULT_HOST:
+            raise ValueError(f"{OLLAMA_DEFAULT_HOST} is Ollama's own registry: Ollama lists its models without the "
+                             "host, as local models, and pushing there needs Ollama's signed keys; use your own "
+                             "registry")
         if not OLLAMA_HOST_PART_RE.match(host):
             raise ValueError(f"registry host {host!r} is not one Ollama can pull from (letters, digits, '.', '_', "
                              "'-' and a ':port'; no IPv6 literal)")

@@ -30,6 +30,7 @@ from ..errors import HostError
 from ..external.ollama_host import OllamaHost
 from ..external.ollama_show import ShownModel, same_parameters
 from ..frozen import Frozen
+from ..manifest.deploy_schema import OLLAMA_DEFAULT_HOST
 from ..manifest.schema import Manifest
 from .desired import COMPANION_SUFFIXES, DesiredModel
 from .records import HostRecords
@@ -96,7 +97,7 @@ def in_namespace(manifest: Manifest, tag: str) -> bool:
     return tag.lower().startswith(manifest.name.lower() + ":")
 
 
-OLLAMA_DEFAULT_HOST, OLLAMA_DEFAULT_NAMESPACE = "registry.ollama.ai", "library"
+OLLAMA_DEFAULT_NAMESPACE = "library"  # of a model name that has none
 
 
 def name_parts(name: str) -> tuple[str, str, str, str]:
@@ -189,6 +190,12 @@ def decide_tag(host: OllamaHost, observed: dict[str, str], records: HostRecords,
     upload = False if pulls or reuse else None if model.sha256 is None else not host.has_blob(model.digest)
     return TagDecision(tag=model.tag, kind=TagKind.CREATE, observed_digest=live, upload=upload,
                        reuse_candidate=reuse)
+
+
+def new_models(hosts: list[HostPlan]) -> set[str]:
+    """The tags some host gets a new model for (created or pulled; a candidate an interrupted run left is reused
+    instead)."""
+    return {d.tag for h in hosts for d in h.decisions if d.kind is TagKind.CREATE and not d.reuse_candidate}
 
 
 def leftovers(decision: TagDecision, model: DesiredModel, observed: dict[str, str]) -> list[str]:

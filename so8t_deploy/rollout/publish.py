@@ -3,7 +3,7 @@ uploading it to each one.
 
 A tag is published before any host is touched: its blobs (each skipped when the registry has it), then its
 manifest (skipped when the registry holds exactly it). Then one blob is fetched the way Ollama's puller fetches
-it, anonymously and without following redirects: a registry whose answers Ollama cannot use is refused here,
+it (see RegistryClient.check_blob_answer): a registry whose answers Ollama cannot use is refused here,
 with its fix, rather than by every host in the middle of a rollout. A run stopped half-way leaves only
 content-addressed blobs, which the next run reuses; a tag's manifest is written last, so a tag never names an
 image that is not whole.
@@ -99,13 +99,13 @@ def observe_registry(registry: Registry, name: str, models: list[DesiredModel], 
     with RegistryClient(registry) as client:
         known = None
         try:
-            for model in models:
-                if model.sha256 is not None and client.has_blob(repo, model.digest):
-                    known = known or model.digest
-                    if model.tag in tags:
-                        publish[model.tag] = 0
-                elif model.tag in tags:
-                    publish[model.tag] = model.size
+            for model in models:  # a tag not to publish is asked about only while no blob of ours is known
+                if model.tag not in tags and (known is not None or model.sha256 is None):
+                    continue
+                present = model.sha256 is not None and client.has_blob(repo, model.digest)
+                known = known or (model.digest if present else None)
+                if model.tag in tags:
+                    publish[model.tag] = 0 if present else model.size
         except RegistryError:
             publish = {m.tag: m.size for m in models if m.tag in tags}  # the probe says why
         probe = client.probe(repo, known)

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.build.steps import BakeStep, ConvertStep, EvalStep, InspectStep, QuantizeStep, StepEnvelope
+from so8t_deploy.build.steps import (
+    BakeStep,
+    ConvertStep,
+    EvalStep,
+    ImatrixStep,
+    InspectStep,
+    QuantizeStep,
+    StepEnvelope,
+)
 from so8t_deploy.external.docker_engine import LLAMA_LABEL
 from so8t_deploy.manifest.schema import AdapterRef, Scales
 
@@ -83,7 +91,10 @@ def demo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("docker")
     demo_dir = init_demo(root / "demo")
-    base = (demo_dir / "manifest.yaml").read_text()
+    # With an importance matrix: its step runs in the worker too, and must give the same bytes there.
+    base = (demo_dir / "manifest.yaml").read_text().replace(
+        "quantize: [f16, q8_0]", "quantize: {types: [f16, q8_0], imatrix: {text: calibration.txt, ctx: 64, chunks: 2}}")
+    (demo_dir / "calibration.txt").write_text("the spinor of a rotation is the token of the vector\n" * 60)
     (demo_dir / "local.yaml").write_text(base)
     (demo_dir / "docker.yaml").write_text(base + f'runtime: {{backend: docker, image: "{IMAGE}"}}\n')
     (demo_dir / "gpu.yaml").write_text(base + f'runtime: {{backend: docker, image: "{IMAGE}", gpus: all}}\n')
@@ -117,6 +128,11 @@ def test_every_step_survives_the_spec_file_unchanged(tmp_path):
                  scales=Scales(rotation=0.5), digests_file=tmp_path / "digests.json", label="light"),
         ConvertStep(model_dir=tmp_path / "out", out_file=tmp_path / "m.gguf", outtype="f16", metadata={"so8t.x": "1"}),
         QuantizeStep(in_file=tmp_path / "m.gguf", out_file=tmp_path / "q.gguf", quant="q8_0"),
+        ImatrixStep(gguf=tmp_path / "m.gguf", text_file=tmp_path / "c.txt", out_file=tmp_path / "i.gguf",
+                    dataset="c.txt", ctx=64, chunks=None, parse_special=True),
+        QuantizeStep(in_file=tmp_path / "m.gguf", out_file=tmp_path / "q.gguf", quant="iq4_xs",
+                     imatrix=tmp_path / "i.gguf", metadata={"quantize.imatrix.entries_count": 7, "so8t.x": "1"},
+                     split_max_size=10**9),
         InspectStep(path=tmp_path / "q.gguf"),
         EvalStep(reference=tmp_path / "m.gguf", candidates=[tmp_path / "q.gguf"], text="hello", windows=2, context=16),
     ]

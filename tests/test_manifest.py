@@ -58,7 +58,7 @@ def test_valid_manifest_loads_with_defaults_and_resolution(tmp_path):
     manifest = load_manifest(write(tmp_path, VALID))
     assert manifest.source.model == str(tmp_path / "model")
     assert manifest.source.adapters[0].path == tmp_path / "adapters" / "so8t"
-    assert manifest.quantize == ["f16", "q8_0", "q4_k_m"]
+    assert manifest.quantize.types == ["f16", "q8_0", "q4_k_m"]
     assert manifest.tag("light", "q8_0") == "phi35-so8t:light-q8_0"
     assert manifest.targets[1].host == "https://ollama.example.com:443"
     assert manifest.modelfile.effective_parameters["temperature"] == 0.7
@@ -142,6 +142,27 @@ INVALID = {
     "bad-quant": (("q4_k_m]", "q4_k_z]"), "quantize", "unknown quant type 'q4_k_z'"),
     "duplicate-quant": (("q4_k_m]", "Q4_K_M, q4_k_m]"), "quantize", "duplicate quant type"),
     "imatrix-quant": (("q4_k_m]", "iq2_xs]"), "quantize", "importance matrix"),
+    "iq-without-imatrix": (("q4_k_m]", "iq4_xs]"), "quantize", "iq4_xs needs an importance matrix: declare "
+                           "quantize.imatrix"),
+    **{f"imatrix-{case}": (("quantize: [f16, Q8_0, q4_k_m]",
+                            f"quantize: {{{body}}}" if "types" in body else f"quantize: {{types: [q4_k_m], {body}}}"),
+                           "quantize" + where, fragment)
+       for case, body, where, fragment in [
+           ("two-sources", "imatrix: {text: a.txt, chat: b.jsonl}", ".imatrix", "exactly one of text:"),
+           ("no-source", "imatrix: {ctx: 512}", ".imatrix", "exactly one of text:"),
+           ("chat-not-jsonl", "imatrix: {chat: b.json}", ".imatrix", "must be a .jsonl"),
+           ("unknown-key", "imatrix: {text: a.txt, chunk: 3}", ".imatrix.chunk", "did you mean 'chunks'?"),
+           ("small-ctx", "imatrix: {text: a.txt, ctx: 8}", ".imatrix.ctx", "greater than or equal to 32"),
+           ("zero-chunks", "imatrix: {text: a.txt, chunks: 0}", ".imatrix.chunks", "greater than or equal to 1"),
+           ("split-unit", "split_max_size: 50X", ".split_max_size", "such as 500M or 50G"),
+           ("split-zero", "split_max_size: 0", ".split_max_size", "positive byte count"),
+           ("types-typo", "type: [q4_k_m]", ".type", "unknown key"),
+           ("bad-type-in-mapping", "imatrix: {text: a.txt}, types: [q9]", "", "unknown quant type 'q9'"),
+       ]},
+    "split-with-targets": (("quantize: [f16, Q8_0, q4_k_m]", "quantize: {types: [f16], split_max_size: 50G}"),
+                           "targets", "Ollama cannot import split GGUFs"),
+    "eval-on-calibration": (("quantize: [f16, Q8_0, q4_k_m]", "quantize: {types: [f16], imatrix: {text: c.txt}}\n"
+                             "quality: {eval_text: c.txt}"), "quality", "held-out text"),
     "empty-quant": (("[f16, Q8_0, q4_k_m]", "[]"), "quantize", "at least one"),
     "bad-url-scheme": (("http://127.0.0.1:11434", "htp:/x"), "targets[0].host", "invalid URL 'htp:/x'"),
     "bad-url-port": (("http://127.0.0.1:11434", "http://h:99999"), "targets[0].host", "invalid URL"),
@@ -215,7 +236,8 @@ def test_a_tag_and_its_companion_suffixes_fit_ollamas_80_characters(run_cli, tmp
     variant = "v" * 63
     fits = edit(VALID, "    light:", f"    {variant}:")  # '{variant}-q4_k_m-candidate' is exactly 80
     load_manifest(write(tmp_path, fits, "fits.yaml"))  # the schema accepts it
-    too_long = edit(fits, "q4_k_m]", "iq3_xxs]")
+    too_long = edit(fits, "quantize: [f16, Q8_0, q4_k_m]",
+                    "quantize: {types: [f16, Q8_0, iq3_xxs], imatrix: {text: calibration.txt}}")
     result = run_cli("validate", write(tmp_path, too_long, "long.yaml"))
     assert result.code == 2 and f": bake.variants.{variant}: the tag '{variant}-iq3_xxs'" in result.err
     assert "longer than Ollama's 80 characters" in result.err

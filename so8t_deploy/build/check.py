@@ -36,7 +36,7 @@ def check_readable(manifest: Manifest) -> None:
 def check_local_inputs(manifest: Manifest) -> list[str]:
     """Check everything knowable offline; returns notes about what could not be checked here."""
     check_readable(manifest)
-    notes = check_chat(manifest)
+    notes = check_chat(manifest) + check_calibration(manifest)
     if importlib.util.find_spec("torch") is None:
         return [*notes, "the ML stack (torch) is not installed here: model and adapter formats are checked by the "
                 "worker"]
@@ -51,6 +51,19 @@ def check_local_inputs(manifest: Manifest) -> list[str]:
     for scales in dict.fromkeys(manifest.bake.variants.values()):
         prepare_bake(Path(manifest.source.model), specs, scales)
     return notes
+
+
+def check_calibration(manifest: Manifest) -> list[str]:
+    """quantize.imatrix's data can be read (and chat data rendered by the model's template, for a local model)."""
+    imatrix = manifest.quantize.imatrix
+    if imatrix is None:
+        return []
+    from .calibration import load_calibration
+
+    chat_dir = Path(manifest.source.model) if manifest.source.is_local else None
+    if load_calibration(imatrix, chat_dir) is None:
+        return ["quantize.imatrix.chat is rendered by the model's chat template once the hub model's files are here"]
+    return []
 
 
 def source_family(manifest: Manifest) -> str | None:

@@ -9,11 +9,13 @@ downloads, at the commit the plan saw.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..external.hub import CHAT_FILES, HubUnavailableError, download, resolve_revision
 from ..manifest.schema import Manifest
 from ..progress import Progress
+from .calibration import load_calibration
 from .check import check_readable
 from .hashing import combined_digest
 from .plan import AdapterInput, BuildInputs
@@ -34,6 +36,17 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
     A downloaded hub model's cached files are checked against the hub's digests before every use: by size and
     mtime, or, with `verify_cache`, by hashing them again.
     """
+    inputs = _resolve_model(manifest, workspace, progress, download_model=download_model, hub_commit=hub_commit,
+                            manifest_path=manifest_path, offline=offline, verify_cache=verify_cache)
+    imatrix = manifest.quantize.imatrix
+    if imatrix is None or inputs.model_digest is None:
+        return inputs
+    return replace(inputs, calibration=load_calibration(imatrix, inputs.chat_dir))
+
+
+def _resolve_model(manifest: Manifest, workspace: Workspace, progress: Progress, *, download_model: bool,
+                   hub_commit: str | None, manifest_path: Path | None, offline: bool,
+                   verify_cache: bool) -> BuildInputs:
     check_readable(manifest)
     digests = workspace.digests()
     try:

@@ -15,10 +15,20 @@ from pathlib import Path
 from ..errors import BuildError
 from ..manifest.schema import Manifest
 from ..progress import Progress
-from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, plan_builds, variant_keys
+from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, imatrix_key, plan_builds, variant_keys
+from .provenance import imatrix_metadata
 from .runner import Runner
-from .steps import BakeStep, ConvertStep, GgufRecord, QuantizeStep
+from .steps import BakeStep, ConvertStep, GgufRecord, ImatrixResult, ImatrixStep, QuantizeStep
 from .workspace import Workspace
+
+CALIBRATION_FILE = "calibration.txt"  # beside an importance matrix: the text it was computed on, as used
+
+
+@dataclass(frozen=True)
+class BuiltImatrix:
+    path: Path
+    key: str
+    record: ImatrixResult
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class BuiltArtifact:
 class BuildReport:
     artifacts: list[BuiltArtifact] = field(default_factory=list)  # the tags asked for
     references: list[BuiltArtifact] = field(default_factory=list)  # each variant's converted float GGUF
+    baselines: list[BuiltArtifact] = field(default_factory=list)  # the tags' levels without the importance matrix
     built: int = 0  # steps that ran
     reused: int = 0  # steps found complete in the workspace
 
@@ -60,15 +71,23 @@ class Pipeline:
         self.runner, self.progress, self.verify_cache = runner, progress, verify_cache
         self.report = BuildReport()
 
-    def build(self, tags: list[str] | None = None) -> BuildReport:
-        """Build the GGUFs of `tags` (default: every tag) and each involved variant's reference."""
+    def build(self, tags: list[str] | None = None, *, baselines: bool = False) -> BuildReport:
+        """Build the GGUFs of `tags` (default: every tag) and each involved variant's reference; with `baselines`,
+        also their levels quantized without the importance matrix (what `eval` compares them with)."""
         plan = plan_builds(self.manifest, self.inputs, self.workspace)
         wanted = [t for t in plan.tags if tags is None or t.tag in tags]
         for variant in dict.fromkeys(t.variant for t in wanted):
             converted = self._convert(plan, variant)
             self.report.references.append(converted)
-            for tag in (t for t in wanted if t.variant == variant):
-                self.report.artifacts.append(converted if tag.stage == "convert" else self._quantize(tag, converted))
+            mine = [t for t in wanted if t.variant == variant]
+            matrix = self._imatrix(variant, converted) if any(t.imatrix_key for t in mine) else None
+            for tag in mine:
+                self.report.artifacts.append(converted if tag.stage == "convert" else
+                                             self._quantize(tag, converted, matrix if tag.imatrix_key else None))
+            if baselines:
+                names = {(t.variant, t.quant) for t in mine}
+                for baseline in (b for b in plan.baselines if (b.variant, b.quant) in names):
+                    self.report.baselines.append(self._quantize(baseline, converted, None))
         return self.report
 
     def _step(self, stage: str, key: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
@@ -110,22 +129,53 @@ class Pipeline:
     def _convert(self, plan: BuildPlan, variant: str) -> BuiltArtifact:
         bake_key, metadata, convert_key = variant_keys(self.manifest, self.inputs, variant)
         reference = next(r for r in plan.references if r.variant == variant)
-        outtype = convert_outtype(self.manifest.quantize)
+        outtype = convert_outtype(self.manifest.quantize.types)
 
         def convert(staging: Path) -> dict:
             baked = self._bake(variant, bake_key)
             step = ConvertStep(model_dir=baked, out_file=staging / reference.file_name, outtype=outtype,
-                               metadata=metadata)
+                               metadata=metadata, split_max_size=self.manifest.quantize.split_max_size)
             self.progress.step(f"convert {variant} -> {outtype} ...")
             return self.runner.run(step).model_dump()
 
         directory, record = self._step("convert", convert_key, convert)
         return _artifact(reference, directory, record)
 
-    def _quantize(self, tag: TagBuild, converted: BuiltArtifact) -> BuiltArtifact:
+    def _imatrix(self, variant: str, converted: BuiltArtifact) -> BuiltImatrix:
+        imatrix, calibration = self.manifest.quantize.imatrix, self.inputs.calibration
+        convert_key = variant_keys(self.manifest, self.inputs, variant)[2]
+        key = imatrix_key(self.manifest, calibration, convert_key)
+        if imatrix is None or calibration is None or key is None:
+            raise BuildError("internal: an importance matrix needs its calibration data")
+
+        def compute(staging: Path) -> dict:
+            text_file = staging / CALIBRATION_FILE
+            text_file.write_text(calibration.text, encoding="utf-8")
+            step = ImatrixStep(gguf=converted.path, text_file=text_file,
+                               out_file=staging / f"{self.manifest.name}-{variant}.imatrix.gguf",
+                               dataset=calibration.dataset, ctx=imatrix.ctx, chunks=imatrix.chunks,
+                               parse_special=calibration.parse_special)
+            self.progress.step(f"imatrix {variant} <- {calibration.dataset} ...")
+            return self.runner.run(step).model_dump()
+
+        directory, record = self._step("imatrix", key, compute)
+        result = ImatrixResult.model_validate({k: v for k, v in record.items() if k in ImatrixResult.model_fields})
+        return BuiltImatrix(directory / result.file, key, result)
+
+    def _quantize(self, tag: TagBuild, converted: BuiltArtifact, matrix: BuiltImatrix | None) -> BuiltArtifact:
+        metadata: dict[str, str | int] = {}
+        if matrix is not None:
+            calibration = self.inputs.calibration
+            assert calibration is not None  # _imatrix
+            metadata = imatrix_metadata(file=matrix.record.file, datasets=matrix.record.datasets,
+                                        entries=matrix.record.entries, chunks=matrix.record.chunks,
+                                        calibration=calibration.digest, imatrix_key=matrix.key)
+
         def quantize(staging: Path) -> dict:
-            step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant)
-            self.progress.step(f"quantize {tag.variant} -> {tag.quant} ...")
+            step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant,
+                                imatrix=matrix.path if matrix else None, metadata=metadata,
+                                split_max_size=self.manifest.quantize.split_max_size)
+            self.progress.step(f"quantize {tag.variant} -> {tag.quant}{' (imatrix)' if matrix else ''} ...")
             return self.runner.run(step).model_dump()
 
         assert tag.key is not None

@@ -18,7 +18,8 @@ from .. import __version__
 from ..frozen import Frozen
 from ..manifest.quant_types import lookup_quant_type
 from ..manifest.schema import AdapterRef, Manifest
-from .provenance import gguf_metadata, llama_cpp_label
+from .calibration import Calibration
+from .provenance import IMATRIX_KEY, gguf_metadata, llama_cpp_label
 from .steps import GgufRecord
 from .workspace import Workspace, cache_key
 
@@ -40,6 +41,7 @@ class BuildInputs:
     chat_dir: Path | None = None  # where its tokenizer and chat template files are (before a hub model's download)
     note: str = ""
     hub_commit: str | None = None  # the commit a hub model resolved to
+    calibration: Calibration | None = None  # quantize.imatrix's data, as used; None: none declared, or not known yet
 
     @property
     def adapter_digests(self) -> list[dict[str, str]]:
@@ -47,7 +49,7 @@ class BuildInputs:
 
 
 class BuildStep(Frozen):
-    stage: Literal["bake", "convert", "quantize"]
+    stage: Literal["bake", "convert", "imatrix", "quantize"]
     variant: str
     quant: str | None = None  # the GGUF type a convert or quantize writes
     key: str | None  # None: known only after an input is downloaded (see note)
@@ -65,8 +67,9 @@ class TagBuild(Frozen):
     stage: Literal["convert", "quantize"]
     key: str | None
     file_name: str
-    identity: dict[str, str] | None  # so8t.bake_key, so8t.llama_cpp, general.file_type; None if unknown
+    identity: dict[str, str] | None  # IDENTITY_KEYS (and so8t.imatrix_key when quantized with one); None if unknown
     record: GgufRecord | None = None  # when already built
+    imatrix_key: str | None = None  # the importance matrix it is quantized with
 
     @property
     def is_float(self) -> bool:
@@ -77,9 +80,13 @@ class BuildPlan(Frozen):
     steps: list[BuildStep]
     tags: list[TagBuild]
     references: list[TagBuild]  # each variant's converted float GGUF (the quality gate's reference)
+    baselines: list[TagBuild] = []  # with an importance matrix: the same levels without one, which `eval` compares
 
     def tag(self, name: str) -> TagBuild:
         return next(t for t in self.tags if t.tag == name)
+
+
+IDENTITY_KEYS = ("so8t.bake_key", "so8t.llama_cpp", "general.file_type")  # what identifies a GGUF's bytes
 
 
 def convert_outtype(ladder: list[str]) -> str:
@@ -106,16 +113,40 @@ def variant_keys(manifest: Manifest, inputs: BuildInputs, variant: str) -> tuple
                          scales=scales, dtype=manifest.bake.dtype)
     metadata = gguf_metadata(source=inputs.source_label, adapters=inputs.adapter_digests, scales=scales,
                              variant=variant, manifest_name=manifest.name, bake_key=bake_key)
-    convert_key = cache_key(stage="convert", bake=bake_key, outtype=convert_outtype(manifest.quantize),
-                            llama=llama_cpp_label(), metadata=metadata)
+    convert_key = cache_key(stage="convert", bake=bake_key, outtype=convert_outtype(manifest.quantize.types),
+                            llama=llama_cpp_label(), metadata=metadata, **_split(manifest))
     return bake_key, metadata, convert_key
 
 
+def _split(manifest: Manifest) -> dict[str, int]:
+    """The split size as a key field, only when set: the keys of unsplit builds stay what they were."""
+    size = manifest.quantize.split_max_size
+    return {} if size is None else {"split_max_size": size}
+
+
+def imatrix_key(manifest: Manifest, calibration: Calibration | None, convert_key: str | None) -> str | None:
+    """The key of a variant's importance matrix: its float GGUF, the calibration text as used, the settings."""
+    imatrix = manifest.quantize.imatrix
+    if imatrix is None or calibration is None or convert_key is None:
+        return None
+    return cache_key(stage="imatrix", convert=convert_key, calibration=calibration.digest,
+                     parse_special=calibration.parse_special, ctx=imatrix.ctx, chunks=imatrix.chunks,
+                     llama=llama_cpp_label())
+
+
+def quantize_key(manifest: Manifest, convert_key: str, quant: str, imatrix: str | None) -> str:
+    fields: dict[str, object] = {"convert": convert_key, "quant": quant, "llama": llama_cpp_label()}
+    if imatrix is not None:
+        fields["imatrix"] = imatrix
+    return cache_key(stage="quantize", **fields, **_split(manifest))
+
+
 def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -> BuildPlan:
-    outtype, llama = convert_outtype(manifest.quantize), llama_cpp_label()
+    outtype, declared = convert_outtype(manifest.quantize.types), manifest.quantize.imatrix is not None
     steps: list[BuildStep] = []
     tags: list[TagBuild] = []
     references: list[TagBuild] = []
+    baselines: list[TagBuild] = []
     note = inputs.note if inputs.model_digest is None else ""
     for variant in manifest.bake.variants:
         bake_key = convert_key = None
@@ -127,24 +158,33 @@ def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -
         steps.append(BuildStep(stage="convert", variant=variant, quant=outtype, key=convert_key, upstream=bake_key,
                                cached=converted.record is not None, note=note))
         references.append(converted)
-        for quant in manifest.quantize:
+        matrix = imatrix_key(manifest, inputs.calibration, convert_key)
+        if declared:
+            steps.append(BuildStep(stage="imatrix", variant=variant, key=matrix, upstream=convert_key, note=note,
+                                   cached=bool(matrix and workspace.lookup("imatrix", matrix))))
+        for quant in manifest.quantize.types:
             if quant == outtype:
                 tags.append(converted)
                 continue
-            key = cache_key(stage="quantize", convert=convert_key, quant=quant, llama=llama) if convert_key else None
-            built = _tag_build(manifest, variant, quant, "quantize", key, bake_key, workspace)
-            steps.append(BuildStep(stage="quantize", variant=variant, quant=quant, key=key, upstream=convert_key,
-                                   cached=built.record is not None, note=note))
+            key = quantize_key(manifest, convert_key, quant, matrix) if convert_key and (matrix or not declared) \
+                else None
+            built = _tag_build(manifest, variant, quant, "quantize", key, bake_key, workspace, matrix if declared
+                               else None)
+            steps.append(BuildStep(stage="quantize", variant=variant, quant=quant, key=key, upstream=matrix or
+                                   convert_key, cached=built.record is not None, note=note))
             tags.append(built)
-    return BuildPlan(steps=steps, tags=tags, references=references)
+            if declared and not lookup_quant_type(quant).needs_imatrix:
+                plain = quantize_key(manifest, convert_key, quant, None) if convert_key else None
+                baselines.append(_tag_build(manifest, variant, quant, "quantize", plain, bake_key, workspace))
+    return BuildPlan(steps=steps, tags=tags, references=references, baselines=baselines)
 
 
 def _tag_build(manifest: Manifest, variant: str, quant: str, stage: Literal["convert", "quantize"], key: str | None,
-               bake_key: str | None, workspace: Workspace) -> TagBuild:
+               bake_key: str | None, workspace: Workspace, matrix: str | None = None) -> TagBuild:
     identity = None
     if bake_key is not None:
-        identity = {"so8t.bake_key": bake_key, "so8t.llama_cpp": llama_cpp_label(),
-                    "general.file_type": str(lookup_quant_type(quant).ftype)}
+        values = (bake_key, llama_cpp_label(), str(lookup_quant_type(quant).ftype))
+        identity = dict(zip(IDENTITY_KEYS, values, strict=True)) | ({IMATRIX_KEY: matrix} if matrix else {})
     return TagBuild(tag=manifest.tag(variant, quant), variant=variant, quant=quant, stage=stage, key=key,
                     file_name=f"{manifest.name}-{variant}-{quant}.gguf", identity=identity,
-                    record=_record(workspace, stage, key))
+                    record=_record(workspace, stage, key), imatrix_key=matrix)

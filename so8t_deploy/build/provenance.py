@@ -17,6 +17,8 @@ from ..external.llamacpp import LLAMA_CPP_PYTHON_VERSION
 from .hashing import DigestCache, combined_digest
 
 PROVENANCE_FILE = "so8t_bake.json"  # what a bake writes beside its weights
+IMATRIX_KEY = "so8t.imatrix_key"  # the importance matrix a GGUF was quantized with: part of its identity
+CALIBRATION_KEY = "so8t.calibration"  # sha256 of the calibration text, as used
 
 
 def llama_cpp_label() -> str:
@@ -53,6 +55,19 @@ def gguf_metadata(*, source: str, adapters: list[dict[str, str]], scales: dict[s
         "so8t.bake_key": bake_key,
         "so8t.llama_cpp": llama_cpp_label(),
     }
+
+
+def imatrix_metadata(*, file: str, datasets: list[str], entries: int, chunks: int, calibration: str,
+                     imatrix_key: str) -> dict[str, str | int]:
+    """What a GGUF quantized with an importance matrix records: llama-quantize's own `quantize.imatrix.*` keys
+    (the file by its name, not a path, so the bytes do not depend on the machine), and the so8t.* provenance."""
+    keys: dict[str, str | int] = {"quantize.imatrix.file": file}
+    if datasets:
+        keys["quantize.imatrix.dataset"] = datasets[0]  # llama-quantize records the first
+    keys["quantize.imatrix.entries_count"] = entries
+    if chunks > 0:
+        keys["quantize.imatrix.chunks_count"] = chunks
+    return keys | {CALIBRATION_KEY: calibration, IMATRIX_KEY: imatrix_key}
 
 
 def bake_output_metadata(model_dir: Path) -> dict[str, str]:

@@ -31,11 +31,23 @@ class GgufRecord(_Model):
     file_type: int | None
     architecture: str | None
     metadata: dict[str, str] = Field(default_factory=dict)  # the so8t.* provenance keys
+    parts: list[str] = Field(default_factory=list)  # a split GGUF's files, `file` first; sha256 is over their digests
 
 
 class BakeResult(_Model):
     folded: int
     copied: int
+
+
+class ImatrixResult(_Model):
+    """llama.cpp's importance matrix, as llama-quantize records it in what it quantizes."""
+
+    file: str
+    entries: int
+    chunks: int
+    chunk_size: int
+    datasets: list[str]
+    sha256: str
 
 
 class QuantMetrics(_Model):
@@ -82,6 +94,7 @@ class ConvertStep(_Step):
     out_file: Path
     outtype: str
     metadata: dict[str, str]
+    split_max_size: int | None = None  # larger: written as llama.cpp split files
     result_model: ClassVar[type[BaseModel]] = GgufRecord
 
     def mounts(self) -> tuple[list[Path], list[Path]]:
@@ -93,10 +106,31 @@ class QuantizeStep(_Step):
     in_file: Path
     out_file: Path
     quant: str
+    imatrix: Path | None = None
+    metadata: dict[str, str | int] = Field(default_factory=dict)  # written into the GGUF (quantize.imatrix.*, so8t.*)
+    split_max_size: int | None = None
     result_model: ClassVar[type[BaseModel]] = GgufRecord
 
     def mounts(self) -> tuple[list[Path], list[Path]]:
-        return [self.in_file.parent], [self.out_file.parent]
+        inputs = [self.in_file.parent] + ([self.imatrix.parent] if self.imatrix else [])
+        return inputs, [self.out_file.parent]
+
+
+class ImatrixStep(_Step):
+    """llama.cpp's importance matrix of a float GGUF, computed on calibration text (llama-imatrix's statistics)."""
+
+    kind: Literal["imatrix"] = "imatrix"
+    gguf: Path
+    text_file: Path
+    out_file: Path
+    dataset: str
+    ctx: int
+    chunks: int | None
+    parse_special: bool
+    result_model: ClassVar[type[BaseModel]] = ImatrixResult
+
+    def mounts(self) -> tuple[list[Path], list[Path]]:
+        return [self.gguf.parent, self.text_file.parent], [self.out_file.parent]
 
 
 class InspectStep(_Step):
@@ -121,7 +155,8 @@ class EvalStep(_Step):
         return sorted({p.parent for p in (self.reference, *self.candidates)}), []
 
 
-WorkerStep = Annotated[BakeStep | ConvertStep | QuantizeStep | InspectStep | EvalStep, Field(discriminator="kind")]
+WorkerStep = Annotated[BakeStep | ConvertStep | ImatrixStep | QuantizeStep | InspectStep | EvalStep,
+                      Field(discriminator="kind")]
 
 
 class StepEnvelope(_Model):

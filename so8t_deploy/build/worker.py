@@ -15,27 +15,48 @@ from .. import __version__
 from ..errors import BuildError
 from ..fsutil import write_atomic
 from ..progress import SILENT, Progress
-from .hashing import DigestCache, sha256_file
+from .hashing import DigestCache, combined_digest, sha256_file
 from .steps import (
     BakeResult,
     BakeStep,
     ConvertStep,
     EvalStep,
     GgufRecord,
+    ImatrixResult,
+    ImatrixStep,
     InspectStep,
     QuantizeStep,
     StepEnvelope,
     WorkerStep,
 )
 
+PROGRESS_EVERY_S = 10.0
+
 
 def gguf_record(path: Path) -> GgufRecord:
+    """The record of a GGUF, or of a split set given its first file (sha256 then over the parts' digests)."""
     from ..external.gguf_info import read_gguf_info
 
     info = read_gguf_info(path)
-    return GgufRecord(file=path.name, size=path.stat().st_size, sha256=sha256_file(path),
+    digests = {part.name: sha256_file(part) for part in info.parts}
+    split = len(info.parts) > 1
+    return GgufRecord(file=path.name, size=sum(part.stat().st_size for part in info.parts),
+                      sha256=combined_digest(digests) if split else digests[path.name],
                       bits_per_weight=round(info.bits_per_weight, 4), file_type=info.file_type,
-                      architecture=info.architecture, metadata=info.metadata)
+                      architecture=info.architecture, metadata=info.metadata,
+                      parts=[part.name for part in info.parts] if split else [])
+
+
+def _split(path: Path, max_bytes: int | None) -> Path:
+    """The file to record: `path` itself, or the first of the split files that replace it."""
+    if max_bytes is None:
+        return path
+    from ..external.gguf_split import split_gguf
+
+    parts = split_gguf(path, path.parent, path.name.removesuffix(".gguf"), max_bytes)
+    if parts != [path]:
+        path.unlink()
+    return parts[0]
 
 
 def _bake(step: BakeStep, progress: Progress) -> BakeResult:
@@ -76,7 +97,29 @@ def _convert(step: ConvertStep, progress: Progress, converter_root: Path | None)
 
     convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype, step.metadata,
                     on_progress=_percent(progress, f"convert -> {step.out_file.name}"))
-    return gguf_record(step.out_file)
+    return gguf_record(_split(step.out_file, step.split_max_size))
+
+
+def _imatrix(step: ImatrixStep, progress: Progress) -> ImatrixResult:
+    import time
+
+    from ..external.imatrix_compute import compute_imatrix
+
+    label, started, last = f"imatrix {step.gguf.name} <- {step.dataset}", time.monotonic(), [-PROGRESS_EVERY_S]
+
+    def report(done: int, total: int) -> None:
+        # Lines, not a bar, so a log or a container's output shows them too: the first and last chunk, and
+        # one every PROGRESS_EVERY_S between, with the chunks done, the time so far and the estimate for the rest.
+        elapsed = time.monotonic() - started
+        if done in (1, total) or elapsed - last[0] >= PROGRESS_EVERY_S:
+            last[0] = elapsed
+            left = elapsed / done * (total - done)
+            progress.step(f"{label}: chunk {done}/{total}, {elapsed:.0f} s elapsed, about {left:.0f} s left")
+
+    info = compute_imatrix(step.gguf, step.text_file, step.out_file, dataset=step.dataset, ctx=step.ctx,
+                           chunks=step.chunks, parse_special=step.parse_special, on_progress=report)
+    return ImatrixResult(file=step.out_file.name, entries=info.entries, chunks=info.chunks,
+                         chunk_size=info.chunk_size, datasets=list(info.datasets), sha256=sha256_file(step.out_file))
 
 
 def _quantize(step: QuantizeStep, progress: Progress) -> GgufRecord:
@@ -84,9 +127,9 @@ def _quantize(step: QuantizeStep, progress: Progress) -> GgufRecord:
     from ..manifest.quant_types import lookup_quant_type
 
     update = _percent(progress, f"quantize -> {step.out_file.name}")
-    quantize_gguf(step.in_file, step.out_file, lookup_quant_type(step.quant),
-                  on_progress=lambda done, total: update(100 * done // max(total, 1)))
-    return gguf_record(step.out_file)
+    quantize_gguf(step.in_file, step.out_file, lookup_quant_type(step.quant), imatrix=step.imatrix,
+                  metadata=step.metadata, on_progress=lambda done, total: update(100 * done // max(total, 1)))
+    return gguf_record(_split(step.out_file, step.split_max_size))
 
 
 def _evaluate(step: EvalStep) -> BaseModel:
@@ -101,6 +144,8 @@ def execute(step: WorkerStep, progress: Progress = SILENT, converter_root: Path 
         return _bake(step, progress)
     if isinstance(step, ConvertStep):
         return _convert(step, progress, converter_root)
+    if isinstance(step, ImatrixStep):
+        return _imatrix(step, progress)
     if isinstance(step, QuantizeStep):
         return _quantize(step, progress)
     if isinstance(step, InspectStep):

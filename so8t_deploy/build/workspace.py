@@ -180,8 +180,11 @@ def _damage(directory: Path, stamps: dict[str, list[int]], verify_record: dict |
         if stat.st_size != size or stat.st_mtime_ns != mtime_ns:
             return f"{directory / name} changed since it was built (size {stat.st_size}, was {size})"
     if verify_record and verify_record.get("sha256") and verify_record.get("file"):
-        from .hashing import sha256_file
+        from .hashing import combined_digest, sha256_file
 
-        if sha256_file(directory / verify_record["file"]) != verify_record["sha256"]:
+        parts = verify_record.get("parts") or []  # a split GGUF: its sha256 is over its parts' digests
+        found = combined_digest({p: sha256_file(directory / p) for p in parts}) if parts else \
+            sha256_file(directory / verify_record["file"])
+        if found != verify_record["sha256"]:
             return f"{directory / verify_record['file']} does not hash to its recorded sha256"
     return None

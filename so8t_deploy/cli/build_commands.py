@@ -106,6 +106,28 @@ def quantize(
 
 
 @app.command()
+def imatrix(
+    source: Annotated[Path, typer.Argument(help="Float GGUF (f32, f16 or bf16) to compute it from.")],
+    text: Annotated[Path, typer.Option("--text", help="Calibration text (plain text).")],
+    out: Annotated[Path, typer.Option("--out", help="Importance matrix GGUF to write (for quantize --imatrix).")],
+    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per chunk.")] = 512,
+    chunks: Annotated[int | None, typer.Option("--chunks", help="Use at most this many chunks (default: all).")] = None,
+) -> None:
+    """Compute llama.cpp's importance matrix of a GGUF on calibration text (llama-imatrix's statistics)."""
+    import time
+
+    from ..external.imatrix_compute import compute_imatrix
+
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        typer.echo(f"chunk {done}/{total}, {time.monotonic() - started:.0f} s elapsed", err=True)
+
+    info = compute_imatrix(source, text, out, dataset=text.name, ctx=ctx, chunks=chunks, on_progress=report)
+    typer.echo(f"{out}: {info.entries} entries from {info.chunks} chunks of {info.chunk_size} tokens")
+
+
+@app.command()
 def build(
     manifest: ManifestArg,
     cache_dir: CacheOpt = DEFAULT_CACHE,

@@ -270,9 +270,17 @@ def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_jso
     if as_json:
         print_json([dataclasses.asdict(r) | {"gate": v} for r, v in zip(results, verdicts, strict=True)])
         return
-    rows = [(r.tag, r.reference, f"{r.mean_kl:.5f}", f"{r.p99_kl:.5f}", f"{r.top1:.3f}", f"{r.perplexity:.2f}",
-             human_size(r.size), f"{r.bits_per_weight:.2f}", f"{r.tokens_per_second:.0f}",
-             "; ".join(v) or ("pass" if manifest.quality.gated else "-"))
-            for r, v in zip(results, verdicts, strict=True)]
-    print_table("Quality", ["tag", "vs", "mean KL", "p99 KL", "top-1", "ppl", "size", "bpw", "tokens/s", "gate"],
-                rows)
+    with_imatrix = manifest.quantize.imatrix is not None
+    rows = []
+    for r, v in zip(results, verdicts, strict=True):
+        without = [_or_dash(r.without_mean_kl, ".5f"), _or_dash(r.without_top1, ".3f")] if with_imatrix else []
+        rows.append((r.tag, r.reference, f"{r.mean_kl:.5f}", f"{r.p99_kl:.5f}", f"{r.top1:.3f}", *without,
+                     f"{r.perplexity:.2f}", human_size(r.size), f"{r.bits_per_weight:.2f}",
+                     f"{r.tokens_per_second:.0f}", "; ".join(v) or ("pass" if manifest.quality.gated else "-")))
+    columns = ["tag", "vs", "mean KL", "p99 KL", "top-1", *(["KL w/o imatrix", "top-1 w/o"] if with_imatrix else []),
+               "ppl", "size", "bpw", "tokens/s", "gate"]
+    print_table("Quality", columns, rows)
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -14,7 +14,7 @@ from ..errors import HostError
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import SILENT, Progress
-from ..quality.evaluate import QuantQuality, evaluate
+from ..quality.evaluate import QuantQuality, check_held_out, eval_text, evaluate
 from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile
@@ -51,7 +51,8 @@ def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress =
                   manifest_path: Path | None = None) -> list[QuantQuality]:
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
     runner = runner_for(manifest, workspace, progress)
-    report = Pipeline(manifest, inputs, workspace, runner, progress).build()
+    check_held_out(eval_text(manifest), inputs.calibration)
+    report = Pipeline(manifest, inputs, workspace, runner, progress).build(baselines=True)
     return evaluate(manifest, report, workspace, runner)
 
 

@@ -240,11 +240,16 @@ def gguf_file_type(path: Path) -> int | None:
     return read_gguf_info(path).file_type
 
 
+KV_VALUE_MAX = 127  # llama_model_kv_override holds a string in char[128]
+
+
 def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: Path | None = None,
-                  allow_requantize: bool = False, threads: int | None = None,
-                  on_progress: Callable[[int, int], None] | None = None) -> None:
+                  metadata: dict[str, str | int] | None = None, allow_requantize: bool = False,
+                  threads: int | None = None, on_progress: Callable[[int, int], None] | None = None) -> None:
     """llama.cpp's quantizer through the pinned library; out_file appears only on success.
 
+    `metadata` is written into the output as llama-quantize's --override-kv writes it (ints as u32): how
+    llama-quantize records an importance matrix (`quantize.imatrix.*`), and this project's provenance.
     `on_progress(tensors done, tensors)` follows llama.cpp's per-tensor log lines.
     """
     if quant.needs_imatrix and imatrix is None:
@@ -261,6 +266,10 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
     command = [sys.executable, "-m", "so8t_deploy.external.quantize_runner", str(in_file), str(staging),
                str(quant.ftype), "--threads", str(threads or os.cpu_count() or 1)]
     command += ["--imatrix", str(imatrix)] if imatrix is not None else []
+    for key, value in (metadata or {}).items():
+        if len(key) > KV_VALUE_MAX or len(str(value).encode()) > KV_VALUE_MAX:
+            raise BuildError(f"internal: metadata {key} does not fit llama.cpp's {KV_VALUE_MAX}-byte override")
+        command += ["--kv", f"{key}={'int' if isinstance(value, int) else 'str'}:{value}"]
     command += ["--allow-requantize"] if allow_requantize else []
 
     def follow(line: str) -> None:

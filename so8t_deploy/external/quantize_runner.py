@@ -38,6 +38,23 @@ def _imatrix_array(entries: dict[str, list[float]]):
     return array, buffers
 
 
+def _kv_overrides(pairs: list[str]):
+    """A key-terminated llama_model_kv_override[] from KEY=int:N / KEY=str:TEXT, as llama-quantize's
+    --override-kv: llama_model_quantize writes each into the output's metadata (ints as u32)."""
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_kv_override * (len(pairs) + 1))()
+    for item, pair in zip(array, pairs, strict=False):
+        key, _, typed = pair.partition("=")
+        kind, _, value = typed.partition(":")
+        item.key = key.encode()
+        if kind == "int":
+            item.tag, item.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+        else:
+            item.tag, item.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+    return array
+
+
 def _report(done: int, total: int) -> None:
     sys.stdout.write(f"{PROGRESS_PREFIX}{done} {total}\n")  # the protocol to the parent, not user output
     sys.stdout.flush()
@@ -51,6 +68,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("ftype", type=int)
     parser.add_argument("--imatrix", type=Path)
+    parser.add_argument("--kv", action="append", default=[], help="KEY=int:N or KEY=str:TEXT, written as metadata")
     parser.add_argument("--allow-requantize", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
@@ -65,9 +83,12 @@ def main(argv: list[str]) -> int:
     if args.imatrix is not None:
         keepalive = _imatrix_array(load_imatrix(args.imatrix))
         params.imatrix = ctypes.cast(keepalive[0], type(params.imatrix))
+    overrides = _kv_overrides(args.kv) if args.kv else None
+    if overrides is not None:
+        params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
     with watching(tensor_progress(_report)):
         rc = llama_cpp.llama_model_quantize(str(args.source).encode(), str(args.out).encode(), ctypes.byref(params))
-    del keepalive
+    del keepalive, overrides
     LOGGER.debug("llama_model_quantize returned %d", rc)
     return 0 if rc == 0 else 1
 

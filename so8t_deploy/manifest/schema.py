@@ -13,14 +13,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from ..chat.library import AUTO, BUILTINS
 from ..errors import UsageError
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
 from .deploy_schema import REGISTRY_COMPONENT_RE, Distribution, Quality, Rollout, SmokeTest, Target
 from .modelfile import ModelfileSyntaxError, quote
-from .quant_types import lookup_quant_type
+from .quant_types import lookup_quant_type, parse_split_size
 
 API_VERSION = "so8t-deploy/v1"
 DEFAULT_VARIANT = "default"
@@ -251,6 +253,107 @@ def _option_has_type(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
+IMATRIX_MAX_CHUNKS = 100_000
+
+
+class Imatrix(Frozen):
+    """Calibration data for llama.cpp's importance matrix: computed once per variant from its float GGUF."""
+
+    text: Path | None = Field(default=None, description="Plain text file to calibrate on (relative to the "
+                              "manifest's directory).")
+    chat: Path | None = Field(default=None, description="JSON Lines file, one conversation per line "
+                              "({\"messages\": [{\"role\": ..., \"content\": ...}]}), rendered through the model's "
+                              "own chat template before it is used.")
+    chunks: int | None = Field(default=None, ge=1, le=IMATRIX_MAX_CHUNKS,
+                               description="Use at most this many chunks of `ctx` tokens; default: all.")
+    ctx: int = Field(default=512, ge=32, le=8192, description="Tokens per chunk (llama-imatrix's context size).")
+
+    @field_validator("text", "chat", mode="before")
+    @classmethod
+    def _resolve(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str) and value.strip():
+            return str(resolve_local(value, info))
+        raise ValueError("must be a non-empty path")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Imatrix:
+        if (self.text is None) == (self.chat is None):
+            raise ValueError("declare exactly one of text: (a plain text file) or chat: (a .jsonl of conversations)")
+        if self.chat is not None and self.chat.suffix != ".jsonl":
+            raise ValueError(f"chat: {self.chat.name} must be a .jsonl file (one conversation per line)")
+        return self
+
+    @property
+    def source(self) -> Path:
+        path = self.text or self.chat
+        assert path is not None  # _one_source
+        return path
+
+
+def _canonical_types(value: list[Any]) -> list[str]:
+    if not value:
+        raise ValueError("must list at least one quant type")
+    names: list[str] = []
+    for raw in value:
+        if not isinstance(raw, str):
+            raise ValueError(f"quant types are llama.cpp names such as q4_k_m, got {raw!r}")
+        try:
+            quant = lookup_quant_type(raw)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        if quant.name in names:
+            raise ValueError(f"duplicate quant type {quant.name!r}")
+        names.append(quant.name)
+    return names
+
+
+class Quantize(Frozen):
+    """The quant ladder: the types, the importance matrix they use, and the largest file written."""
+
+    types: list[str] = Field(description="llama.cpp quant types, case-insensitive, no duplicates.")
+    imatrix: Imatrix | None = Field(default=None, description="Compute an importance matrix from this calibration "
+                                    "data and use it at every quant level; the IQ types and q2_k_s need one.")
+    split_max_size: int | None = Field(default=None, description="Write a GGUF larger than this as llama.cpp split "
+                                       "files (gguf-split's --split-max-size: a byte count, or 500M, 50G).")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """A list of types, or the mapping: what `_list_means_types` accepts."""
+        return {"anyOf": [{"type": "array", "items": {"type": "string"}}, handler(core_schema)],
+                "description": cls.__doc__ and " ".join(cls.__doc__.split())}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_means_types(cls, value: Any) -> Any:
+        # The types are checked here, before the fields: a bad name is then reported at `quantize`, where a
+        # manifest that lists the types writes it, rather than at `quantize.types`, which it never wrote.
+        if isinstance(value, list):
+            value = {"types": value}
+        if isinstance(value, dict) and isinstance(value.get("types"), list):
+            value = {**value, "types": _canonical_types(value["types"])}
+        return value
+
+    @field_validator("split_max_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_split_size(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"must be a size such as 50G or a positive byte count, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _imatrix_where_needed(self) -> Quantize:
+        if self.imatrix is None:
+            needing = [name for name in self.types if lookup_quant_type(name).wants_imatrix]
+            if needing:
+                raise ValueError(f"{', '.join(needing)} {'needs' if len(needing) == 1 else 'need'} an importance "
+                                 "matrix: declare quantize.imatrix (text: or chat: calibration data)")
+        return self
+
+
 class Runtime(Frozen):
     backend: Literal["local", "docker"] = Field(
         default="local", description="Where bake/convert/quantize run: in-process, or in a worker container."
@@ -284,7 +387,8 @@ class Manifest(Frozen):
                            "adapters folded into it, in order.")
     bake: Bake = Field(default_factory=Bake, description="How the adapters are folded: the output dtype, and the "
                        "variants, each with its own scales per adapter group.")
-    quantize: list[str] = Field(description="llama.cpp quant types, case-insensitive, no duplicates.")
+    quantize: Quantize = Field(description="The quant ladder: a list of llama.cpp types, or a mapping of types:, "
+                               "imatrix: (calibration data) and split_max_size:.")
     modelfile: Modelfile = Field(default_factory=Modelfile, description="What every tag's Modelfile says: the "
                                  "chat template, the system prompt and the Ollama parameters.")
     runtime: Runtime = Field(default_factory=Runtime, description="Where bake, convert and quantize run: in this "
@@ -305,24 +409,6 @@ class Manifest(Frozen):
             raise ValueError(f"model name {value!r} must match [a-z0-9][a-z0-9._-]*, at most 64 characters")
         return value
 
-    @field_validator("quantize")
-    @classmethod
-    def _check_quantize(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("must list at least one quant type")
-        names: list[str] = []
-        for raw in value:
-            try:
-                quant = lookup_quant_type(raw)
-            except KeyError as e:
-                raise ValueError(e.args[0]) from None
-            if quant.needs_imatrix:
-                raise ValueError(f"{quant.name} needs an importance matrix, which manifests do not provide")
-            if quant.name in names:
-                raise ValueError(f"duplicate quant type {quant.name!r}")
-            names.append(quant.name)
-        return names
-
     @field_validator("targets")
     @classmethod
     def _unique_target_names(cls, value: list[Target]) -> list[Target]:
@@ -333,6 +419,15 @@ class Manifest(Frozen):
             seen.add(target.name)
         return value
 
+    @field_validator("targets")
+    @classmethod
+    def _targets_take_one_file(cls, value: list[Target], info: ValidationInfo) -> list[Target]:
+        quantize = info.data.get("quantize")
+        if value and quantize is not None and quantize.split_max_size is not None:
+            raise ValueError(f"{value[0].name!r}: Ollama cannot import split GGUFs (its create takes one file per "
+                             "model layer); remove quantize.split_max_size to deploy, or the targets to only build")
+        return value
+
     @field_validator("distribution")
     @classmethod
     def _name_fits_registry(cls, value: Distribution, info: ValidationInfo) -> Distribution:
@@ -340,6 +435,15 @@ class Manifest(Frozen):
         if value.registry is not None and name is not None and not REGISTRY_COMPONENT_RE.match(name):
             raise ValueError(f"the model name {name!r} cannot be an OCI repository name: lowercase letters and "
                              "digits joined by '.', '_' or '-', with no separator at either end or two in a row")
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _held_out(cls, value: Quality, info: ValidationInfo) -> Quality:
+        quantize = info.data.get("quantize")
+        imatrix = quantize.imatrix if quantize is not None else None
+        if imatrix is not None and value.eval_text is not None and value.eval_text == imatrix.source:
+            raise ValueError("eval_text is the importance matrix's calibration data: evaluate on held-out text")
         return value
 
     @field_validator("rollout")
@@ -354,7 +458,7 @@ class Manifest(Frozen):
     def _tags_fit_ollama(self) -> Manifest:
         longest = max(TAG_SUFFIXES, key=len)
         for variant in self.bake.variants:
-            for quant in self.quantize:
+            for quant in self.quantize.types:
                 tag = self.tag(variant, quant).split(":", 1)[1]
                 if len(tag) + len(longest) > OLLAMA_NAME_PART_MAX:
                     raise ValueError(f"bake.variants.{variant}: the tag {tag!r} plus its suffix "
@@ -368,7 +472,7 @@ class Manifest(Frozen):
 
     def tags(self) -> list[str]:
         """Every tag the manifest names, variant by variant."""
-        return [self.tag(variant, quant) for variant in self.bake.variants for quant in self.quantize]
+        return [self.tag(variant, quant) for variant in self.bake.variants for quant in self.quantize.types]
 
     def tag(self, variant: str, quant: str) -> str:
         """Ollama tag of one variant at one quant level."""

@@ -12,10 +12,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 
+from ..build.calibration import Calibration
 from ..build.pipeline import BuildReport, BuiltArtifact
 from ..build.plan import BuildPlan, TagBuild
-from ..build.provenance import llama_cpp_label
+from ..build.provenance import IMATRIX_KEY, llama_cpp_label
 from ..build.runner import Runner
 from ..build.steps import EvalResult, EvalStep, GgufRecord
 from ..build.workspace import Workspace, cache_key
@@ -36,6 +38,12 @@ class QuantQuality:
     size: int
     bits_per_weight: float
     tokens_per_second: float
+    imatrix: bool = False  # quantized with the manifest's importance matrix
+    # The same level quantized without it, on the same windows (None: no importance matrix, a float level, or a
+    # type llama.cpp cannot make without one).
+    without_mean_kl: float | None = None
+    without_top1: float | None = None
+    without_size: int | None = None
 
 
 def gate_failures(manifest: Manifest, metrics: dict) -> list[str]:
@@ -56,6 +64,13 @@ def eval_text(manifest: Manifest) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as e:
         raise ManifestError(f"quality.eval_text: cannot read {path}: {e.strerror}") from e
+
+
+def check_held_out(text: str, calibration: Calibration | None) -> None:
+    """The eval text must be held out: measuring on what the importance matrix was computed from would flatter it."""
+    if calibration is not None and text.strip() and text.strip() in calibration.text:
+        raise ManifestError(f"quality.eval_text: the text is part of the importance matrix's calibration data "
+                            f"({calibration.dataset}); evaluate on held-out text")
 
 
 def _eval_key(manifest: Manifest, text: str, reference: GgufRecord, candidate: GgufRecord) -> str:
@@ -86,28 +101,43 @@ def cached_gate(manifest: Manifest, plan: BuildPlan, workspace: Workspace) -> di
 
 
 def evaluate(manifest: Manifest, report: BuildReport, workspace: Workspace, runner: Runner) -> list[QuantQuality]:
-    """Quality of every built tag against its variant's reference; what is not cached is computed."""
-    text, q = eval_text(manifest), manifest.quality
+    """Quality of every built tag (and of its level without the importance matrix) against its variant's
+    reference; what is not cached is computed."""
+    text = eval_text(manifest)
     results = []
     for variant in dict.fromkeys(a.variant for a in report.artifacts):
-        candidates = [a for a in report.artifacts if a.variant == variant]
         reference: BuiltArtifact = _reference(variant, report.references)
-        keys = {a.tag: _eval_key(manifest, text, reference.record, a.record) for a in candidates}
-        missing = [a for a in candidates if workspace.lookup("eval", keys[a.tag]) is None]
-        if missing:
-            result = runner.run(EvalStep(reference=reference.path, candidates=[a.path for a in missing], text=text,
-                                         windows=q.windows, context=q.context))
-            assert isinstance(result, EvalResult)
-            for artifact, metrics in zip(missing, result.metrics, strict=True):
-                with workspace.lock(f"eval-{keys[artifact.tag]}"), \
-                        workspace.produce("eval", keys[artifact.tag]) as (_, record):
-                    record.update(metrics.model_dump(mode="json", exclude={"candidate"}))
+        candidates = [a for a in report.artifacts if a.variant == variant]
+        baselines = {a.quant: a for a in report.baselines if a.variant == variant}
+        metrics = _metrics(manifest, text, reference, [*candidates, *baselines.values()], workspace, runner)
         for artifact in candidates:
-            m = workspace.lookup("eval", keys[artifact.tag]) or {}
+            m, without = metrics[artifact.path], baselines.get(artifact.quant)
+            w = metrics[without.path] if without else None
             results.append(QuantQuality(variant, artifact.tag, artifact.quant, reference.quant, m["mean_kl"],
                                         m["p99_kl"], m["top1"], m["perplexity"], artifact.size,
-                                        artifact.bits_per_weight, m["tokens_per_second"]))
+                                        artifact.bits_per_weight, m["tokens_per_second"],
+                                        imatrix=IMATRIX_KEY in artifact.record.metadata,
+                                        without_mean_kl=w["mean_kl"] if w else None,
+                                        without_top1=w["top1"] if w else None,
+                                        without_size=without.size if without else None))
     return results
+
+
+def _metrics(manifest: Manifest, text: str, reference: BuiltArtifact, artifacts: list[BuiltArtifact],
+             workspace: Workspace, runner: Runner) -> dict[Path, dict]:
+    """Each artifact's cached numbers, computing (in one EvalStep) those not cached yet."""
+    q = manifest.quality
+    keys = {a.path: _eval_key(manifest, text, reference.record, a.record) for a in artifacts}
+    missing = [a for a in artifacts if workspace.lookup("eval", keys[a.path]) is None]
+    if missing:
+        result = runner.run(EvalStep(reference=reference.path, candidates=[a.path for a in missing], text=text,
+                                     windows=q.windows, context=q.context))
+        assert isinstance(result, EvalResult)
+        for artifact, metrics in zip(missing, result.metrics, strict=True):
+            with workspace.lock(f"eval-{keys[artifact.path]}"), \
+                    workspace.produce("eval", keys[artifact.path]) as (_, record):
+                record.update(metrics.model_dump(mode="json", exclude={"candidate"}))
+    return {a.path: workspace.lookup("eval", keys[a.path]) or {} for a in artifacts}
 
 
 def as_json(results: list[QuantQuality]) -> str:

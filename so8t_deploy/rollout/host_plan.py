@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from ..build.plan import IDENTITY_KEYS
 from ..errors import HostError
 from ..external.ollama_host import OllamaHost
 from ..external.ollama_show import ShownModel, same_parameters
@@ -85,7 +86,7 @@ class HostPlan(Frozen):
 
 def matches_shown(shown: ShownModel | None, model: DesiredModel) -> bool:
     """The host's copy is exactly `model`: same template, system, parameters and GGUF identity keys."""
-    if shown is None or not model.identity or len(model.identity) != 3:
+    if shown is None or not model.identity or not set(IDENTITY_KEYS) <= model.identity.keys():
         return False
     return (shown.sent_template == model.template and shown.system == (model.system or None)
             and same_parameters(model.parameters, shown.parameters)

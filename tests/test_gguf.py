@@ -124,6 +124,27 @@ def test_imatrix_types_need_an_imatrix(f16_256, run_cli, tmp_path):
     result = run_cli("quantize", f16_256, "--out", out, "--type", "iq2_xs", "--imatrix", imatrix)
     assert result.code == 0, result.err
     assert read_gguf_info(out).file_type == 20
+    keys = {name: f.contents() for name, f in GGUFReader(out).fields.items() if name.startswith("quantize.")}
+    assert keys == {"quantize.imatrix.file": str(imatrix), "quantize.imatrix.entries_count": len(entries),
+                    "quantize.imatrix.chunks_count": 4}  # as llama-quantize --imatrix records a legacy file
+
+
+def test_the_imatrix_command_computes_what_quantize_takes(f16_256, run_cli, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("the spinor of a rotation is the token of the vector and the prompt\n" * 80)
+    matrix = tmp_path / "m.imatrix.gguf"
+    result = run_cli("imatrix", f16_256, "--text", text, "--out", matrix, "--ctx", "64", "--chunks", "2")
+    assert result.code == 0, result.err
+    assert "chunk 2/2" in result.err and result.out.startswith(f"{matrix}: ") and "from 2 chunks of 64" in result.out
+    out = tmp_path / "q.gguf"
+    assert run_cli("quantize", f16_256, "--out", out, "--type", "iq3_xxs", "--imatrix", matrix).code == 0
+    from gguf import GGUFReader
+
+    assert GGUFReader(out).fields["quantize.imatrix.dataset"].contents() == "calibration.txt"
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    result = run_cli("imatrix", f16_256, "--text", short, "--out", tmp_path / "x.gguf", "--ctx", "64")
+    assert result.code == 2 and "needs at least 128" in result.err and not (tmp_path / "x.gguf").exists()
 
 
 def test_requantizing_is_refused_unless_asked(f16_256, run_cli, tmp_path):

@@ -163,3 +163,55 @@ def test_a_split_size_reads_as_gguf_split_reads_it(text, n_bytes):
 def test_a_split_size_gguf_split_would_misread_is_refused(text):
     with pytest.raises(ValueError, match="such as 500M or 50G"):  # gguf-split's sscanf reads "1.5G" as 1G
         parse_split_size(text)
+
+
+def test_a_hosts_copy_matches_only_with_the_same_importance_matrix_or_none():
+    from so8t_deploy.external.ollama_show import ShownModel
+    from so8t_deploy.rollout.desired import DesiredModel
+    from so8t_deploy.rollout.host_plan import matches_shown
+
+    base = {"so8t.bake_key": "b" * 64, "so8t.llama_cpp": "llama-cpp-python 0.3.36", "general.file_type": "15"}
+    desired = DesiredModel(tag="m:q4_k_m", gguf_name="m.gguf", template="T", system=None, identity=base)
+    with_matrix = DesiredModel(tag="m:q4_k_m", gguf_name="m.gguf", template="T", system=None,
+                               identity=base | {"so8t.imatrix_key": "i" * 64})
+    plain, quantized_with = ShownModel("T", None, model_info=base), \
+        ShownModel("T", None, model_info=base | {"so8t.imatrix_key": "i" * 64})
+    assert matches_shown(plain, desired) and matches_shown(quantized_with, with_matrix)
+    assert not matches_shown(quantized_with, desired)  # the manifest dropped its importance matrix: redeploy
+    assert not matches_shown(plain, with_matrix)
+    other = ShownModel("T", None, model_info=base | {"so8t.imatrix_key": "j" * 64})
+    assert not matches_shown(other, with_matrix)  # new calibration data: redeploy
+
+
+def test_the_manifest_digest_of_a_plain_ladder_is_what_it_was_before_the_mapping(tmp_path):
+    import json
+
+    from so8t_deploy.deploy.plan import manifest_digest
+
+    listed, mapped = load(tmp_path, "[f16, q8_0]"), load(tmp_path, "{types: [f16, q8_0]}")
+    assert manifest_digest(listed) == manifest_digest(mapped)
+    data = listed.model_dump(mode="json", by_alias=True)
+    data["quantize"] = ["f16", "q8_0"]  # how a manifest dumped before quantize could be a mapping
+    del data["distribution"]
+    assert manifest_digest(listed) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    assert manifest_digest(load(tmp_path, "{types: [f16, q8_0], split_max_size: 50G}")) != manifest_digest(listed)
+
+
+def test_a_ladder_of_float_levels_has_no_imatrix_step(tmp_path, model_dir):
+    (tmp_path / "cal.txt").write_text("calibration text " * 50)
+    manifest = load(tmp_path, "{types: [f32, f16], imatrix: {text: cal.txt}}")
+    plan = plan_builds(manifest, inputs(model_dir, load_calibration(manifest.quantize.imatrix, model_dir)),
+                       Workspace(tmp_path / "cache"))
+    assert "imatrix" not in [s.stage for s in plan.steps] and plan.baselines == []
+    assert all(t.imatrix_key is None and "so8t.imatrix_key" not in (t.identity or {}) for t in plan.tags)
+
+
+def test_eval_text_sharing_a_tenth_of_its_lines_with_the_calibration_is_refused(tmp_path, model_dir):
+    calibration_lines = [f"calibration sentence number {i} about rotations" for i in range(50)]
+    (tmp_path / "cal.txt").write_text("\n".join(calibration_lines) + "\n")
+    manifest = load(tmp_path, "{types: [q4_k_m], imatrix: {text: cal.txt}}")
+    calibration = load_calibration(manifest.quantize.imatrix, model_dir)
+    fresh = [f"held-out sentence number {i} about spinors" for i in range(20)]
+    check_held_out("\n".join(fresh), calibration)
+    with pytest.raises(ManifestError, match="held-out text"):
+        check_held_out("\n".join(fresh + calibration_lines[:3]), calibration)

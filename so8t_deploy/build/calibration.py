@@ -8,6 +8,7 @@ special tokens a host would feed the model: the calibration then matches what th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class Calibration:
     dataset: str  # the file's name: what llama-quantize records as quantize.imatrix.dataset
     parse_special: bool  # chat data: special-token text becomes the special tokens
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 

@@ -36,12 +36,14 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
     A downloaded hub model's cached files are checked against the hub's digests before every use: by size and
     mtime, or, with `verify_cache`, by hashing them again.
     """
+    imatrix = manifest.quantize.imatrix
+    # Plain calibration text needs no model: read it first, so a missing file is said before any download.
+    calibration = load_calibration(imatrix, None) if imatrix is not None and imatrix.text is not None else None
     inputs = _resolve_model(manifest, workspace, progress, download_model=download_model, hub_commit=hub_commit,
                             manifest_path=manifest_path, offline=offline, verify_cache=verify_cache)
-    imatrix = manifest.quantize.imatrix
     if imatrix is None or inputs.model_digest is None:
         return inputs
-    return replace(inputs, calibration=load_calibration(imatrix, inputs.chat_dir))
+    return replace(inputs, calibration=calibration or load_calibration(imatrix, inputs.chat_dir))
 
 
 def _resolve_model(manifest: Manifest, workspace: Workspace, progress: Progress, *, download_model: bool,

@@ -8,6 +8,7 @@ ever reads back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,8 @@ class Pipeline:
             converted = self._convert(plan, variant)
             self.report.references.append(converted)
             mine = [t for t in wanted if t.variant == variant]
-            matrix = self._imatrix(variant, converted) if any(t.imatrix_key for t in mine) else None
+            # Made on first use: not at all when every level using it is built already.
+            matrix = functools.cache(functools.partial(self._imatrix, variant, converted))
             for tag in mine:
                 self.report.artifacts.append(converted if tag.stage == "convert" else
                                              self._quantize(tag, converted, matrix if tag.imatrix_key else None))
@@ -162,20 +164,24 @@ class Pipeline:
         result = ImatrixResult.model_validate({k: v for k, v in record.items() if k in ImatrixResult.model_fields})
         return BuiltImatrix(directory / result.file, key, result)
 
-    def _quantize(self, tag: TagBuild, converted: BuiltArtifact, matrix: BuiltImatrix | None) -> BuiltArtifact:
-        metadata: dict[str, str | int] = {}
-        if matrix is not None:
-            calibration = self.inputs.calibration
-            assert calibration is not None  # _imatrix
-            metadata = imatrix_metadata(file=matrix.record.file, datasets=matrix.record.datasets,
-                                        entries=matrix.record.entries, chunks=matrix.record.chunks,
-                                        calibration=calibration.digest, imatrix_key=matrix.key)
+    def _quantize(self, tag: TagBuild, converted: BuiltArtifact,
+                  matrix: Callable[[], BuiltImatrix] | None) -> BuiltArtifact:
+        """The tag's GGUF; quantized with the variant's importance matrix when `matrix` is given, which is only
+        computed (or read from the workspace) when this step, or another of the variant, has to run."""
 
         def quantize(staging: Path) -> dict:
+            built = matrix() if matrix is not None else None
+            metadata: dict[str, str | int] = {}
+            if built is not None:
+                calibration = self.inputs.calibration
+                assert calibration is not None  # _imatrix
+                metadata = imatrix_metadata(file=built.record.file, datasets=built.record.datasets,
+                                            entries=built.record.entries, chunks=built.record.chunks,
+                                            calibration=calibration.digest, imatrix_key=built.key)
             step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant,
-                                imatrix=matrix.path if matrix else None, metadata=metadata,
+                                imatrix=built.path if built else None, metadata=metadata,
                                 split_max_size=self.manifest.quantize.split_max_size)
-            self.progress.step(f"quantize {tag.variant} -> {tag.quant}{' (imatrix)' if matrix else ''} ...")
+            self.progress.step(f"quantize {tag.variant} -> {tag.quant}{' (imatrix)' if built else ''} ...")
             return self.runner.run(step).model_dump()
 
         assert tag.key is not None

@@ -130,8 +130,8 @@ def imatrix_key(manifest: Manifest, calibration: Calibration | None, convert_key
     if imatrix is None or calibration is None or convert_key is None:
         return None
     return cache_key(stage="imatrix", convert=convert_key, calibration=calibration.digest,
-                     parse_special=calibration.parse_special, ctx=imatrix.ctx, chunks=imatrix.chunks,
-                     llama=llama_cpp_label())
+                     dataset=calibration.dataset, parse_special=calibration.parse_special, ctx=imatrix.ctx,
+                     chunks=imatrix.chunks, llama=llama_cpp_label())
 
 
 def quantize_key(manifest: Manifest, convert_key: str, quant: str, imatrix: str | None) -> str:
@@ -142,7 +142,7 @@ def quantize_key(manifest: Manifest, convert_key: str, quant: str, imatrix: str 
 
 
 def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -> BuildPlan:
-    outtype, declared = convert_outtype(manifest.quantize.types), manifest.quantize.imatrix is not None
+    outtype = convert_outtype(manifest.quantize.types)
     steps: list[BuildStep] = []
     tags: list[TagBuild] = []
     references: list[TagBuild] = []
@@ -159,30 +159,38 @@ def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -
                                cached=converted.record is not None, note=note))
         references.append(converted)
         matrix = imatrix_key(manifest, inputs.calibration, convert_key)
-        if declared:
+        if any(uses_imatrix(manifest, quant) for quant in manifest.quantize.types):
             steps.append(BuildStep(stage="imatrix", variant=variant, key=matrix, upstream=convert_key, note=note,
                                    cached=bool(matrix and workspace.lookup("imatrix", matrix))))
         for quant in manifest.quantize.types:
             if quant == outtype:
                 tags.append(converted)
                 continue
-            key = quantize_key(manifest, convert_key, quant, matrix) if convert_key and (matrix or not declared) \
-                else None
-            built = _tag_build(manifest, variant, quant, "quantize", key, bake_key, workspace, matrix if declared
-                               else None)
-            steps.append(BuildStep(stage="quantize", variant=variant, quant=quant, key=key, upstream=matrix or
-                                   convert_key, cached=built.record is not None, note=note))
+            with_matrix = uses_imatrix(manifest, quant)
+            key = quantize_key(manifest, convert_key, quant, matrix if with_matrix else None) \
+                if convert_key and (matrix or not with_matrix) else None
+            built = _tag_build(manifest, variant, quant, "quantize", key, bake_key, workspace,
+                               matrix if with_matrix else None, unknown=with_matrix and matrix is None)
+            steps.append(BuildStep(stage="quantize", variant=variant, quant=quant, key=key,
+                                   upstream=matrix if with_matrix else convert_key, cached=built.record is not None,
+                                   note=note))
             tags.append(built)
-            if declared and not lookup_quant_type(quant).needs_imatrix:
+            if with_matrix and not lookup_quant_type(quant).needs_imatrix:
                 plain = quantize_key(manifest, convert_key, quant, None) if convert_key else None
                 baselines.append(_tag_build(manifest, variant, quant, "quantize", plain, bake_key, workspace))
     return BuildPlan(steps=steps, tags=tags, references=references, baselines=baselines)
 
 
+def uses_imatrix(manifest: Manifest, quant: str) -> bool:
+    """Whether the manifest's importance matrix goes into this level: every quantized one, not a float copy."""
+    return manifest.quantize.imatrix is not None and not lookup_quant_type(quant).is_float
+
+
 def _tag_build(manifest: Manifest, variant: str, quant: str, stage: Literal["convert", "quantize"], key: str | None,
-               bake_key: str | None, workspace: Workspace, matrix: str | None = None) -> TagBuild:
+               bake_key: str | None, workspace: Workspace, matrix: str | None = None, *,
+               unknown: bool = False) -> TagBuild:
     identity = None
-    if bake_key is not None:
+    if bake_key is not None and not unknown:  # unknown: its importance matrix is not known yet
         values = (bake_key, llama_cpp_label(), str(lookup_quant_type(quant).ftype))
         identity = dict(zip(IDENTITY_KEYS, values, strict=True)) | ({IMATRIX_KEY: matrix} if matrix else {})
     return TagBuild(tag=manifest.tag(variant, quant), variant=variant, quant=quant, stage=stage, key=key,

@@ -19,6 +19,7 @@ from .hashing import DigestCache, combined_digest
 PROVENANCE_FILE = "so8t_bake.json"  # what a bake writes beside its weights
 IMATRIX_KEY = "so8t.imatrix_key"  # the importance matrix a GGUF was quantized with: part of its identity
 CALIBRATION_KEY = "so8t.calibration"  # sha256 of the calibration text, as used
+OVERRIDE_TEXT_MAX = 127  # llama_model_kv_override holds a string in char[128]
 
 
 def llama_cpp_label() -> str:
@@ -57,17 +58,30 @@ def gguf_metadata(*, source: str, adapters: list[dict[str, str]], scales: dict[s
     }
 
 
-def imatrix_metadata(*, file: str, datasets: list[str], entries: int, chunks: int, calibration: str,
-                     imatrix_key: str) -> dict[str, str | int]:
-    """What a GGUF quantized with an importance matrix records: llama-quantize's own `quantize.imatrix.*` keys
-    (the file by its name, not a path, so the bytes do not depend on the machine), and the so8t.* provenance."""
-    keys: dict[str, str | int] = {"quantize.imatrix.file": file}
+def quantize_imatrix_keys(*, file: str, datasets: list[str] | tuple[str, ...], entries: int,
+                         chunks: int) -> dict[str, str | int]:
+    """The `quantize.imatrix.*` keys llama-quantize writes into what it quantizes with an importance matrix
+    (strings cut to its 127 bytes)."""
+    keys: dict[str, str | int] = {"quantize.imatrix.file": _override_text(file)}
     if datasets:
-        keys["quantize.imatrix.dataset"] = datasets[0]  # llama-quantize records the first
+        keys["quantize.imatrix.dataset"] = _override_text(datasets[0])  # llama-quantize records the first
     keys["quantize.imatrix.entries_count"] = entries
     if chunks > 0:
         keys["quantize.imatrix.chunks_count"] = chunks
-    return keys | {CALIBRATION_KEY: calibration, IMATRIX_KEY: imatrix_key}
+    return keys
+
+
+def imatrix_metadata(*, file: str, datasets: list[str], entries: int, chunks: int, calibration: str,
+                     imatrix_key: str) -> dict[str, str | int]:
+    """What a GGUF built with the manifest's importance matrix records: llama-quantize's keys, with the file by
+    its name (not a path, so the bytes do not depend on the machine), and the so8t.* provenance."""
+    return quantize_imatrix_keys(file=file, datasets=datasets, entries=entries, chunks=chunks) | \
+        {CALIBRATION_KEY: calibration, IMATRIX_KEY: imatrix_key}
+
+
+def _override_text(text: str) -> str:
+    """What llama-quantize's strncpy(val_str, text, 127) keeps of a string, cut at a character boundary."""
+    return text.encode("utf-8")[:OVERRIDE_TEXT_MAX].decode("utf-8", errors="ignore")
 
 
 def bake_output_metadata(model_dir: Path) -> dict[str, str]:

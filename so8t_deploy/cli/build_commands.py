@@ -101,7 +101,15 @@ def quantize(
         quant = lookup_quant_type(type_)
     except KeyError as e:
         raise UsageError(f"--type: {e.args[0]}") from None
-    quantize_gguf(source, out, quant, imatrix=imatrix, allow_requantize=allow_requantize)
+    metadata: dict[str, str | int] = {}
+    if imatrix is not None:  # what llama-quantize --imatrix records
+        from ..build.provenance import quantize_imatrix_keys
+        from ..external.imatrix import read_imatrix_info
+
+        info = read_imatrix_info(imatrix)
+        metadata = quantize_imatrix_keys(file=str(imatrix), datasets=info.datasets, entries=info.entries,
+                                         chunks=info.chunks)
+    quantize_gguf(source, out, quant, imatrix=imatrix, metadata=metadata, allow_requantize=allow_requantize)
     typer.echo(f"{out}: {quant.name}")
 
 

@@ -22,7 +22,7 @@ from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, RegistryError
 from ..manifest.schema import Manifest
 from ..progress import Progress
-from ..quality.evaluate import evaluate, gate_failures
+from ..quality.evaluate import check_held_out, eval_text, evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
@@ -67,6 +67,8 @@ def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel]
     (the hub was out of reach), every model is derived again from the inputs now downloaded."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
                             manifest_path=Path(plan.manifest), verify_cache=verify_cache)
+    if manifest.quality.gated:  # the gate measures on the eval text: it must not be the calibration data
+        check_held_out(eval_text(manifest), inputs.calibration)
     runner = runner_for(manifest, workspace, progress)
     chat = resolve_chat(manifest.modelfile, inputs.chat_dir)  # before the build: a template refused costs nothing
     report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags)

@@ -178,6 +178,9 @@ def manifest_digest(manifest: Manifest) -> str:
     data = manifest.model_dump(mode="json", by_alias=True)
     for target in data.get("targets", []):
         target["headers"] = sorted(target.get("headers", {}))
+    quantize = data["quantize"]
+    if quantize["imatrix"] is None and quantize["split_max_size"] is None:
+        data["quantize"] = quantize["types"]  # the list it was before it could be a mapping: the digest stays
     if (registry := data["distribution"]["registry"]) is None:
         del data["distribution"]  # the default: a manifest's digest stays what it was before registry mode
     elif registry["auth"] is not None:

@@ -159,8 +159,9 @@ def _source_tensors(source: Path, reader: GGUFReader) -> list[_Tensor]:
 def _refuse_oversized(source: Path, tensors: Sequence[_Tensor], max_bytes: int) -> None:
     for t in tensors:
         if ggml_pad(t.n_bytes, GGUF_DEFAULT_ALIGNMENT) > max_bytes:
-            raise UsageError(f"{source}: tensor {t.name} takes {ggml_pad(t.n_bytes, GGUF_DEFAULT_ALIGNMENT)} bytes, "
-                             f"more than the split size of {max_bytes} bytes: no split can hold it")
+            raise UsageError(f"quantize.split_max_size: {max_bytes} bytes is less than tensor {t.name} of "
+                             f"{source.name} ({ggml_pad(t.n_bytes, GGUF_DEFAULT_ALIGNMENT)} bytes): no split can "
+                             "hold it")
 
 
 def _source_kv(reader: GGUFReader) -> list[bytes]:

@@ -353,7 +353,9 @@ def main(argv: list[str]) -> int:
     llama_cpp.llama_backend_init()
     ggml = GgmlBase()
     ggml.check()
-    model = llama_cpp.llama_model_load_from_file(str(args.model).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0  # on the CPU: a GPU sums in another order, and the key must decide the bytes
+    model = llama_cpp.llama_model_load_from_file(str(args.model).encode(), params)
     if not model:
         raise RuntimeError(f"{args.model}: llama.cpp cannot load this model")
     try:

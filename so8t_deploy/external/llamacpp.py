@@ -240,7 +240,7 @@ def gguf_file_type(path: Path) -> int | None:
     return read_gguf_info(path).file_type
 
 
-KV_VALUE_MAX = 127  # llama_model_kv_override holds a string in char[128]
+KV_VALUE_MAX = 127  # llama_model_kv_override holds a string in char[128] (provenance.OVERRIDE_TEXT_MAX)
 
 
 def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: Path | None = None,

@@ -66,9 +66,20 @@ def eval_text(manifest: Manifest) -> str:
         raise ManifestError(f"quality.eval_text: cannot read {path}: {e.strerror}") from e
 
 
+HELD_OUT_MIN_LINE = 20  # shorter lines (headings, blank-ish lines) may be shared by any two texts
+HELD_OUT_MAX_SHARED = 0.1  # of the eval text's characters, in lines the calibration data also has
+
+
 def check_held_out(text: str, calibration: Calibration | None) -> None:
-    """The eval text must be held out: measuring on what the importance matrix was computed from would flatter it."""
-    if calibration is not None and text.strip() and text.strip() in calibration.text:
+    """The eval text must be held out: measuring on what the importance matrix was computed from would flatter it.
+
+    Refused: the eval text inside the calibration text, or a tenth of it in lines the calibration text has too."""
+    if calibration is None or not text.strip():
+        return
+    known = {line.strip() for line in calibration.text.splitlines()}
+    shared = sum(len(line) for line in (raw.strip() for raw in text.splitlines())
+                 if len(line) >= HELD_OUT_MIN_LINE and line in known)
+    if text.strip() in calibration.text or shared >= HELD_OUT_MAX_SHARED * len(text.strip()):
         raise ManifestError(f"quality.eval_text: the text is part of the importance matrix's calibration data "
                             f"({calibration.dataset}); evaluate on held-out text")
 

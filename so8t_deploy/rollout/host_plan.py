@@ -27,6 +27,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from ..build.plan import IDENTITY_KEYS
+from ..build.provenance import IMATRIX_KEY
 from ..errors import HostError
 from ..external.ollama_host import OllamaHost
 from ..external.ollama_show import ShownModel, same_parameters
@@ -88,9 +89,12 @@ def matches_shown(shown: ShownModel | None, model: DesiredModel) -> bool:
     """The host's copy is exactly `model`: same template, system, parameters and GGUF identity keys."""
     if shown is None or not model.identity or not set(IDENTITY_KEYS) <= model.identity.keys():
         return False
+    # Every identity key the desired model has, and the importance matrix's even when it has none: a copy
+    # quantized with one is not the copy a manifest without one builds.
+    keys = {*model.identity, IMATRIX_KEY}
     return (shown.sent_template == model.template and shown.system == (model.system or None)
             and same_parameters(model.parameters, shown.parameters)
-            and all(shown.model_info.get(k) == v for k, v in model.identity.items()))
+            and all(shown.model_info.get(k) == model.identity.get(k) for k in keys))
 
 
 def in_namespace(manifest: Manifest, tag: str) -> bool:

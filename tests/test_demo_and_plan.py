@@ -137,3 +137,28 @@ def test_a_gemma2_demo_leaves_out_the_final_site(tmp_path):
     with safe_open(demo / "adapters" / "so8t" / "so8t_adapter.safetensors", framework="pt") as f:
         names = set(f.keys())
     assert "final.generator" not in names and "layers.0.attn_out.generator" in names
+
+
+def test_validate_reads_the_calibration_data_and_refuses_it_as_eval_text(demo_dir, run_cli):
+    """`validate` renders chat calibration data through the model's template and checks the eval text is held out,
+    in one line naming the field, before anything is built."""
+    base = (demo_dir / "manifest.yaml").read_text()
+    chat = demo_dir / "conversations.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+                    '{"messages": [{"role": "user", "content": 5}]}\n')
+    bad = demo_dir / "bad-chat.yaml"
+    bad.write_text(base.replace("quantize: [f16, q8_0]",
+                                "quantize: {types: [q4_k_m], imatrix: {chat: conversations.jsonl}}"))
+    result = run_cli("validate", bad)
+    assert result.code == 2 and result.err.strip().endswith(f"quantize.imatrix.chat: {chat}: line 2: every message "
+                                                             "needs a role (system, user, assistant, tool) and a "
+                                                             "string content")
+    lines = [f"line {i} of a text that is both the calibration data and the eval text" for i in range(40)]
+    (demo_dir / "calibration.txt").write_text("\n".join(lines))
+    (demo_dir / "eval.txt").write_text("\n".join(lines[:10] + [f"a held-out line number {i}" for i in range(10)]))
+    shared = demo_dir / "shared.yaml"
+    shared.write_text(base.replace("quantize: [f16, q8_0]", "quantize: {types: [q4_k_m], imatrix: {text: "
+                                   "calibration.txt}}\nquality: {eval_text: eval.txt}"))
+    result = run_cli("validate", shared)
+    assert result.code == 2 and "quality.eval_text: the text is part of the importance matrix's calibration data " \
+        "(calibration.txt); evaluate on held-out text" in result.err

@@ -12,13 +12,14 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..chat.model_chat import read_model_chat
 from ..errors import ManifestError, ModelError
 from ..jsonfile import read_bounded_text
-from ..manifest.schema import Imatrix
+from ..manifest.schema import Imatrix, Manifest
 
 MAX_CALIBRATION_BYTES = 256 << 20  # llama.cpp's own calibration sets are a few MiB
 ROLES = ("system", "user", "assistant", "tool")
@@ -85,3 +86,32 @@ def _messages(line: str, where: str) -> list[dict[str, Any]]:
 
 def _read(path: Path, field: str) -> str:
     return read_bounded_text(path, MAX_CALIBRATION_BYTES, f"{field} file", ManifestError)
+
+
+def eval_text(manifest: Manifest) -> str:
+    """The text quality is measured on: `quality.eval_text`, or the one shipped with the package."""
+    path = manifest.quality.eval_text
+    if path is None:
+        return resources.files("so8t_deploy").joinpath("data/eval.txt").read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"quality.eval_text: cannot read {path}: {e.strerror}") from e
+
+
+HELD_OUT_MIN_LINE = 20  # shorter lines (headings, blank-ish lines) may be shared by any two texts
+HELD_OUT_MAX_SHARED = 0.1  # of the eval text's characters, in lines the calibration data also has
+
+
+def check_held_out(text: str, calibration: Calibration | None) -> None:
+    """The eval text must be held out: measuring on what the importance matrix was computed from would flatter it.
+
+    Refused: the eval text inside the calibration text, or a tenth of it in lines the calibration text has too."""
+    if calibration is None or not text.strip():
+        return
+    known = {line.strip() for line in calibration.text.splitlines()}
+    shared = sum(len(line) for line in (raw.strip() for raw in text.splitlines())
+                 if len(line) >= HELD_OUT_MIN_LINE and line in known)
+    if text.strip() in calibration.text or shared >= HELD_OUT_MAX_SHARED * len(text.strip()):
+        raise ManifestError(f"quality.eval_text: the text is part of the importance matrix's calibration data "
+                            f"({calibration.dataset}); evaluate on held-out text")

@@ -58,11 +58,13 @@ def check_calibration(manifest: Manifest) -> list[str]:
     imatrix = manifest.quantize.imatrix
     if imatrix is None:
         return []
-    from .calibration import load_calibration
+    from .calibration import check_held_out, eval_text, load_calibration
 
     chat_dir = Path(manifest.source.model) if manifest.source.is_local else None
-    if load_calibration(imatrix, chat_dir) is None:
+    calibration = load_calibration(imatrix, chat_dir)
+    if calibration is None:
         return ["quantize.imatrix.chat is rendered by the model's chat template once the hub model's files are here"]
+    check_held_out(eval_text(manifest), calibration)
     return []
 
 

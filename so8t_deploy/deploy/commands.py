@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..build.calibration import check_held_out, eval_text
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
 from ..build.runner import runner_for
@@ -14,7 +15,7 @@ from ..errors import HostError
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import SILENT, Progress
-from ..quality.evaluate import QuantQuality, check_held_out, eval_text, evaluate
+from ..quality.evaluate import QuantQuality, evaluate
 from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..build.calibration import check_held_out, eval_text
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
 from ..build.plan import plan_builds
@@ -22,7 +23,7 @@ from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, RegistryError
 from ..manifest.schema import Manifest
 from ..progress import Progress
-from ..quality.evaluate import check_held_out, eval_text, evaluate, gate_failures
+from ..quality.evaluate import evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus

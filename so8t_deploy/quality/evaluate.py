@@ -11,17 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
-from ..build.calibration import Calibration
+from ..build.calibration import eval_text
 from ..build.pipeline import BuildReport, BuiltArtifact
 from ..build.plan import BuildPlan, TagBuild
 from ..build.provenance import IMATRIX_KEY, llama_cpp_label
 from ..build.runner import Runner
 from ..build.steps import EvalResult, EvalStep, GgufRecord
 from ..build.workspace import Workspace, cache_key
-from ..errors import ManifestError
 from ..manifest.schema import Manifest
 
 
@@ -54,34 +52,6 @@ def gate_failures(manifest: Manifest, metrics: dict) -> list[str]:
     if q.min_top1 is not None and metrics["top1"] < q.min_top1:
         failures.append(f"top-1 agreement {metrics['top1']:.3f} < {q.min_top1:g}")
     return failures
-
-
-def eval_text(manifest: Manifest) -> str:
-    path = manifest.quality.eval_text
-    if path is None:
-        return resources.files("so8t_deploy").joinpath("data/eval.txt").read_text(encoding="utf-8")
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ManifestError(f"quality.eval_text: cannot read {path}: {e.strerror}") from e
-
-
-HELD_OUT_MIN_LINE = 20  # shorter lines (headings, blank-ish lines) may be shared by any two texts
-HELD_OUT_MAX_SHARED = 0.1  # of the eval text's characters, in lines the calibration data also has
-
-
-def check_held_out(text: str, calibration: Calibration | None) -> None:
-    """The eval text must be held out: measuring on what the importance matrix was computed from would flatter it.
-
-    Refused: the eval text inside the calibration text, or a tenth of it in lines the calibration text has too."""
-    if calibration is None or not text.strip():
-        return
-    known = {line.strip() for line in calibration.text.splitlines()}
-    shared = sum(len(line) for line in (raw.strip() for raw in text.splitlines())
-                 if len(line) >= HELD_OUT_MIN_LINE and line in known)
-    if text.strip() in calibration.text or shared >= HELD_OUT_MAX_SHARED * len(text.strip()):
-        raise ManifestError(f"quality.eval_text: the text is part of the importance matrix's calibration data "
-                            f"({calibration.dataset}); evaluate on held-out text")
 
 
 def _eval_key(manifest: Manifest, text: str, reference: GgufRecord, candidate: GgufRecord) -> str:

@@ -382,6 +382,7 @@ def _run(model: Any, chunking: Chunking, callback: EvalCallback, threads: int) -
     params.n_ctx = params.n_batch = params.n_ubatch = chunking.ctx
     params.n_seq_max = 1
     params.n_threads = params.n_threads_batch = threads
+    params.offload_kqv = params.op_offload = False  # all of it on the CPU, as the model's weights (see main)
     params.cb_eval, params.cb_eval_user_data = callback.c_function, None
     lctx = llama_cpp.llama_init_from_model(model, params)
     if not lctx:

@@ -281,14 +281,16 @@ def test_the_control_plane_drives_the_docker_backend_from_a_venv_without_torch(e
         plan = _so8t(control_bin, "plan", manifest, "--cache-dir", cache, "--json", env=env, cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
         planned = json.loads(plan.stdout)
-        assert [s["cached"] for s in planned["builds"]] == [False] * 6
+        # bake, convert, imatrix and quantize of each variant: the importance matrix is computed in the container
+        assert [s["stage"] for s in planned["builds"]] == ["bake", "convert", "imatrix", "quantize"] * 2
+        assert [s["cached"] for s in planned["builds"]] == [False] * 8
         assert sorted(a["kind"] for a in planned["hosts"][0]["actions"]) == ["create"] * 4 + ["promote"] * 4 + [
             "upload"] * 4
 
         apply = _so8t(control_bin, "apply", manifest, "--cache-dir", cache, "--json", env=env, cwd=tmp_path)
         assert apply.returncode == 0, apply.stderr
         applied = json.loads(apply.stdout)
-        assert applied["build"] == {"built": 6, "reused": 0} and applied["gated"] == {}
+        assert applied["build"] == {"built": 8, "reused": 0} and applied["gated"] == {}
         [host] = applied["hosts"]
         assert host["status"] == "ok" and len(host["created"]) == 4, host
         assert len(list((cache / "objects" / "eval").iterdir())) == 4  # the gate's numbers, from an EvalStep

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import BuildError
 from ..manifest.schema import Manifest
 from ..progress import Progress
-from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, imatrix_key, plan_builds, variant_keys
+from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, plan_builds, variant_keys
 from .provenance import imatrix_metadata
 from .runner import Runner
 from .steps import BakeStep, ConvertStep, GgufRecord, ImatrixResult, ImatrixStep, QuantizeStep
@@ -81,8 +81,10 @@ class Pipeline:
             converted = self._convert(plan, variant)
             self.report.references.append(converted)
             mine = [t for t in wanted if t.variant == variant]
-            # Made on first use: not at all when every level using it is built already.
-            matrix = functools.cache(functools.partial(self._imatrix, variant, converted))
+            # The plan's one imatrix key of the variant; made on first use: not at all when every level using it
+            # is built already.
+            key = next((t.imatrix_key for t in mine if t.imatrix_key), None)
+            matrix = functools.cache(functools.partial(self._imatrix, variant, key, converted)) if key else None
             for tag in mine:
                 self.report.artifacts.append(converted if tag.stage == "convert" else
                                              self._quantize(tag, converted, matrix if tag.imatrix_key else None))
@@ -143,11 +145,9 @@ class Pipeline:
         directory, record = self._step("convert", convert_key, convert)
         return _artifact(reference, directory, record)
 
-    def _imatrix(self, variant: str, converted: BuiltArtifact) -> BuiltImatrix:
+    def _imatrix(self, variant: str, key: str, converted: BuiltArtifact) -> BuiltImatrix:
         imatrix, calibration = self.manifest.quantize.imatrix, self.inputs.calibration
-        convert_key = variant_keys(self.manifest, self.inputs, variant)[2]
-        key = imatrix_key(self.manifest, calibration, convert_key)
-        if imatrix is None or calibration is None or key is None:
+        if imatrix is None or calibration is None:
             raise BuildError("internal: an importance matrix needs its calibration data")
 
         def compute(staging: Path) -> dict:
@@ -161,7 +161,7 @@ class Pipeline:
             return self.runner.run(step).model_dump()
 
         directory, record = self._step("imatrix", key, compute)
-        result = ImatrixResult.model_validate({k: v for k, v in record.items() if k in ImatrixResult.model_fields})
+        result = ImatrixResult.from_marker(record)
         return BuiltImatrix(directory / result.file, key, result)
 
     def _quantize(self, tag: TagBuild, converted: BuiltArtifact,
@@ -190,5 +190,5 @@ class Pipeline:
 
 
 def _artifact(tag: TagBuild, directory: Path, record: dict) -> BuiltArtifact:
-    gguf = GgufRecord.model_validate({k: v for k, v in record.items() if k in GgufRecord.model_fields})
+    gguf = GgufRecord.from_marker(record)
     return BuiltArtifact(tag.tag, tag.variant, tag.quant, directory / gguf.file, gguf)

@@ -102,8 +102,7 @@ def convert_outtype(ladder: list[str]) -> str:
 
 def _record(workspace: Workspace, stage: str, key: str | None) -> GgufRecord | None:
     found = workspace.lookup(stage, key) if key else None
-    return GgufRecord.model_validate({k: v for k, v in found.items() if k in GgufRecord.model_fields}) \
-        if found else None
+    return GgufRecord.from_marker(found) if found else None
 
 
 def variant_keys(manifest: Manifest, inputs: BuildInputs, variant: str) -> tuple[str, dict[str, str], str]:

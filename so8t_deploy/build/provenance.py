@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..external.llamacpp import LLAMA_CPP_PYTHON_VERSION
+from ..external.llamacpp import KV_VALUE_MAX, LLAMA_CPP_PYTHON_VERSION
 from .hashing import DigestCache, combined_digest
 
 PROVENANCE_FILE = "so8t_bake.json"  # what a bake writes beside its weights
 IMATRIX_KEY = "so8t.imatrix_key"  # the importance matrix a GGUF was quantized with: part of its identity
 CALIBRATION_KEY = "so8t.calibration"  # sha256 of the calibration text, as used
-OVERRIDE_TEXT_MAX = 127  # llama_model_kv_override holds a string in char[128]
 
 
 def llama_cpp_label() -> str:
@@ -81,7 +80,7 @@ def imatrix_metadata(*, file: str, datasets: list[str], entries: int, chunks: in
 
 def _override_text(text: str) -> str:
     """What llama-quantize's strncpy(val_str, text, 127) keeps of a string, cut at a character boundary."""
-    return text.encode("utf-8")[:OVERRIDE_TEXT_MAX].decode("utf-8", errors="ignore")
+    return text.encode("utf-8")[:KV_VALUE_MAX].decode("utf-8", errors="ignore")
 
 
 def bake_output_metadata(model_dir: Path) -> dict[str, str]:

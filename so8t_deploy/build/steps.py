@@ -10,7 +10,7 @@ and read results.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,11 @@ from ..manifest.schema import AdapterRef, Scales
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def from_marker(cls, record: dict[str, Any]) -> Self:
+        """The result a step recorded, out of its artifact's marker (which also holds the key and file stamps)."""
+        return cls.model_validate({k: v for k, v in record.items() if k in cls.model_fields})
 
 
 class GgufRecord(_Model):

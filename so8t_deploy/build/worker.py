@@ -30,8 +30,6 @@ from .steps import (
     WorkerStep,
 )
 
-PROGRESS_EVERY_S = 10.0
-
 
 def gguf_record(path: Path) -> GgufRecord:
     """The record of a GGUF, or of a split set given its first file (sha256 then over the parts' digests)."""
@@ -101,21 +99,9 @@ def _convert(step: ConvertStep, progress: Progress, converter_root: Path | None)
 
 
 def _imatrix(step: ImatrixStep, progress: Progress) -> ImatrixResult:
-    import time
+    from ..external.imatrix_compute import chunk_progress, compute_imatrix
 
-    from ..external.imatrix_compute import compute_imatrix
-
-    label, started, last = f"imatrix {step.gguf.name} <- {step.dataset}", time.monotonic(), [-PROGRESS_EVERY_S]
-
-    def report(done: int, total: int) -> None:
-        # Lines, not a bar, so a log or a container's output shows them too: the first and last chunk, and
-        # one every PROGRESS_EVERY_S between, with the chunks done, the time so far and the estimate for the rest.
-        elapsed = time.monotonic() - started
-        if done in (1, total) or elapsed - last[0] >= PROGRESS_EVERY_S:
-            last[0] = elapsed
-            left = elapsed / done * (total - done)
-            progress.step(f"{label}: chunk {done}/{total}, {elapsed:.0f} s elapsed, about {left:.0f} s left")
-
+    report = chunk_progress(progress.step, f"imatrix {step.gguf.name} <- {step.dataset}")
     info = compute_imatrix(step.gguf, step.text_file, step.out_file, dataset=step.dataset, ctx=step.ctx,
                            chunks=step.chunks, parse_special=step.parse_special, on_progress=report)
     return ImatrixResult(file=step.out_file.name, entries=info.entries, chunks=info.chunks,

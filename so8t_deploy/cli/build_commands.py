@@ -122,15 +122,9 @@ def imatrix(
     chunks: Annotated[int | None, typer.Option("--chunks", help="Use at most this many chunks (default: all).")] = None,
 ) -> None:
     """Compute llama.cpp's importance matrix of a GGUF on calibration text (llama-imatrix's statistics)."""
-    import time
+    from ..external.imatrix_compute import chunk_progress, compute_imatrix
 
-    from ..external.imatrix_compute import compute_imatrix
-
-    started = time.monotonic()
-
-    def report(done: int, total: int) -> None:
-        typer.echo(f"chunk {done}/{total}, {time.monotonic() - started:.0f} s elapsed", err=True)
-
+    report = chunk_progress(lambda line: typer.echo(line, err=True), f"imatrix {source.name} <- {text.name}")
     info = compute_imatrix(source, text, out, dataset=text.name, ctx=ctx, chunks=chunks, on_progress=report)
     typer.echo(f"{out}: {info.entries} entries from {info.chunks} chunks of {info.chunk_size} tokens")
 

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 
 PARENT_ENV = "SO8T_PARENT_PID"
+PROGRESS_PREFIX = "so8t-progress "  # a child's progress line on stdout: `so8t-progress DONE TOTAL`
 _PR_SET_PDEATHSIG = 1
 _WAKE_S = 0.2
 
@@ -74,3 +75,23 @@ def _read_some(fd: int) -> bytes:
     while not select.select([fd], [], [], _WAKE_S)[0]:
         pass
     return os.read(fd, 65536)
+
+
+def report_progress(done: int, total: int) -> None:
+    """The child's side of the progress protocol: one line on stdout, flushed."""
+    sys.stdout.write(f"{PROGRESS_PREFIX}{done} {total}\n")  # the protocol to the parent, not user output
+    sys.stdout.flush()
+
+
+def progress_of(line: str) -> tuple[int, int] | None:
+    """The parent's side: (done, total) of a progress line, None for any other line."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    done, total = line[len(PROGRESS_PREFIX):].split()
+    return int(done), int(total)
+
+
+def last_lines(log: str, n: int = 5) -> str:
+    """A child's last lines of output on one line, for an error message; progress lines left out."""
+    lines = (line.strip() for line in log.splitlines() if line.strip() and progress_of(line) is None)
+    return " | ".join(deque(lines, maxlen=n))

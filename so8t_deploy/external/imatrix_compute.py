@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BuildError, UsageError
 from ..fsutil import publish_file, staging_path
-from .child import run_child
+from .child import last_lines, progress_of, run_child
 from .imatrix import ImatrixInfo, read_imatrix_info
 from .imatrix_runner import MIN_ROWS, REASON_PREFIX, USAGE_EXIT
 from .llama_log import LOGGER
 from .llamacpp import library_version
-from .quantize_runner import PROGRESS_PREFIX
 
 _WHAT = "quantize.imatrix"  # the manifest setting these inputs come from, named in usage errors
+PROGRESS_EVERY_S = 10.0
+
+
+def chunk_progress(say: Callable[[str], None], label: str) -> Callable[[int, int], None]:
+    """An on_progress for compute_imatrix that says lines, not a bar, so a log or a container's output shows
+    them too: on the first and last chunk, and every PROGRESS_EVERY_S between, the chunks done, the time so far
+    and the estimate for the rest."""
+    started, last = time.monotonic(), [-PROGRESS_EVERY_S]
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        if done in (1, total) or elapsed - last[0] >= PROGRESS_EVERY_S:
+            last[0] = elapsed
+            left = elapsed / done * (total - done)
+            say(f"{label}: chunk {done}/{total}, {elapsed:.0f} s elapsed, about {left:.0f} s left")
+
+    return report
 
 
 def compute_imatrix(gguf: Path, text_file: Path, out_file: Path, *, dataset: str, ctx: int,
@@ -44,10 +60,9 @@ def compute_imatrix(gguf: Path, text_file: Path, out_file: Path, *, dataset: str
     reasons: list[str] = []
 
     def follow(line: str) -> None:
-        if line.startswith(PROGRESS_PREFIX):
-            done, total = line[len(PROGRESS_PREFIX):].split()
+        if (progress := progress_of(line)) is not None:
             if on_progress:
-                on_progress(int(done), int(total))
+                on_progress(*progress)
         elif line.startswith(REASON_PREFIX):
             reasons.append(line[len(REASON_PREFIX):].strip())
         elif line.strip():
@@ -59,7 +74,7 @@ def compute_imatrix(gguf: Path, text_file: Path, out_file: Path, *, dataset: str
         if rc == USAGE_EXIT and reasons:
             raise UsageError(f"{_WHAT}: {reasons[-1]}")
         if rc != 0 or not staging.is_file():
-            raise BuildError(f"{gguf}: importance matrix failed (exit {rc}): {_last_lines(log)}")
+            raise BuildError(f"{gguf}: importance matrix failed (exit {rc}): {last_lines(log)}")
         publish_file(staging, out_file)
     finally:
         staging.unlink(missing_ok=True)
@@ -77,8 +92,3 @@ def _check_inputs(gguf: Path, text_file: Path, ctx: int, chunks: int | None) -> 
     if not gguf.is_file():
         raise UsageError(f"{_WHAT}: {gguf}: no such model file")
 
-
-def _last_lines(log: str, n: int = 5) -> str:
-    """The log's last lines on one line, without the progress protocol."""
-    lines = (line.strip() for line in log.splitlines() if line.strip() and not line.startswith(PROGRESS_PREFIX))
-    return " | ".join(deque(lines, maxlen=n))

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .child import die_with_parent
+from .child import die_with_parent, report_progress
 from .imatrix import write_imatrix
 from .llama_log import LOGGER, route_llama_log
-from .quantize_runner import PROGRESS_PREFIX
 
 USAGE_EXIT = 3
 REASON_PREFIX = "so8t-reason "
@@ -309,14 +308,9 @@ def _decode_chunks(lctx: Any, chunking: Chunking, callback: EvalCallback) -> Non
                 raise CollectError(callback.error)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed on chunk {i + 1} (returned {rc})")
-            _report(i + 1, chunking.n_chunks)
+            report_progress(i + 1, chunking.n_chunks)
     finally:
         llama_cpp.llama_batch_free(batch)
-
-
-def _report(done: int, total: int) -> None:
-    sys.stdout.write(f"{PROGRESS_PREFIX}{done} {total}\n")  # the protocol to the parent, not user output
-    sys.stdout.flush()
 
 
 def _usage(reason: str) -> int:

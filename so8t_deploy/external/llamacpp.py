@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
@@ -30,10 +29,9 @@ from ..build.workspace import Workspace, default_root
 from ..errors import BuildError, ModelError, UsageError
 from ..fsutil import publish_dir, publish_file, staging_path
 from ..manifest.quant_types import QuantType
-from .child import run_child
+from .child import last_lines, progress_of, run_child
 from .imatrix import load_imatrix
 from .llama_log import LOGGER, route_llama_log
-from .quantize_runner import PROGRESS_PREFIX
 
 if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is used
     from llama_cpp import Llama
@@ -194,10 +192,6 @@ def _extract_models_unlocked(root: Path, names: list[str], directory: str) -> No
         raise BuildError(f"{sdist}: no vendor/llama.cpp/{directory}/{sorted(pending)[0]} inside")
 
 
-def _last_lines(text: str, n: int = 5) -> str:
-    return " | ".join(deque((line.strip() for line in text.splitlines() if line.strip()), maxlen=n))
-
-
 def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str,
                     metadata: dict[str, str] | None = None,
                     on_progress: Callable[[int], None] | None = None) -> None:
@@ -226,8 +220,8 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
         if returncode != 0:
             if "is not supported" in log:
                 raise ModelError(f"{model_dir}: llama.cpp's converter does not support this architecture "
-                                 f"({_last_lines(log, 1)})")
-            raise BuildError(f"{model_dir}: conversion failed (exit {returncode}): {_last_lines(log)}")
+                                 f"({last_lines(log, 1)})")
+            raise BuildError(f"{model_dir}: conversion failed (exit {returncode}): {last_lines(log)}")
         publish_file(staging, out_file)
     finally:
         meta.unlink(missing_ok=True)
@@ -240,7 +234,7 @@ def gguf_file_type(path: Path) -> int | None:
     return read_gguf_info(path).file_type
 
 
-KV_VALUE_MAX = 127  # llama_model_kv_override holds a string in char[128] (provenance.OVERRIDE_TEXT_MAX)
+KV_VALUE_MAX = 127  # llama_model_kv_override holds a string in char[128]
 
 
 def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: Path | None = None,
@@ -273,17 +267,16 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
     command += ["--allow-requantize"] if allow_requantize else []
 
     def follow(line: str) -> None:
-        if line.startswith(PROGRESS_PREFIX):
-            done, total = line[len(PROGRESS_PREFIX):].split()
+        if (progress := progress_of(line)) is not None:
             if on_progress:
-                on_progress(int(done), int(total))
+                on_progress(*progress)
         elif line.strip():
             LOGGER.debug(line)
 
     try:
         rc, log = run_child(command, follow, env={"TMPDIR": str(out_file.parent)})
         if rc != 0 or not staging.is_file():
-            raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (exit {rc}): {_last_lines(log)}")
+            raise BuildError(f"{in_file}: llama_model_quantize to {quant.name} failed (exit {rc}): {last_lines(log)}")
         publish_file(staging, out_file)
     finally:
         staging.unlink(missing_ok=True)

@@ -14,11 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .child import die_with_parent
+from .child import die_with_parent, report_progress
 from .imatrix import load_imatrix
 from .llama_log import LOGGER, tensor_progress, watching
-
-PROGRESS_PREFIX = "so8t-progress "
 
 
 def _imatrix_array(entries: dict[str, list[float]]):
@@ -55,11 +53,6 @@ def _kv_overrides(pairs: list[str]):
     return array
 
 
-def _report(done: int, total: int) -> None:
-    sys.stdout.write(f"{PROGRESS_PREFIX}{done} {total}\n")  # the protocol to the parent, not user output
-    sys.stdout.flush()
-
-
 def main(argv: list[str]) -> int:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -86,7 +79,7 @@ def main(argv: list[str]) -> int:
     overrides = _kv_overrides(args.kv) if args.kv else None
     if overrides is not None:
         params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
-    with watching(tensor_progress(_report)):
+    with watching(tensor_progress(report_progress)):
         rc = llama_cpp.llama_model_quantize(str(args.source).encode(), str(args.out).encode(), ctypes.byref(params))
     del keepalive, overrides
     LOGGER.debug("llama_model_quantize returned %d", rc)

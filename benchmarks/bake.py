@@ -250,22 +250,23 @@ def evict_from_page_cache(root: Path) -> None:
 # --- the steps (each runs in a child process) -----------------------------------------------
 
 
-def step_cp(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+def step_cp(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, dict[str, float]] | None:
     # shutil.copyfile copies inside the kernel on Linux, the cheapest way to duplicate the bytes.
     out_dir.mkdir()
     for source in sorted(model_dir.iterdir()):
         shutil.copyfile(source, out_dir / source.name)
     fsync_tree(out_dir)
+    return None
 
 
-def step_bake(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+def step_bake(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, dict[str, float]] | None:
     from so8t_deploy.bake.bake import bake_model
     from so8t_deploy.manifest.schema import Scales
 
-    bake_model(model_dir, [(None, adapter_dir)], out_dir, Scales(), "auto")
+    return bake_model(model_dir, [(None, adapter_dir)], out_dir, Scales(), "auto").phases
 
 
-def step_naive(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+def step_naive(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, dict[str, float]] | None:
     import torch
     import transformers
 
@@ -273,6 +274,7 @@ def step_naive(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
     fold_in_place(model, model_dir, adapter_dir)
     model.save_pretrained(out_dir)
     fsync_tree(out_dir)
+    return None
 
 
 def fold_in_place(model, model_dir: Path, adapter_dir: Path) -> None:
@@ -295,7 +297,7 @@ def fold_in_place(model, model_dir: Path, adapter_dir: Path) -> None:
         p.data.copy_(apply_edits(p.data.float(), edits).to(p.dtype))
 
 
-STEP_FUNCTIONS: dict[str, Callable[[Path, Path, Path], None]] = {
+STEP_FUNCTIONS: dict[str, Callable[[Path, Path, Path], dict[str, dict[str, float]] | None]] = {
     "cp": step_cp, "bake": step_bake, "bake-warm": step_bake, "naive": step_naive,
 }
 
@@ -304,10 +306,17 @@ def run_step_here(name: str, model_dir: Path, adapter_dir: Path, out_dir: Path) 
     """Child side: import, time the step, print one JSON line with wall time and peak RSS."""
     for module in STEP_IMPORTS[name]:
         importlib.import_module(module)
-    started = time.perf_counter()
-    STEP_FUNCTIONS[name](model_dir, adapter_dir, out_dir)
-    wall = time.perf_counter() - started
-    print(json.dumps({"step": name, "wall_s": wall, "peak_rss_kib": peak_rss_kib()}), flush=True)
+    started, cpu_before = time.perf_counter(), _cpu_seconds()
+    phases = STEP_FUNCTIONS[name](model_dir, adapter_dir, out_dir)
+    wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
+    print(json.dumps({"step": name, "wall_s": wall, "cpu_s": cpu, "peak_rss_kib": peak_rss_kib(), "phases": phases}),
+          flush=True)
+
+
+def _cpu_seconds() -> float:
+    """User + system seconds of this process so far, every thread (the kernel's copies included)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def peak_rss_kib() -> int:
@@ -327,6 +336,8 @@ class StepResult:
     wall_s: float | None = None
     peak_rss_gib: float | None = None
     gb_written: float | None = None
+    cpu_s: float | None = None  # user + system time of the step, every thread
+    phases: dict[str, dict[str, float]] | None = None  # the bake's CPU and wall seconds per phase
     error: str | None = None
 
 
@@ -346,7 +357,7 @@ def run_step_in_child(name: str, model_dir: Path, adapter_dir: Path, out_dir: Pa
         return StepResult(name, error=f"exit status {child.returncode}")
     measured = json.loads(lines[-1])
     result = StepResult(name, wall_s=measured["wall_s"], peak_rss_gib=measured["peak_rss_kib"] / GIB_IN_KIB,
-                        gb_written=tree_bytes(out_dir) / GB)
+                        gb_written=tree_bytes(out_dir) / GB, cpu_s=measured["cpu_s"], phases=measured["phases"])
     log(f"step {name}: {result.wall_s:.1f} s, peak RSS {result.peak_rss_gib:.2f} GiB")
     return result
 
@@ -479,20 +490,37 @@ def _cell(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def print_phases(steps: dict[str, StepResult]) -> None:
+    """Where each bake's time went: per phase, the CPU seconds of the threads that ran it and their wall
+    seconds. Phases overlap on several threads, so wall seconds add up to more than the step's wall time;
+    where wall exceeds CPU, a thread waited (a write held back by the disk, an fsync, no free core)."""
+    baked = {name: result.phases for name, result in steps.items() if result.phases}
+    if not baked:
+        return
+    print(f"{'phase':<10}" + "".join(f"{name + ' CPU s':>16}{'wall s':>8}" for name in baked))
+    for phase in next(iter(baked.values())):
+        print(f"{phase:<10}" + "".join(f"{times[phase]['cpu_s']:>16.2f}{times[phase]['wall_s']:>8.2f}"
+                                       for times in baked.values()))
+    print(f"{'sum':<10}" + "".join(f"{sum(t['cpu_s'] for t in times.values()):>16.2f}"
+                                   f"{sum(t['wall_s'] for t in times.values()):>8.2f}" for times in baked.values()))
+    print()
+
+
 def print_report(report: dict) -> None:
     checkpoint = report["checkpoint"]
     print(f"so8t_deploy: {report['revision']}")
     print(f"checkpoint: {checkpoint['layers']} layers, bf16, {checkpoint['gb']:.2f} GB in 2 shards "
           f"({checkpoint['path']})")
     print()
-    print(f"{'step':<10}{'wall s':>10}{'peak RSS GiB':>15}{'GB written':>13}")
+    print(f"{'step':<10}{'wall s':>10}{'CPU s':>8}{'peak RSS GiB':>15}{'GB written':>13}")
     for result in report["steps"].values():
         if result.error:
             print(f"{result.step:<10}  FAILED ({result.error})")
             continue
-        print(f"{result.step:<10}{_cell(result.wall_s, 1):>10}{_cell(result.peak_rss_gib, 2):>15}"
-              f"{_cell(result.gb_written, 2):>13}")
+        print(f"{result.step:<10}{_cell(result.wall_s, 1):>10}{_cell(result.cpu_s, 1):>8}"
+              f"{_cell(result.peak_rss_gib, 2):>15}{_cell(result.gb_written, 2):>13}")
     print()
+    print_phases(report["steps"])
     for target in report["targets"]:
         sign = "<=" if target.at_most else ">="
         value = "-" if target.value is None else f"{target.value:.2f}{target.unit}"

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 
+import blake3
 import pytest
 import torch
 
 from so8t_deploy.bake.bake import PROVENANCE_FILE, bake_model
 from so8t_deploy.bake.model_dir import open_model_dir
 from so8t_deploy.bake.verify import verify_bake
-from so8t_deploy.build.hashing import sha256_file
 from so8t_deploy.manifest.schema import Scales
 
 FULL = Scales()
@@ -153,9 +153,11 @@ def test_provenance_records_inputs(tiny_model, so8t_adapter, tmp_path):
     adapter = so8t_adapter(64, 2)
     bake_model(model, [(None, adapter)], tmp_path / "baked", Scales(rotation=0.1))
     provenance = json.loads((tmp_path / "baked" / PROVENANCE_FILE).read_text())
-    assert provenance["model_files"]["model.safetensors"] == sha256_file(model / "model.safetensors")
-    assert provenance["adapters"][0]["files"]["so8t_adapter.safetensors"] == sha256_file(
-        adapter / "so8t_adapter.safetensors")
+    # The shard's BLAKE3 is taken while it streams: it must be the whole file's.
+    whole_file = blake3.blake3((model / "model.safetensors").read_bytes()).hexdigest()
+    assert provenance["model_files"]["model.safetensors"] == f"blake3:{whole_file}"
+    assert provenance["adapters"][0]["files"]["so8t_adapter.safetensors"] == "blake3:" + blake3.blake3(
+        (adapter / "so8t_adapter.safetensors").read_bytes()).hexdigest()
     assert provenance["scales"] == {"rotation": 0.1, "ffn": 1.0, "triality": 1.0}
     assert provenance["tool"]["name"] == "so8t-deploy" and provenance["tool"]["version"]
 

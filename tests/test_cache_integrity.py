@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from so8t_deploy.build.hashing import sha256_file
+from so8t_deploy.build.hashing import RACY_NS, sha256_file
 
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
 from .ollama_server import ServerPool
@@ -121,3 +122,34 @@ def test_an_unexpected_error_is_one_line_naming_the_step_and_type(built_demo, tm
         f"{manifest}: bake full: unexpected ZeroDivisionError: division by zero; run with -v for the traceback")
     verbose = run_cli("-v", "build", manifest, "--cache-dir", tmp_path / "fresh")
     assert verbose.code == 1 and "Traceback" in verbose.err and "ZeroDivisionError" in verbose.err
+
+
+def test_a_byte_changed_in_a_model_shard_is_baked_again(built_demo, cache, tmp_path, run_cli):
+    """One byte flipped in the middle of a shard, its size and mtime kept. A local input is identified by its
+    BLAKE3, remembered by the file's stamp, which includes the ctime: no program can set that back, so the
+    flip is seen, the shard is hashed again, and its new digest makes a new bake key."""
+    demo = tmp_path / "demo"
+    shutil.copytree(built_demo[0], demo)  # the session's demo model stays as it is
+    manifest = write_demo_manifest(tmp_path / "m.yaml", demo, [])
+    time.sleep(RACY_NS / 1e9)  # past the racy window: the first hash below is then trusted by its stamp alone
+    result, report, before = build(run_cli, manifest, cache)
+    # The same bytes: both bakes come from the cache (the GGUFs name the new path, so they are made again).
+    assert "hashing" in result.err and (report["built"], report["reused"]) == (4, 2)
+    result, report, _ = build(run_cli, manifest, cache)
+    assert "hashing" not in result.err and report["built"] == 0  # the stamps hold: nothing hashed again
+
+    [shard] = (demo / "model").glob("*.safetensors")
+    stat = shard.stat()
+    with shard.open("r+b") as f:
+        f.seek(stat.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(stat.st_size // 2)
+        f.write(bytes([byte ^ 0x01]))  # a low bit: the weight stays finite
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
+    result, report, after = build(run_cli, manifest, cache)
+    assert "hashing" in result.err
+    assert (report["built"], report["reused"]) == (6, 0)  # 2 x (bake, convert, quantize), from the new bytes
+    assert {tag: a["sha256"] for tag, a in after.items()}.keys() == before.keys()
+    assert all(after[tag]["sha256"] != before[tag]["sha256"] for tag in before)

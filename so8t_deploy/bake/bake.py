@@ -12,6 +12,7 @@ directory, which is never trusted and is removed by the next bake into the same 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..build.hashing import DigestCache
+from ..build.hashing import BLAKE3, DigestCache
 from ..build.provenance import PROVENANCE_FILE, adapter_digest
 from ..build.workspace import Workspace, default_root
 from ..cancel import leave_interrupts_to_the_main_thread
@@ -34,9 +35,10 @@ from .edits import fold_in_chunks
 from .layout import EMBED, layout_from_config
 from .lora_adapter import TOKENIZER_FILES, LoraAdapter, TensorRef
 from .model_dir import INDEX_FILE, ModelDirectory, check_shapes, open_model_dir
+from .phases import PhaseTimes
 from .plan import BakePlan, BaseTensor
 from .planners import plan_bake
-from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter, nonfinite_at
+from .safetensors_io import DTYPES, OutputTensor, ShardHeader, ShardWriter, TensorEntry, nonfinite_at
 from .stream import ShardReader, Source, SourceTensor, read_ahead
 from .vocab import tokenizer_for
 
@@ -50,6 +52,7 @@ class BakeResult:
     folded: int  # tensors that adapters changed
     copied: int  # tensors copied byte for byte
     provenance: dict
+    phases: dict[str, dict[str, float]]  # per phase, CPU and wall seconds summed over threads (see phases.py)
 
 
 def _output_dtype(source_dtype: str, dtype: str) -> str:
@@ -121,9 +124,45 @@ def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str
     return shards
 
 
+class _OutputBuffer:
+    """One buffer that every folded tensor is written into in turn: faulted in once, reused for the whole bake."""
+
+    def __init__(self) -> None:
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._bytes.numel() < nbytes:
+            self._bytes = torch.empty(0, dtype=torch.uint8)  # let the old one go first
+            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
+        return self._bytes[:nbytes].view(dtype).view(shape)
+
+
+def bake_device() -> torch.device | None:
+    """Where folds run: a CUDA device when one is visible, else the host's threads (None).
+
+    SO8T_BAKE_DEVICE overrides it: `host` for the threaded host path, or a torch device (`cuda:1`, or `cpu`
+    for the device path on the CPU, which is how it is tested without a GPU).
+    """
+    wanted = os.environ.get("SO8T_BAKE_DEVICE", "auto").strip()
+    if wanted in ("", "auto"):
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if wanted == "host":
+        return None
+    try:
+        device = torch.device(wanted)
+    except RuntimeError as e:
+        raise UsageError(f"SO8T_BAKE_DEVICE: {wanted!r} is not auto, host or a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"SO8T_BAKE_DEVICE: {wanted!r}, but no CUDA device is visible")
+    return device
+
+
 def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Path, digests: DigestCache,
-                  on_progress: ProgressCallback | None) -> _ShardResults:
+                  on_progress: ProgressCallback | None, times: PhaseTimes,
+                  device: torch.device | None) -> _ShardResults:
     results = _ShardResults()
+    buffer = _OutputBuffer()
     # Parallelise over row chunks with our own threads, one torch thread each: torch's OpenMP
     # workers spin-wait, and beside the read-ahead thread that cost a third of the wall time.
     torch_threads = torch.get_num_threads()
@@ -133,46 +172,80 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
                                 initializer=leave_interrupts_to_the_main_thread) as folders:
             for file_name, items in _shard_layout(model, plan, dtype).items():
                 source = model.path / file_name
-                reader = ShardReader(source, items, known_sha256=digests.known(source))
-                _write_shard(reader, staging / file_name, plan, folders, results, on_progress)
-                digests.record(source, reader.digest)
+                stamp = digests.stamp(source)  # taken before reading: a file changed meanwhile is hashed again
+                known = digests.identity(source, stamp)
+                reader = ShardReader(source, items, known, _verbatim(items, plan), times)
+                shard = _ShardWriting(plan, results, buffer, times, folders if device is None else None, device)
+                shard.write(reader, staging / file_name, on_progress)
+                if known is None:
+                    digests.record(source, reader.identity, BLAKE3, stamp)
     finally:
         torch.set_num_threads(torch_threads)
     return results
 
 
+def _verbatim(items: ShardItems, plan: BakePlan) -> frozenset[str]:
+    """The outputs that are bytes of the shard as they are: no edits, no cast."""
+    return frozenset(out.name for out, source in items if isinstance(source, TensorEntry)
+                     and not (out.name in plan.tensors and plan.tensors[out.name].edits)
+                     and out.dtype == source.dtype)
+
+
 def _source_weight(tensor: SourceTensor) -> torch.Tensor:
-    source = tensor.source
-    if isinstance(source, TensorRef) and (found := nonfinite_at(tensor.data, source.dtype, source.shape)):
+    source, data = tensor.source, tensor.data
+    assert data is not None  # only verbatim tensors come without bytes
+    if isinstance(source, TensorRef) and (found := nonfinite_at(data, source.dtype, source.shape)):
         raise AdapterError(f"{source.path}: tensor {source.entry.name!r} (for {tensor.out.name!r}) contains "
                            f"NaN or infinity (first: {found})")
-    return tensor.data.view(DTYPES[source.dtype][0]).reshape(source.shape)
+    return data.view(DTYPES[source.dtype][0]).reshape(source.shape)
 
 
-def _write_shard(reader: ShardReader, target: Path, plan: BakePlan, folders: ThreadPoolExecutor,
-                 results: _ShardResults, on_progress: ProgressCallback | None) -> None:
-    writer = ShardWriter(target, [out for out, _ in reader.items])
-    for tensor in read_ahead(reader):
+@dataclass
+class _ShardWriting:
+    plan: BakePlan
+    results: _ShardResults
+    buffer: _OutputBuffer
+    times: PhaseTimes
+    folders: ThreadPoolExecutor | None
+    device: torch.device | None
+
+    def write(self, reader: ShardReader, target: Path, on_progress: ProgressCallback | None) -> None:
+        writer = ShardWriter(target, [out for out, _ in reader.items], times=self.times)
+        source_fd = os.open(reader.path, os.O_RDONLY)  # verbatim tensors are copied from here, inside the kernel
+        try:
+            for tensor in read_ahead(reader):
+                self._write_tensor(writer, source_fd, tensor)
+                self.results.weight_map[tensor.out.name] = target.name
+                self.results.total_bytes += tensor.out.nbytes
+                if on_progress:
+                    on_progress(tensor.out.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
+        finally:
+            os.close(source_fd)
+        self.results.shard_digests[target.name] = reader.identity
+
+    def _write_tensor(self, writer: ShardWriter, source_fd: int, tensor: SourceTensor) -> None:
         out, source = tensor.out, tensor.source
-        planned = plan.tensors.get(out.name)
+        planned = self.plan.tensors.get(out.name)
         edits = planned.edits if planned else []
         # The base's own bytes need no look; anything else is checked (and counts as changed).
-        changed_source = planned is not None and planned.source != BaseTensor(out.name)
-        source_weight = _source_weight(tensor) if changed_source else None
+        changed = bool(edits) or (planned is not None and planned.source != BaseTensor(out.name))
+        self.results.folded += changed
+        self.results.copied += not changed
+        if tensor.copy is not None:
+            writer.copy_range(out.name, source_fd, tensor.copy.offset, tensor.copy.nbytes)
+            return
+        weight = _source_weight(tensor)
         if not edits and out.dtype == source.dtype:
-            writer.write(out.name, [tensor.data])  # byte for byte
-        else:
-            weight = source_weight if source_weight is not None else _source_weight(tensor)
-            writer.write(out.name, fold_in_chunks(weight, edits, DTYPES[out.dtype][0], executor=folders))
-        changed = bool(edits) or source_weight is not None
-        results.folded += changed
-        results.copied += not changed
-        results.weight_map[out.name] = target.name
-        results.total_bytes += out.nbytes
-        if on_progress:
-            on_progress(out.nbytes)
-    writer.close()
-    results.shard_digests[target.name] = reader.digest
+            writer.write(out.name, [weight])  # an adapter's tensor or zeros, byte for byte
+            return
+        out_dtype = DTYPES[out.dtype][0]
+        writer.write(out.name, fold_in_chunks(weight, edits, out_dtype, executor=self.folders,
+                                              out=self.buffer.get(out.shape, out_dtype), device=self.device,
+                                              times=self.times))
 
 
 def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict, tokenizer: list[Path]) -> None:
@@ -206,9 +279,13 @@ class PreparedBake:
 
 
 def _input_digests(prepared: PreparedBake, shard_digests: dict[str, str], digests: DigestCache) -> dict:
-    """sha256 of every input file, and each adapter's digest in fold order; the shards' were taken while reading."""
+    """The identity of every input file, and each adapter's digest in fold order; the shards' were taken while reading.
+
+    A file already verified against the hub's sha256 keeps that identity; any other is hashed with BLAKE3.
+    """
     model, specs, adapters = prepared.model, prepared.specs, prepared.adapters
-    model_files = {str(p.relative_to(model.path)): digests.file(p) for p in sorted(model.path.rglob("*"))
+    model_files = {str(p.relative_to(model.path)): digests.identity(p) or digests.file(p)
+                   for p in sorted(model.path.rglob("*"))
                    if p.is_file() and str(p.relative_to(model.path)) not in shard_digests}
     model_files.update(shard_digests)
     adapter_entries = []
@@ -269,12 +346,13 @@ def _check_arguments(model_dir: Path, out_dir: Path, dtype: str) -> tuple[Path, 
 
 def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
                scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
-               digests: DigestCache | None = None) -> BakeResult:
+               digests: DigestCache | None = None, device: torch.device | None | str = "auto") -> BakeResult:
     """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir.
 
     `adapter_dirs`: AdapterSpec or (kind, path[, allow_base_mismatch]) items, in fold order.
-    `digests` remembers the sha256 of input files by (size, mtime, inode); a shard it already
-    knows is not hashed again (baking several variants of one base model hashes it once).
+    `digests` remembers the digests of input files by their stamp; a shard it already knows is not
+    hashed again (baking several variants of one base model hashes it once).
+    `device`: where the folds run; "auto" asks `bake_device()`, None is the host's threads.
     """
     digests = digests if digests is not None else Workspace(default_root()).digests()
     model_dir, out_dir = _check_arguments(model_dir, out_dir, dtype)
@@ -283,7 +361,9 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
 
     staging = _prepare_destination(out_dir)
     try:
-        shards = _write_shards(model, plan, dtype, staging, digests, on_progress)
+        times = PhaseTimes()
+        fold_device = bake_device() if device == "auto" else torch.device(device) if isinstance(device, str) else device
+        shards = _write_shards(model, plan, dtype, staging, digests, on_progress, times, fold_device)
         config_updates = _config_updates(model, plan, dtype)
         _copy_other_files(model, staging, config_updates, prepared.tokenizer)
         _write_index(model, shards, staging)
@@ -306,4 +386,4 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return BakeResult(out_dir, shards.folded, shards.copied, provenance)
+    return BakeResult(out_dir, shards.folded, shards.copied, provenance, times.as_dict())

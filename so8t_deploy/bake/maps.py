@@ -11,7 +11,7 @@ hook-based reference evaluator use to check the folds against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class BlockDiagonalMap:
     """M = blockdiag(B_1, ..., B_{d/8}), where B_b = I + c (R_b - I)."""
 
     blocks: torch.Tensor  # [d/8, 8, 8], float64
+    # The blocks in the working dtype and device of the weights being folded, converted once, not per chunk.
+    _converted: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_generators(cls, generators: torch.Tensor, strength: float) -> BlockDiagonalMap:
@@ -47,20 +50,46 @@ class BlockDiagonalMap:
     def dense(self) -> torch.Tensor:
         return torch.block_diag(*self.blocks)
 
+    def blocks_like(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.dtype, weight.device)
+        if key not in self._converted:
+            self._converted[key] = self.blocks.to(weight.dtype).to(weight.device)
+        return self._converted[key]
+
     def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         """W M for W of shape [out, d]: one batched 8x8 product per block, O(out * d * 8)."""
-        out = weight.shape[0]
-        blocks = self.blocks.to(weight.dtype)
-        # [out, nb, 8] -> [nb, out, 8] @ [nb, 8, 8] -> back to [out, d]
-        folded = torch.bmm(weight.reshape(out, -1, BLOCK).transpose(0, 1), blocks)
-        return folded.transpose(0, 1).reshape(out, self.dim)
+        folded = weight.clone(memory_format=torch.contiguous_format)
+        self.right_multiply_(folded)
+        return folded
 
-    def left_multiply(self, weight: torch.Tensor) -> torch.Tensor:
-        """M W for W of shape [d, in] (or a bias of shape [d]), O(d * in * 8)."""
-        blocks = self.blocks.to(weight.dtype)
-        columns = weight.reshape(self.dim, -1)
-        folded = torch.bmm(blocks, columns.reshape(-1, BLOCK, columns.shape[1]))
-        return folded.reshape(weight.shape)
+    def right_multiply_(self, weight: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """W <- W M in place, for a contiguous W of shape [out, d]."""
+        self.right_multiply_into(weight, weight, scratch)
+
+    def right_multiply_into(self, weight: torch.Tensor, target: torch.Tensor,
+                            scratch: torch.Tensor | None = None) -> None:
+        """target <- W M: `target` has W's shape, and may be W itself or of another dtype or device.
+
+        bmm reads W's blocks through a strided view ([nb, out, 8] over [out, nb, 8]): no transposed
+        copy of the input. Its product lands in `scratch` ([nb, out, 8], reused by the caller), and
+        the copy into `target` transposes back, and casts, in the same pass.
+        """
+        out = weight.shape[0]
+        product = torch.bmm(weight.view(out, -1, BLOCK).transpose(0, 1), self.blocks_like(weight), out=scratch)
+        target.view(out, -1, BLOCK).copy_(product.transpose(0, 1))
+
+    def left_multiply(self, weight: torch.Tensor, first_row: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """M W for W of shape [d, in] (or a bias of shape [d]), O(d * in * 8).
+
+        With `first_row` (a multiple of 8), W holds only rows [first_row, first_row + len(W)) of the full
+        weight, and gets those rows of M W. `out` (W's shape) receives the product.
+        """
+        start = first_row // BLOCK
+        columns = weight.reshape(weight.shape[0], -1)
+        blocks = self.blocks_like(weight)[start:start + (columns.shape[0] + BLOCK - 1) // BLOCK]
+        product = torch.bmm(blocks, columns.reshape(-1, BLOCK, columns.shape[1]),
+                            out=None if out is None else out.view(-1, BLOCK, columns.shape[1]))
+        return product.reshape(weight.shape)
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,8 @@ class ProjectedMap:
 
     projector: torch.Tensor  # [8, d], float64
     core: torch.Tensor  # [8, 8], float64
+    _converted: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_generator(cls, projector: torch.Tensor, generator: torch.Tensor, strength: float) -> ProjectedMap:
@@ -83,14 +114,27 @@ class ProjectedMap:
         p = self.projector
         return torch.eye(self.dim, dtype=torch.float64) + p.T @ self.core @ p
 
+    def _like(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (weight.dtype, weight.device)
+        if key not in self._converted:
+            self._converted[key] = (self.projector.to(weight.dtype).to(weight.device),
+                                    self.core.to(weight.dtype).to(weight.device))
+        return self._converted[key]
+
     def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         """W M = W + (W P^T) C P, two thin products instead of a d x d one."""
-        p, c = self.projector.to(weight.dtype), self.core.to(weight.dtype)
-        return torch.addmm(weight, (weight @ p.T) @ c, p)
+        folded = weight.clone(memory_format=torch.contiguous_format)
+        self.right_multiply_(folded)
+        return folded
+
+    def right_multiply_(self, weight: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """W <- W M in place (`scratch` is not needed: the update is rank 8)."""
+        p, c = self._like(weight)
+        weight.addmm_((weight @ p.T) @ c, p)
 
     def left_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         """M W = W + P^T C (P W)."""
-        p, c = self.projector.to(weight.dtype), self.core.to(weight.dtype)
+        p, c = self._like(weight)
         columns = weight.reshape(self.dim, -1)
         return torch.addmm(columns, p.T @ c, p @ columns).reshape(weight.shape)
 

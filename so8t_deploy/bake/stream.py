@@ -1,16 +1,21 @@
 """Read a shard's tensors in file order on a background thread, hashing and checking them on the way.
 
-Every byte of a source shard passes through here exactly once: the header, each tensor,
-and any padding. Feeding them to sha256 in file order yields the shard's digest for the
-provenance file without reading it a second time, and the read-ahead thread keeps the
-disk busy while the main thread folds the previous tensor. Each tensor the output uses is
-also proven finite here, as it is read: a NaN in a weight that no adapter touches still
-poisons the GGUF, and quantize would only fail much later ("code 1").
+Every byte of a source shard passes through here once: the header, each tensor, and any
+padding. When the shard's identity is not known yet, feeding them to BLAKE3 in file order
+yields it for the provenance file without reading the shard a second time. Each tensor the
+output uses is also proven finite here, in the same pass: the hash and the finite check take
+the same slice of the mapped tensor one after the other, while it is in the CPU cache. (A NaN
+in a weight that no adapter touches still poisons the GGUF, and quantize would only fail much
+later, with "code 1".)
+
+Tensors are mapped, not read: a mapped page costs no copy, and the fold reads the same pages.
+A tensor the output keeps byte for byte is not handed over as bytes at all, but as a file range
+that the writer copies inside the kernel.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 import os
 import queue
 import threading
@@ -21,14 +26,24 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from ..build.hashing import BLAKE3, new_blake3
 from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import ModelError
-from .safetensors_io import OutputTensor, TensorEntry, byte_view, map_range, nonfinite_at, read_range
+from .phases import PhaseTimes
+from .safetensors_io import (
+    DTYPES,
+    FLOAT_DTYPES,
+    OutputTensor,
+    TensorEntry,
+    byte_view,
+    map_range,
+    nonfinite_at,
+    read_range,
+)
 
 T = TypeVar("T")
 _DONE = object()
-
-
+_SLICE = 4 << 20  # bytes hashed and checked together, so the check reads what the hash just brought into cache
 class ExternalSource(Protocol):
     """Bytes of an output tensor that come from elsewhere than this shard (an adapter file, zeros)."""
 
@@ -43,83 +58,93 @@ class ExternalSource(Protocol):
 
 
 Source = TensorEntry | ExternalSource
-_GAP_CHUNK = 64 << 20  # bytes hashed at a time between tensors, so a skipped tensor is never held whole
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes of the shard that the output keeps unchanged (the writer copies them from its own descriptor)."""
+
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class SourceTensor:
     out: OutputTensor
     source: Source
-    data: torch.Tensor  # the source's raw bytes, uint8
+    data: torch.Tensor | None  # the source's raw bytes, uint8 (mapped); None when only copied
+    copy: FileRange | None = None  # set when the output keeps these bytes as they are
 
 
 class ShardReader:
-    """Yields each output tensor's source bytes; tensors the output does not use are only hashed."""
+    """Yields each output tensor's source; tensors the output does not use are only hashed.
 
-    def __init__(self, path: Path, items: list[tuple[OutputTensor, Source]], known_sha256: str | None = None):
-        self.path, self.items = path, items
-        # A digest already known for this exact file is trusted; else it is taken on the way.
-        self.sha256: str | None = known_sha256
-        self._hash = known_sha256 is None
+    `identity`: the shard's digest when already known (then nothing is hashed); else BLAKE3 is taken.
+    `verbatim`: the output tensors that keep their source bytes: they come as file ranges.
+    """
+
+    def __init__(self, path: Path, items: list[tuple[OutputTensor, Source]], identity: str | None = None,
+                 verbatim: frozenset[str] = frozenset(), times: PhaseTimes | None = None):
+        self.path, self.items, self.verbatim = path, items, verbatim
+        self.times = times or PhaseTimes()
+        self._identity = identity
 
     @property
-    def digest(self) -> str:
-        """The shard's sha256: known up front, or once every tensor has been read."""
-        if self.sha256 is None:
+    def identity(self) -> str:
+        """The shard's digest, `algorithm:hex`: known up front, or once every tensor has been read."""
+        if self._identity is None:
             raise RuntimeError(f"{self.path}: digest asked for before the shard was read to the end")
-        return self.sha256
+        return self._identity
 
     def __iter__(self) -> Iterator[SourceTensor]:
-        if not self._hash:
-            yield from self._read_only()
-            return
-        digest = hashlib.sha256()
+        # One thread: the fold threads have the other cores, and this one's time shows as "hash".
+        hasher = new_blake3(threads=1) if self._identity is None else None
         fd = os.open(self.path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            position = 0  # every byte before this one has been hashed
-            for out, entry in self.items:
-                if not isinstance(entry, TensorEntry):
-                    yield SourceTensor(out, entry, entry.read())
-                    continue
-                if entry.start < position:  # a second output from the same bytes (an untied lm_head)
-                    yield SourceTensor(out, entry, map_range(fd, entry.start, entry.nbytes))
-                    continue
-                _hash_range(digest, fd, position, entry.start)  # the header, padding, or a replaced tensor
-                data = map_range(fd, entry.start, entry.nbytes)
-                digest.update(byte_view(data))
-                self._check_finite(entry, data)
-                position = entry.end
-                yield SourceTensor(out, entry, data)
-            _hash_range(digest, fd, position, size)
-            self.sha256 = digest.hexdigest()
-        finally:
-            os.close(fd)
-
-    def _read_only(self) -> Iterator[SourceTensor]:
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            checked: set[str] = set()
+            position = 0  # every byte before this one has been hashed and every tensor before it checked
             for out, entry in self.items:
                 if not isinstance(entry, TensorEntry):
                     yield SourceTensor(out, entry, entry.read())
                     continue
                 data = map_range(fd, entry.start, entry.nbytes)
-                if entry.name not in checked:  # a second output from the same bytes (an untied lm_head)
-                    self._check_finite(entry, data)
-                    checked.add(entry.name)
-                yield SourceTensor(out, entry, data)
+                if entry.start >= position:  # not a second output from the same bytes (an untied lm_head)
+                    if hasher is not None:
+                        self._hash_gap(hasher, fd, position, entry.start)  # the header, padding, a replaced tensor
+                    self._scan(entry, data, hasher)
+                    position = entry.end
+                if out.name in self.verbatim:
+                    yield SourceTensor(out, entry, None, FileRange(entry.start, entry.nbytes))
+                else:
+                    yield SourceTensor(out, entry, data)
+            if hasher is not None:
+                self._hash_gap(hasher, fd, position, size)
+                self._identity = f"{BLAKE3}:{hasher.hexdigest()}"
         finally:
             os.close(fd)
 
-    def _check_finite(self, entry: TensorEntry, data: torch.Tensor) -> None:
-        if found := nonfinite_at(data, entry.dtype, entry.shape):
+    def _scan(self, entry: TensorEntry, data: torch.Tensor, hasher) -> None:
+        """Hash (if asked) and check a tensor's bytes, one cache-sized slice at a time."""
+        dtype = DTYPES[entry.dtype][0] if entry.dtype in FLOAT_DTYPES else None
+        finite = True
+        for offset in range(0, entry.nbytes, _SLICE):
+            piece = data[offset:offset + _SLICE]
+            if hasher is not None:
+                with self.times.phase("hash"):
+                    hasher.update(byte_view(piece))
+            if dtype is not None and finite:
+                with self.times.phase("check"):
+                    low, high = (float(v) for v in torch.aminmax(piece.view(dtype)))
+                finite = math.isfinite(low) and math.isfinite(high)  # min and max carry any NaN or infinity
+        if not finite and (found := nonfinite_at(data, entry.dtype, entry.shape)):
             raise ModelError(f"{self.path}: tensor {entry.name!r} contains NaN or infinity (first: {found})")
 
-
-def _hash_range(digest, fd: int, start: int, stop: int) -> None:
-    for offset in range(start, stop, _GAP_CHUNK):
-        digest.update(byte_view(read_range(fd, offset, min(_GAP_CHUNK, stop - offset))))
+    def _hash_gap(self, hasher, fd: int, start: int, stop: int) -> None:
+        for offset in range(start, stop, _SLICE):
+            with self.times.phase("read"):
+                piece = read_range(fd, offset, min(_SLICE, stop - offset))
+            with self.times.phase("hash"):
+                hasher.update(byte_view(piece))
 
 
 def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:

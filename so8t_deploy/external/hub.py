@@ -56,14 +56,15 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _GIT_ID_RE = re.compile(r"[0-9a-f]{40}")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 MAX_REPO_PATH = 1024
+_SHA256 = "sha256"  # the digest cache's name for the digest the hub lists
 
 
 class FileDigests(Protocol):
-    """Remembered sha256 of files by their size, mtime and inode (the workspace's digest cache)."""
+    """Remembered digests of files by their stamp: size, mtime, inode, ctime (the workspace's digest cache)."""
 
-    def known(self, path: Path) -> str | None: ...
+    def known(self, path: Path, algorithm: str = ...) -> str | None: ...
 
-    def record(self, path: Path, digest: str) -> None: ...
+    def record(self, path: Path, digest: str, algorithm: str = ...) -> None: ...
 
 
 class HubUnavailableError(BuildError):
@@ -281,7 +282,7 @@ def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Pa
             if _sha256(partial) == sha256:
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, blob)
-                digests.record(blob, sha256)  # verified now: the next use checks its stamps, not its bytes
+                digests.record(blob, sha256, _SHA256)  # verified now: the next use checks its stamps, not its bytes
                 return
             partial.unlink()
     raise BuildError(f"{what}: the file downloaded does not have the sha256 the hub lists for it; run again, or set "
@@ -357,12 +358,12 @@ def _damaged_files(snapshot: Path, revision: HubRevision, digests: FileDigests, 
         if not local.is_file():
             damaged.append(path)
         elif kind == "sha256":
-            if verify or digests.known(local) != expected:
+            if verify or digests.known(local, _SHA256) != expected:
                 actual = _sha256(local)
                 if actual != expected:
                     damaged.append(path)
                 else:
-                    digests.record(local, actual)
+                    digests.record(local, actual, _SHA256)
         elif _git_blob_id(local) != expected:
             damaged.append(path)
     return damaged

@@ -1,6 +1,6 @@
 """Benchmark the streaming bake against its floor (a plain copy) and its alternative (load, fold, save).
 
-    .venv/bin/python benchmarks/bake.py [--layers N] [--workdir DIR] [--keep] [--verify] [--json]
+    .venv/bin/python benchmarks/bake.py [--layers N] [--workdir DIR] [--keep] [--verify] [--json] [--device D]
 
 A random bf16 checkpoint with Phi-3.5-mini's real shapes (2 safetensors shards, ~7.6 GB at
 32 layers) and a full SO8T adapter (every site, every layer, all three triality reps, final)
@@ -9,7 +9,7 @@ model directory from it, each in its own child process so that its peak RSS is i
 
     cp         copy the model directory file by file: the IO floor
     bake       so8t_deploy's streaming bake (what `so8t-deploy bake` runs) with an empty digest
-               cache, so it also takes the sha256 of every input for its provenance file
+               cache, so it also takes the BLAKE3 of every input for its provenance file
     bake-warm  the same with the inputs' digests already known (the second variant of a
                base model, or a re-bake): the common case in `build`
     naive      the research-script path: from_pretrained, fold every parameter in place with
@@ -26,6 +26,10 @@ interpreter start-up and imports happen before the clock starts. Peak RSS is the
 high-water mark (VmHWM), which counts file pages mapped into the process as well as its own
 memory. Not ru_maxrss: Linux carries the parent's peak across fork and exec into the child's
 ru_maxrss, so a child of this (multi-GiB) parent would report the parent's peak.
+
+Each bake step also reports where its time went, phase by phase (read, hash, check, fold, cast,
+write, fsync): the CPU seconds of the threads that ran the phase and their wall seconds (see
+so8t_deploy/bake/phases.py). `--device cuda` folds on a GPU (the bake's SO8T_BAKE_DEVICE).
 
 Targets: the bake within 1.5x of cp, at least 3x faster than naive, under 2 GiB peak RSS.
 The two bake steps are each held to the cp target.
@@ -426,7 +430,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for _ in range(1 if step == "naive" else args.repeat):
             if step == "bake":
                 shutil.rmtree(digests, ignore_errors=True)
-            env = {"SO8T_CACHE_DIR": str(digests)} if step.startswith("bake") else None
+            env = {"SO8T_CACHE_DIR": str(digests), "SO8T_BAKE_DEVICE": args.device} if step.startswith("bake") else None
             runs.append(run_step_in_child(step, model_dir, adapter_dir, outputs[step], env))
             if step in keep:
                 evict_from_page_cache(outputs[step])
@@ -445,6 +449,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {
         "revision": source_revision(),
         "checkpoint": {"path": str(model_dir), "layers": args.layers, "gb": tree_bytes(model_dir) / GB},
+        "device": args.device,
         "steps": results,
         "targets": targets(results),
         "verify": verification,
@@ -510,7 +515,7 @@ def print_report(report: dict) -> None:
     checkpoint = report["checkpoint"]
     print(f"so8t_deploy: {report['revision']}")
     print(f"checkpoint: {checkpoint['layers']} layers, bf16, {checkpoint['gb']:.2f} GB in 2 shards "
-          f"({checkpoint['path']})")
+          f"({checkpoint['path']}); bake device: {report['device']}")
     print()
     print(f"{'step':<10}{'wall s':>10}{'CPU s':>8}{'peak RSS GiB':>15}{'GB written':>13}")
     for result in report["steps"].values():
@@ -540,6 +545,7 @@ def report_as_json(report: dict) -> str:
         "checkpoint": report["checkpoint"],
         "steps": {name: vars(result) for name, result in report["steps"].items()},
         "targets": [{**vars(t), "verdict": t.verdict} for t in report["targets"]],
+        "device": report["device"],
         "verify": report["verify"],
     }, indent=2)
 
@@ -556,6 +562,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2, help="runs of cp, bake and bake-warm; the best counts")
     parser.add_argument("--adapter", choices=("so8t", "lora"), default="so8t",
                         help="a full SO8T adapter (default) or a plain rank-16 LoRA on every projection")
+    parser.add_argument("--device", default="auto",
+                        help="where the bake folds (SO8T_BAKE_DEVICE): auto (a GPU when one is visible), host, cuda")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default: all)")
     # Internal: run one step and print its measurements (the parent invokes this).
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)

@@ -175,6 +175,9 @@ def test_a_stamp_taken_right_after_a_change_proves_nothing(tmp_path):
     digests = DigestCache(tmp_path / "digests.json")
     digests.file(path)
     assert digests.known(path) is None  # hashed within RACY_NS of its last change: hashed again next time
+    # A download is hashed under its lock and then renamed into place: nothing else writes it meanwhile.
+    digests.record(path, "b" * 64, "sha256", exclusive=True)
+    assert digests.known(path, "sha256") == "b" * 64
 
 
 def test_the_digest_cache_file_is_untrusted_input(tmp_path, settled):

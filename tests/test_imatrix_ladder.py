@@ -98,7 +98,9 @@ def test_the_imatrix_is_computed_once_and_recorded_in_every_quantized_level(ladd
 
     again = Lines()
     rebuilt = build_manifest(manifest, workspace, again)
-    assert rebuilt.built == 0 and not any("imatrix" in line for line in again.lines)
+    # (The model's files may be hashed again: they were written moments before the first build. Their path
+    # names this fixture's directory, "imatrix-ladder", so those lines are left out.)
+    assert rebuilt.built == 0 and not any("imatrix" in line for line in again.lines if not line.startswith("hashing "))
     assert [a.sha256 for a in rebuilt.artifacts] == [a.sha256 for a in report.artifacts]
 
 

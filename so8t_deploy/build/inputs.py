@@ -1,9 +1,9 @@
 """Resolve a manifest's inputs to digests: the source model (a local directory or a hub revision) and
 each adapter, in fold order.
 
-A local directory is hashed (each file once, remembered by size, mtime and inode). A hub model's
-identity comes from the hub's metadata, never from downloading it: the commit a revision names
-and the digest of each file a bake reads. `plan` resolves without downloading; `apply` also
+A local directory is hashed with BLAKE3 (each file once, remembered by its stamp: size, mtime,
+inode, ctime). A hub model's identity comes from the hub's metadata, never from downloading it:
+the commit a revision names and the digest of each file a bake reads. `plan` resolves without downloading; `apply` also
 downloads, at the commit the plan saw.
 """
 
@@ -33,8 +33,8 @@ def resolve_inputs(manifest: Manifest, workspace: Workspace, progress: Progress,
     `offline` asks no hub: a hub model's keys are then unknown (plan --offline).
     `hub_commit` pins a hub model to the commit a saved plan resolved, so apply builds what it showed.
     `manifest_path` is named in hub errors ("MANIFEST: source.model: 'org/name' ...").
-    A downloaded hub model's cached files are checked against the hub's digests before every use: by size and
-    mtime, or, with `verify_cache`, by hashing them again.
+    A downloaded hub model's cached files are checked against the hub's digests before every use: by their
+    stamps, or, with `verify_cache`, by hashing them again.
     """
     imatrix = manifest.quantize.imatrix
     # Plain calibration text needs no model: read it first, so a missing file is said before any download.

@@ -2,7 +2,7 @@
 
     CACHE_DIR/
       objects/STAGE/KEY/     a published artifact: its files plus artifact.json (the completion marker)
-      digests.json           input file digests, remembered by (size, mtime, inode)
+      digests.json           input file digests, remembered by (size, mtime, inode, ctime)
       hosts/                 per-host journals of what was created and verified
       releases/NAME/TAG/     each tag's Modelfile and a link to its GGUF, for `ollama create -f`
       hub/                   hub downloads (huggingface_hub's cache layout; .partial/: LFS files to resume)

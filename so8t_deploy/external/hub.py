@@ -18,8 +18,8 @@ cached snapshot of the commit is never taken on faith.
 Everything the hub says is untrusted. Every value of its metadata that becomes a path on this
 machine is checked first: each file name must be a relative path inside the snapshot, each LFS
 sha256 64 hex digits (the name its blob is stored under), each git blob id 40. A cached file is
-checked against the digest the hub lists for it before every use: cheaply by size and mtime
-(stamps recorded when it was verified), fully by hashing with `verify`; a damaged one is fetched
+checked against the digest the hub lists for it before every use: cheaply by its stamp
+(size, mtime, inode and ctime, recorded when it was verified), fully by hashing with `verify`; a damaged one is fetched
 again with a warning, and never baked.
 
 Every error names what named the repo (`origin`: "MANIFEST: source.model") and the next step: a
@@ -64,7 +64,7 @@ class FileDigests(Protocol):
 
     def known(self, path: Path, algorithm: str = ...) -> str | None: ...
 
-    def record(self, path: Path, digest: str, algorithm: str = ...) -> None: ...
+    def record(self, path: Path, digest: str, algorithm: str = ..., *, exclusive: bool = ...) -> None: ...
 
 
 class HubUnavailableError(BuildError):
@@ -282,7 +282,8 @@ def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Pa
             if _sha256(partial) == sha256:
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, blob)
-                digests.record(blob, sha256, _SHA256)  # verified now: the next use checks its stamps, not its bytes
+                # Verified under the lock, before the rename: the next use checks its stamp, not its bytes.
+                digests.record(blob, sha256, _SHA256, exclusive=True)
                 return
             partial.unlink()
     raise BuildError(f"{what}: the file downloaded does not have the sha256 the hub lists for it; run again, or set "
@@ -349,8 +350,9 @@ def _git_blob_id(path: Path) -> str:
 
 
 def _damaged_files(snapshot: Path, revision: HubRevision, digests: FileDigests, verify: bool) -> list[str]:
-    """The files of the snapshot that are missing or do not have the hub's digest. An LFS file whose stamps (size,
-    mtime, inode) were recorded with its sha256 is taken as it is, unless `verify`; small files are always hashed."""
+    """The files of the snapshot that are missing or do not have the hub's digest. An LFS file whose stamp (size,
+    mtime, inode, ctime) was recorded with its sha256 is taken as it is, unless `verify`; small files are always
+    hashed."""
     damaged = []
     for path, digest in revision.files.items():
         local = snapshot / path

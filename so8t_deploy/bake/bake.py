@@ -15,8 +15,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from ..errors import AdapterError, UsageError
 from ..fsutil import fsync_path
 from ..manifest.schema import Scales
 from .adapters import Adapter, AdapterSpec, AdapterSpecs, as_specs, kind_of, load_adapters
-from .edits import fold_in_chunks
+from .edits import chunk_folds, fold_in_chunks
 from .layout import EMBED, layout_from_config
 from .lora_adapter import TOKENIZER_FILES, LoraAdapter, TensorRef
 from .model_dir import INDEX_FILE, ModelDirectory, check_shapes, open_model_dir
@@ -125,7 +125,7 @@ def _shard_layout(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str
 
 
 class _OutputBuffer:
-    """One buffer that every folded tensor is written into in turn: faulted in once, reused for the whole bake."""
+    """A buffer folded tensors are written into, one after another: faulted in once, reused for the whole bake."""
 
     def __init__(self) -> None:
         self._bytes = torch.empty(0, dtype=torch.uint8)
@@ -162,7 +162,7 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
                   on_progress: ProgressCallback | None, times: PhaseTimes,
                   device: torch.device | None) -> _ShardResults:
     results = _ShardResults()
-    buffer = _OutputBuffer()
+    buffers = (_OutputBuffer(), _OutputBuffer())
     # Parallelise over row chunks with our own threads, one torch thread each: torch's OpenMP
     # workers spin-wait, and beside the read-ahead thread that cost a third of the wall time.
     torch_threads = torch.get_num_threads()
@@ -175,7 +175,7 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
                 stamp = digests.stamp(source)  # taken before reading: a file changed meanwhile is hashed again
                 known = digests.identity(source, stamp)
                 reader = ShardReader(source, items, known, _verbatim(items, plan), times)
-                shard = _ShardWriting(plan, results, buffer, times, folders if device is None else None, device)
+                shard = _ShardWriting(plan, results, buffers, times, folders if device is None else None, device)
                 shard.write(reader, staging / file_name, on_progress)
                 if known is None:
                     digests.record(source, reader.identity, BLAKE3, stamp)
@@ -200,34 +200,53 @@ def _source_weight(tensor: SourceTensor) -> torch.Tensor:
     return data.view(DTYPES[source.dtype][0]).reshape(source.shape)
 
 
+@dataclass(frozen=True)
+class _Started:
+    """A tensor whose output is under way: its folded parts (in order), or None for a kernel copy."""
+
+    tensor: SourceTensor
+    parts: Iterable[torch.Tensor] | None
+    futures: list[Future] = field(default_factory=list)
+
+
 @dataclass
 class _ShardWriting:
+    """Writes a shard one tensor behind the folds: while tensor i is written, tensor i + 1 already folds.
+
+    Folded tensors take turns in two output buffers, so the one being written is never the one being folded.
+    """
+
     plan: BakePlan
     results: _ShardResults
-    buffer: _OutputBuffer
+    buffers: tuple[_OutputBuffer, _OutputBuffer]
     times: PhaseTimes
     folders: ThreadPoolExecutor | None
     device: torch.device | None
+    _turn: int = 0
 
     def write(self, reader: ShardReader, target: Path, on_progress: ProgressCallback | None) -> None:
         writer = ShardWriter(target, [out for out, _ in reader.items], times=self.times)
         source_fd = os.open(reader.path, os.O_RDONLY)  # verbatim tensors are copied from here, inside the kernel
+        started: list[_Started] = []
         try:
             for tensor in read_ahead(reader):
-                self._write_tensor(writer, source_fd, tensor)
-                self.results.weight_map[tensor.out.name] = target.name
-                self.results.total_bytes += tensor.out.nbytes
-                if on_progress:
-                    on_progress(tensor.out.nbytes)
+                started.append(self._start(tensor))
+                if len(started) == 2:
+                    self._finish(writer, source_fd, started.pop(0), target.name, on_progress)
+            for rest in started:
+                self._finish(writer, source_fd, rest, target.name, on_progress)
             writer.close()
         except BaseException:
+            for unfinished in started:
+                for future in unfinished.futures:
+                    future.cancel()
             writer.abandon()
             raise
         finally:
             os.close(source_fd)
         self.results.shard_digests[target.name] = reader.identity
 
-    def _write_tensor(self, writer: ShardWriter, source_fd: int, tensor: SourceTensor) -> None:
+    def _start(self, tensor: SourceTensor) -> _Started:
         out, source = tensor.out, tensor.source
         planned = self.plan.tensors.get(out.name)
         edits = planned.edits if planned else []
@@ -236,16 +255,32 @@ class _ShardWriting:
         self.results.folded += changed
         self.results.copied += not changed
         if tensor.copy is not None:
-            writer.copy_range(out.name, source_fd, tensor.copy.offset, tensor.copy.nbytes)
-            return
+            return _Started(tensor, None)
         weight = _source_weight(tensor)
         if not edits and out.dtype == source.dtype:
-            writer.write(out.name, [weight])  # an adapter's tensor or zeros, byte for byte
-            return
+            return _Started(tensor, [weight])  # an adapter's tensor or zeros, byte for byte
         out_dtype = DTYPES[out.dtype][0]
-        writer.write(out.name, fold_in_chunks(weight, edits, out_dtype, executor=self.folders,
-                                              out=self.buffer.get(out.shape, out_dtype), device=self.device,
-                                              times=self.times))
+        self._turn ^= 1
+        buffer = self.buffers[self._turn].get(out.shape, out_dtype)
+        if self.folders is None:  # the device path: folded as it is written
+            return _Started(tensor, fold_in_chunks(weight, edits, out_dtype, out=buffer, device=self.device,
+                                                   times=self.times))
+        futures = [self.folders.submit(task) for task in chunk_folds(weight, edits, out_dtype, out=buffer,
+                                                                     times=self.times)]
+        return _Started(tensor, (future.result() for future in futures), futures)
+
+    def _finish(self, writer: ShardWriter, source_fd: int, started: _Started, target: str,
+                on_progress: ProgressCallback | None) -> None:
+        out, copy = started.tensor.out, started.tensor.copy
+        if started.parts is None:
+            assert copy is not None
+            writer.copy_range(out.name, source_fd, copy.offset, copy.nbytes)
+        else:
+            writer.write(out.name, started.parts)
+        self.results.weight_map[out.name] = target
+        self.results.total_bytes += out.nbytes
+        if on_progress:
+            on_progress(out.nbytes)
 
 
 def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict, tokenizer: list[Path]) -> None:

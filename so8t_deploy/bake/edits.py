@@ -9,6 +9,7 @@ So a tensor can be edited in row chunks that are small enough to stay in the CPU
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -108,12 +109,28 @@ def fold_in_chunks(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch
                    times: PhaseTimes | None = None) -> Iterator[torch.Tensor]:
     """Yield the edited tensor a few rows at a time, each block folded in working precision and cast to out_dtype.
 
+    With an executor the chunks fold in parallel while the caller writes the finished ones, in
+    order. `out` and `device` are as in `chunk_folds`.
+    """
+    tasks = chunk_folds(weight, edits, out_dtype, chunk_bytes, out=out, device=device, times=times)
+    with _ieee_float32(device):
+        yield from (executor.map(_run, tasks) if executor else map(_run, tasks))
+
+
+def _run(task: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return task()
+
+
+def chunk_folds(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch.dtype, chunk_bytes: int = 1 << 20,
+                *, out: torch.Tensor | None = None, device: torch.device | None = None,
+                times: PhaseTimes | None = None) -> list[Callable[[], torch.Tensor]]:
+    """The edited tensor as independent tasks, one per chunk of rows, in order: each returns its rows, folded.
+
     Row chunks start at multiples of 8, so output-side block maps see whole blocks. Small
     chunks stay in the CPU cache (a whole-tensor fold is 2-3x slower, bound by memory
-    traffic), and with an executor they fold in parallel while the caller writes the
-    finished ones, in order. Each thread reuses its scratch buffers from chunk to chunk.
+    traffic), and each thread reuses its scratch buffers from chunk to chunk.
 
-    `out`: a tensor of weight's shape and out_dtype that receives the result; the chunks yielded
+    `out`: a tensor of weight's shape and out_dtype that receives the result; the chunks returned
     are its rows. `device`: fold there (a GPU), moving each chunk over and back.
     """
     times = times or PhaseTimes()
@@ -122,10 +139,12 @@ def fold_in_chunks(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch
         isinstance(e, LeftMultiply) and not isinstance(e.map, BlockDiagonalMap) for e in edits
     )
     if whole_tensor:
-        with times.phase("fold"):
-            folded = apply_edits(weight.to(work, copy=True), edits).to(out_dtype)
-        yield folded if out is None else out.copy_(folded)
-        return
+        def fold_whole() -> torch.Tensor:
+            with times.phase("fold"):
+                folded = apply_edits(weight.to(work, copy=True), edits).to(out_dtype)
+            return folded if out is None else out.copy_(folded)
+
+        return [fold_whole]
     rows, columns = weight.shape
     step = max(8, chunk_bytes // (work.itemsize * columns) // 8 * 8)
     row_edits = _resolve_column_norms(weight, edits, step)
@@ -154,9 +173,7 @@ def fold_in_chunks(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch
                 target.copy_(chunk)
         return target
 
-    starts = range(0, rows, step)
-    with _ieee_float32(device):
-        yield from (executor.map(fold, starts) if executor else map(fold, starts))
+    return [functools.partial(fold, start) for start in range(0, rows, step)]
 
 
 _scratch_buffers = threading.local()

@@ -167,7 +167,7 @@ def chunk_folds(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch.dt
         with times.phase("fold"):
             _apply_to_rows(chunk, before, start, stop, _scratch)
             if fused:
-                _apply_into(fused, chunk, target, start)
+                _block_map_into(fused, chunk, target, start, _scratch)
         if not fused:
             with times.phase("cast"):
                 target.copy_(chunk)
@@ -241,16 +241,21 @@ def _column_factor(weight: torch.Tensor, before: Sequence[_RowEdit], edit: Scale
     return _ScaleColumns((edit.magnitude.to(torch.float64) / squares.sqrt()).to(work))
 
 
-def _apply_into(edit: RightMultiply | LeftMultiply, chunk: torch.Tensor, target: torch.Tensor, start: int) -> None:
-    """target <- the chunk (rows from `start`) after one block-map edit on every row; target may differ in dtype."""
+def _block_map_into(edit: RightMultiply | LeftMultiply, source: torch.Tensor, target: torch.Tensor, first_row: int,
+                    scratch: Callable[..., torch.Tensor]) -> None:
+    """target <- source after one block-map edit on all its rows, which start at `first_row` of the weight.
+
+    `target` may be `source` itself, or of another dtype (the fold's output): the product lands in a
+    scratch buffer, and the copy out of it casts.
+    """
     m = edit.map
     assert isinstance(m, BlockDiagonalMap)
     if isinstance(edit, RightMultiply):
-        m.right_multiply_into(chunk, target, _scratch("product", (m.dim // BLOCK, chunk.shape[0], BLOCK),
-                                                      chunk.dtype, chunk.device))
+        m.right_multiply_into(source, target, scratch("product", (m.dim // BLOCK, source.shape[0], BLOCK),
+                                                      source.dtype, source.device))
     else:
-        target.copy_(m.left_multiply(chunk, first_row=start,
-                                     out=_scratch("product", chunk.shape, chunk.dtype, chunk.device)))
+        target.copy_(m.left_multiply(source, first_row=first_row,
+                                     out=scratch("product", source.shape, source.dtype, source.device)))
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -265,13 +270,10 @@ def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, s
     """
     for edit in edits:
         if isinstance(edit, LeftMultiply):
-            m = edit.map
-            if isinstance(m, BlockDiagonalMap):
-                product = m.left_multiply(chunk, first_row=start,
-                                          out=scratch("product", chunk.shape, chunk.dtype, chunk.device))
+            if isinstance(edit.map, BlockDiagonalMap):
+                _block_map_into(edit, chunk, chunk, start, scratch)
             else:
-                product = m.left_multiply(chunk)
-            chunk.copy_(product)
+                chunk.copy_(edit.map.left_multiply(chunk))
             continue
         if isinstance(edit, _ScaleColumns):
             chunk.mul_(edit.factor)
@@ -282,8 +284,10 @@ def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, s
             continue
         target = chunk[lo - start:hi - start]
         if isinstance(edit, RightMultiply):
-            product = scratch("product", (edit.map.dim // BLOCK, hi - lo, BLOCK), chunk.dtype, chunk.device)
-            edit.map.right_multiply_(target, product)
+            if isinstance(edit.map, BlockDiagonalMap):
+                _block_map_into(edit, target, target, lo, scratch)
+            else:
+                edit.map.right_multiply_(target)
         elif isinstance(edit, AddVector):
             target.add_(edit.vector[lo - first:hi - first].to(target.dtype))
         else:

@@ -58,13 +58,9 @@ class BlockDiagonalMap:
 
     def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
         """W M for W of shape [out, d]: one batched 8x8 product per block, O(out * d * 8)."""
-        folded = weight.clone(memory_format=torch.contiguous_format)
-        self.right_multiply_(folded)
+        folded = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.right_multiply_into(weight.contiguous(), folded)
         return folded
-
-    def right_multiply_(self, weight: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """W <- W M in place, for a contiguous W of shape [out, d]."""
-        self.right_multiply_into(weight, weight, scratch)
 
     def right_multiply_into(self, weight: torch.Tensor, target: torch.Tensor,
                             scratch: torch.Tensor | None = None) -> None:
@@ -127,8 +123,8 @@ class ProjectedMap:
         self.right_multiply_(folded)
         return folded
 
-    def right_multiply_(self, weight: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """W <- W M in place (`scratch` is not needed: the update is rank 8)."""
+    def right_multiply_(self, weight: torch.Tensor) -> None:
+        """W <- W M in place: the update is rank 8, so it needs no buffer of W's size."""
         p, c = self._like(weight)
         weight.addmm_((weight @ p.T) @ c, p)
 

@@ -9,6 +9,7 @@ and may be removed, only once that process is gone.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import socket
@@ -18,7 +19,9 @@ from pathlib import Path
 _STAGING_MARK = ".partial-"
 
 
+@functools.cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range, looked up on first use (not at import: every command imports this module)."""
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux
@@ -28,7 +31,6 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return function
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
 
 
@@ -37,8 +39,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
     A later fsync then waits only for what is still in flight, instead of the whole file at once.
     """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure only loses the head start
+    if (sync_file_range := _sync_file_range()) is not None:
+        sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure only loses the head start
 
 
 def fsync_path(path: Path) -> None:

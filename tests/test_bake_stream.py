@@ -23,7 +23,7 @@ from so8t_deploy.bake.edits import AddLowRank, DoraLowRank, LeftMultiply, RightM
 from so8t_deploy.bake.maps import BlockDiagonalMap, ProjectedMap
 from so8t_deploy.bake.phases import PHASES
 from so8t_deploy.build import hashing
-from so8t_deploy.build.hashing import DigestCache
+from so8t_deploy.build.hashing import DigestCache, Stamp
 from so8t_deploy.errors import UsageError
 from so8t_deploy.manifest.schema import Scales
 
@@ -143,7 +143,8 @@ def settled(monkeypatch):
     monkeypatch.setattr(hashing.time, "time_ns", lambda: real() + 10**10)
 
 
-def flip_middle_byte(path: Path, keep_mtime: bool = True) -> None:
+def flip_middle_byte(path: Path) -> None:
+    """Flip one bit in the middle of the file, and set its mtime back: only the ctime still tells."""
     stat = path.stat()
     time.sleep(0.02)  # past the file system's timestamp tick, so the ctime moves
     with path.open("r+b") as f:
@@ -151,8 +152,7 @@ def flip_middle_byte(path: Path, keep_mtime: bool = True) -> None:
         byte = f.read(1)[0]
         f.seek(stat.st_size // 2)
         f.write(bytes([byte ^ 0x01]))
-    if keep_mtime:
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_size == stat.st_size
 
 
@@ -183,7 +183,7 @@ def test_a_stamp_taken_right_after_a_change_proves_nothing(tmp_path):
 def test_the_digest_cache_file_is_untrusted_input(tmp_path, settled):
     path = tmp_path / "weights.bin"
     path.write_bytes(b"y" * 1000)
-    stamp = DigestCache.stamp(path)
+    stamp = Stamp.of(path)
     cache_file = tmp_path / "digests.json"
     good = {"stamp": stamp.as_list(), "taken": stamp.taken_ns, "blake3": "0" * 64}
     cache_file.write_text(json.dumps({

@@ -253,7 +253,7 @@ def test_a_damaged_file_in_the_hub_cache_is_never_handed_to_a_bake_and_is_fetche
 @pytest.mark.parametrize("keep_mtime", [False, True], ids=["mtime-changed", "mtime-kept"])
 def test_a_cached_hub_weight_damaged_after_download_is_fetched_again_before_a_bake(hub, hub_model, hf_env, tmp_path,
                                                                                    run_cli, keep_mtime):
-    """Stamps (size, mtime, inode) catch damage cheaply; damage that keeps them needs --verify-cache, which hashes."""
+    """Stamps (size, mtime, inode, ctime) catch damage cheaply, an mtime set back included; --verify-cache hashes."""
     manifest, cache = hub_manifest(tmp_path / "m.yaml", hub_model.repo_id), tmp_path / "cache"
     result = run_cli("build", manifest, "--cache-dir", cache, "--json")
     assert result.code == 0, result.err

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..build.hashing import BLAKE3, DigestCache
+from ..build.hashing import BLAKE3, DigestCache, Stamp
 from ..build.provenance import PROVENANCE_FILE, adapter_digest
 from ..build.workspace import Workspace, default_root
 from ..cancel import leave_interrupts_to_the_main_thread
@@ -172,7 +172,7 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
                                 initializer=leave_interrupts_to_the_main_thread) as folders:
             for file_name, items in _shard_layout(model, plan, dtype).items():
                 source = model.path / file_name
-                stamp = digests.stamp(source)  # taken before reading: a file changed meanwhile is hashed again
+                stamp = Stamp.of(source)  # taken before reading: a file changed meanwhile is hashed again
                 known = digests.identity(source, stamp)
                 reader = ShardReader(source, items, known, _verbatim(items, plan), times)
                 shard = _ShardWriting(plan, results, buffers, times, folders if device is None else None, device)

@@ -102,16 +102,16 @@ class DigestCache:
 
     def __init__(self, path: Path):
         self.path = path
-        self._entries: dict[str, dict] = {}
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                self._entries = {k: v for k, v in loaded.items() if _valid_entry(v)}
+        self._entries = self._load()
         self._dirty = False
 
-    @staticmethod
-    def stamp(path: Path) -> Stamp:
-        return Stamp.of(path)
+    def _load(self) -> dict[str, dict]:
+        """The saved entries that are valid; none if the file is missing or not a JSON mapping."""
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict):
+                return {k: v for k, v in loaded.items() if _valid_entry(v)}
+        return {}
 
     def known(self, path: Path, algorithm: str = BLAKE3, stamp: Stamp | None = None) -> str | None:
         """The bare hex digest, if this exact file (same stamp) was hashed with `algorithm` before."""
@@ -151,11 +151,11 @@ class DigestCache:
     def file(self, path: Path) -> str:
         """The file's BLAKE3 identity, `blake3:<hex>`: remembered, or hashed now."""
         stamp = Stamp.of(path)
-        digest = self.known(path, BLAKE3, stamp)
-        if digest is None:
-            digest = blake3_file(path).partition(":")[2]
-            self.record(path, digest, BLAKE3, stamp)
-        return f"{BLAKE3}:{digest}"
+        if digest := self.known(path, BLAKE3, stamp):
+            return f"{BLAKE3}:{digest}"
+        identity = blake3_file(path)
+        self.record(path, identity, BLAKE3, stamp)
+        return identity
 
     def directory(self, root: Path) -> dict[str, str]:
         """{relative path: identity} of every file below root; unknown files are hashed in parallel."""
@@ -170,10 +170,7 @@ class DigestCache:
 
     def reload(self) -> None:
         """Merge entries another process (a runner) saved meanwhile."""
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(self.path.read_text(encoding="utf-8"))
-            if isinstance(loaded, dict):
-                self._entries.update({k: v for k, v in loaded.items() if _valid_entry(v)})
+        self._entries.update(self._load())
 
     def save(self) -> None:
         if not self._dirty:

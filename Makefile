@@ -61,7 +61,7 @@ $(LLAMA_WHEEL_DIR)/.complete: | $(LLAMA_SDIST)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) scripts/build_llama_wheel.py $(LLAMA_SDIST) $(LLAMA_WHEEL_DIR)
 
 # The sdist stays beside the wheel: the converter is extracted from it.
-$(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml $(LLAMA_WHEEL_DIR)/.complete | $(LLAMA_SDIST)
+$(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml setup.py so8t_deploy/bake/_blockfold.c $(LLAMA_WHEEL_DIR)/.complete | $(LLAMA_SDIST)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install -q -e ".[bake,dev]"
@@ -135,4 +135,4 @@ demo-hosts: $(DEMO_DIR)/manifest.yaml go-toolchain
 
 # The llama.cpp wheel stays in $(WHEEL_CACHE) (remove it there to rebuild).
 clean:
-	rm -rf $(VENV) .so8t .pytest_cache .ruff_cache
+	rm -rf $(VENV) .so8t .pytest_cache .ruff_cache build so8t_deploy/bake/_blockfold.*.so

@@ -20,7 +20,7 @@ from typing import TypeVar, cast
 
 import torch
 
-from .maps import BLOCK, BlockDiagonalMap, LinearMap
+from .maps import BlockDiagonalMap, LinearMap
 from .phases import PhaseTimes
 
 
@@ -151,8 +151,8 @@ def chunk_folds(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch.dt
     if device is not None:
         row_edits = [_moved(edit, device) for edit in row_edits]
 
-    # A block map on every row, last, writes its product straight into the output: the copy back from its
-    # scratch buffer transposes (or not) and casts in one pass, instead of a copy and then a cast.
+    # A block map on every row, last, writes its product straight into the output, rounded to its dtype.
+    # If it is the only edit, it also reads the weight as it is: no working-precision copy of the chunk.
     last = row_edits[-1] if row_edits else None
     fused = last if isinstance(last, RightMultiply | LeftMultiply) and isinstance(last.map, BlockDiagonalMap) \
         and getattr(last, "rows", None) is None else None
@@ -160,14 +160,18 @@ def chunk_folds(weight: torch.Tensor, edits: Sequence[Edit], out_dtype: torch.dt
 
     def fold(start: int) -> torch.Tensor:
         stop = min(rows, start + step)
+        target = torch.empty((stop - start, columns), dtype=out_dtype) if out is None else out[start:stop]
+        if fused and not before and device is None:
+            with times.phase("fold"):
+                _block_map_into(fused, weight[start:stop], target, start)
+            return target
         with times.phase("cast"):
             chunk = _scratch("chunk", (stop - start, columns), work, device or weight.device)
             chunk.copy_(weight[start:stop])
-        target = torch.empty((stop - start, columns), dtype=out_dtype) if out is None else out[start:stop]
         with times.phase("fold"):
-            _apply_to_rows(chunk, before, start, stop, _scratch)
+            _apply_to_rows(chunk, before, start, stop)
             if fused:
-                _block_map_into(fused, chunk, target, start, _scratch)
+                _block_map_into(fused, chunk, target, start)
         if not fused:
             with times.phase("cast"):
                 target.copy_(chunk)
@@ -241,37 +245,26 @@ def _column_factor(weight: torch.Tensor, before: Sequence[_RowEdit], edit: Scale
     return _ScaleColumns((edit.magnitude.to(torch.float64) / squares.sqrt()).to(work))
 
 
-def _block_map_into(edit: RightMultiply | LeftMultiply, source: torch.Tensor, target: torch.Tensor, first_row: int,
-                    scratch: Callable[..., torch.Tensor]) -> None:
+def _block_map_into(edit: RightMultiply | LeftMultiply, source: torch.Tensor, target: torch.Tensor,
+                    first_row: int) -> None:
     """target <- source after one block-map edit on all its rows, which start at `first_row` of the weight.
 
-    `target` may be `source` itself, or of another dtype (the fold's output): the product lands in a
-    scratch buffer, and the copy out of it casts.
+    `target` may be `source` itself, or of another dtype (the fold's output): the product is rounded to it.
     """
     m = edit.map
     assert isinstance(m, BlockDiagonalMap)
     if isinstance(edit, RightMultiply):
-        m.right_multiply_into(source, target, scratch("product", (m.dim // BLOCK, source.shape[0], BLOCK),
-                                                      source.dtype, source.device))
+        m.right_multiply_into(source, target)
     else:
-        target.copy_(m.left_multiply(source, first_row=first_row,
-                                     out=scratch("product", source.shape, source.dtype, source.device)))
+        m.left_multiply_into(source, target, first_row)
 
 
-def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, stop: int,
-                   scratch: Callable[..., torch.Tensor] = _fresh) -> torch.Tensor:
-    """Apply edits to rows [start, stop) of a tensor, held in `chunk` (working precision, edited in place).
-
-    `scratch(name, shape, dtype, device)` gives the buffers products land in.
-    """
+def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, stop: int) -> torch.Tensor:
+    """Apply edits to rows [start, stop) of a tensor, held in `chunk` (working precision, edited in place)."""
     for edit in edits:
         if isinstance(edit, LeftMultiply):
             if isinstance(edit.map, BlockDiagonalMap):
-                _block_map_into(edit, chunk, chunk, start, scratch)
+                _block_map_into(edit, chunk, chunk, start)
             else:
                 chunk.copy_(edit.map.left_multiply(chunk))
             continue
@@ -285,7 +278,7 @@ def _apply_to_rows(chunk: torch.Tensor, edits: Sequence[_RowEdit], start: int, s
         target = chunk[lo - start:hi - start]
         if isinstance(edit, RightMultiply):
             if isinstance(edit.map, BlockDiagonalMap):
-                _block_map_into(edit, target, target, lo, scratch)
+                _block_map_into(edit, target, target, lo)
             else:
                 edit.map.right_multiply_(target)
         elif isinstance(edit, AddVector):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-BLOCK = 8
+from . import blockfold
+from .blockfold import BLOCK
 
 
 def rotation(generator: torch.Tensor) -> torch.Tensor:
@@ -34,8 +35,8 @@ class BlockDiagonalMap:
     """M = blockdiag(B_1, ..., B_{d/8}), where B_b = I + c (R_b - I)."""
 
     blocks: torch.Tensor  # [d/8, 8, 8], float64
-    # The blocks in the working dtype and device of the weights being folded, converted once, not per chunk.
-    _converted: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(
+    # The blocks as folds use them (see blocks_like), by (float64 weights?, device): converted once, not per chunk.
+    _converted: dict[tuple[bool, torch.device], torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -51,41 +52,51 @@ class BlockDiagonalMap:
         return torch.block_diag(*self.blocks)
 
     def blocks_like(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.dtype, weight.device)
+        """The blocks as the fold of `weight` uses them, converted once per dtype and device, not per chunk.
+
+        float64 weights fold with float64 blocks; every other dtype with `blockfold.exact_blocks`.
+        """
+        wide = weight.dtype == torch.float64
+        key = (wide, weight.device)
         if key not in self._converted:
-            self._converted[key] = self.blocks.to(weight.dtype).to(weight.device)
+            self._converted[key] = (self.blocks if wide else blockfold.exact_blocks(self.blocks)).to(weight.device)
         return self._converted[key]
 
     def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
-        """W M for W of shape [out, d]: one batched 8x8 product per block, O(out * d * 8)."""
+        """W M for W of shape [out, d]: one 8x8 product per block, O(out * d * 8)."""
         folded = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        self.right_multiply_into(weight.contiguous(), folded)
+        self.right_multiply_into(weight, folded)
         return folded
 
-    def right_multiply_into(self, weight: torch.Tensor, target: torch.Tensor,
-                            scratch: torch.Tensor | None = None) -> None:
-        """target <- W M: `target` has W's shape, and may be W itself or of another dtype or device.
-
-        bmm reads W's blocks through a strided view ([nb, out, 8] over [out, nb, 8]): no transposed
-        copy of the input. Its product lands in `scratch` ([nb, out, 8], reused by the caller), and
-        the copy into `target` transposes back, and casts, in the same pass.
-        """
+    def right_multiply_into(self, weight: torch.Tensor, target: torch.Tensor) -> None:
+        """target <- W M: `target` has W's shape, and may be W itself or of another dtype (the output's)."""
+        if weight.dtype != torch.float64:
+            blockfold.right_multiply(weight, self.blocks_like(weight), target)
+            return
         out = weight.shape[0]
-        product = torch.bmm(weight.view(out, -1, BLOCK).transpose(0, 1), self.blocks_like(weight), out=scratch)
+        product = torch.bmm(weight.reshape(out, -1, BLOCK).transpose(0, 1), self.blocks_like(weight))
         target.view(out, -1, BLOCK).copy_(product.transpose(0, 1))
 
-    def left_multiply(self, weight: torch.Tensor, first_row: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    def left_multiply(self, weight: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """M W for W of shape [d, in] (or a bias of shape [d]), O(d * in * 8).
 
         With `first_row` (a multiple of 8), W holds only rows [first_row, first_row + len(W)) of the full
-        weight, and gets those rows of M W. `out` (W's shape) receives the product.
+        weight, and gets those rows of M W.
         """
-        start = first_row // BLOCK
+        folded = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.left_multiply_into(weight, folded, first_row)
+        return folded
+
+    def left_multiply_into(self, weight: torch.Tensor, target: torch.Tensor, first_row: int = 0) -> None:
+        """target <- M W for rows from `first_row` on, as in `left_multiply`; `target` may be W itself."""
         columns = weight.reshape(weight.shape[0], -1)
-        blocks = self.blocks_like(weight)[start:start + (columns.shape[0] + BLOCK - 1) // BLOCK]
-        product = torch.bmm(blocks, columns.reshape(-1, BLOCK, columns.shape[1]),
-                            out=None if out is None else out.view(-1, BLOCK, columns.shape[1]))
-        return product.reshape(weight.shape)
+        start = first_row // BLOCK
+        blocks = self.blocks_like(weight)[start:start + columns.shape[0] // BLOCK]
+        if weight.dtype != torch.float64:
+            blockfold.left_multiply(columns, blocks, target.view(columns.shape))
+            return
+        product = torch.bmm(blocks, columns.reshape(-1, BLOCK, columns.shape[1]))
+        target.copy_(product.reshape(target.shape))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Re-applying an unchanged manifest: 3 variants x 3 hosts, the second apply must upload nothing.
+"""Re-applying an unchanged manifest: 3 variants x N hosts (3, or --hosts), the second apply must upload nothing.
 
 Starts three Ollama-compatible test servers on loopback (tests/ollama_server/, each running the
 GGUFs with llama.cpp), applies a demo manifest with three variants once (build, upload, create,
@@ -7,7 +7,10 @@ no-op time (target: under 2 s in total), the time per host, what the re-run uplo
 often it listed each host's models (once: the plan's observation is all it needs), and its ratio to
 the baseline measured in the same run: `so8t-deploy plan` of the same manifest, which only observes.
 
-    .venv/bin/python benchmarks/apply_noop.py [--workdir DIR]
+    .venv/bin/python benchmarks/apply_noop.py [--workdir DIR] [--hosts N]
+
+Targets: under 2 s in total at 3 hosts, and under 4 s at 50 (`--hosts 50`: every host is observed
+once, in parallel, so the no-op should grow with the host count only by what one observation costs).
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ def run(command: str, manifest: Path, cache: Path) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/so8t-bench-apply"))
+    parser.add_argument("--hosts", type=int, default=3, help="loopback test servers (default 3; the issue's 50)")
     args = parser.parse_args()
+    if args.hosts < 1:
+        parser.error("--hosts must be at least 1")
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     from so8t_deploy.demo import init_demo
@@ -68,7 +74,7 @@ def main() -> None:
     demo = init_demo(args.workdir / "demo")
     pool = ServerPool(args.workdir / "hosts")
     try:
-        urls = pool.start(3)
+        urls = pool.start(args.hosts)
         targets = "\n".join(f"  - {{name: host-{i}, host: '{url}'}}" for i, url in enumerate(urls))
         manifest = args.workdir / "manifest.yaml"
         manifest.write_text(MANIFEST.format(demo=demo, targets=targets))
@@ -78,7 +84,8 @@ def main() -> None:
         for url in urls:
             pool.server(url).clear_requests()
         noop, report = run("apply", manifest, cache)
-        listings = [sum(r["path"] == "/api/tags" for r in pool.server(url).requests()) for url in urls]
+        requests = [pool.server(url).requests() for url in urls]
+        listings = [sum(r["path"] == "/api/tags" for r in host) for host in requests]
     finally:
         pool.stop_all()
     uploaded = sum(h["uploaded_bytes"] for h in report["hosts"])
@@ -87,11 +94,21 @@ def main() -> None:
     print(json.dumps({"first_apply_s": round(first, 2), "plan_s": round(plan, 3), "noop_apply_s": round(noop, 3),
                       "noop_vs_plan": round(noop / plan, 2), "noop_per_host_s": round(noop / len(urls), 3),
                       "noop_uploaded_bytes": uploaded, "noop_created": created, "noop_unchanged": unchanged,
-                      "noop_listings_per_host": listings}, indent=2))
-    verdict = "PASS" if noop < 2.0 and uploaded == 0 and created == 0 and set(listings) == {1} else "MISS"
-    print(f"no-op apply of 3 variants x 3 hosts: {noop:.2f} s (target < 2 s; {noop / plan:.2f}x a plan, which "
+                      "noop_listings_per_host": sorted(set(listings)),
+                      "noop_requests_per_host": _request_counts(requests)}, indent=2))
+    limit = 2.0 if args.hosts <= 3 else 4.0
+    verdict = "PASS" if noop < limit and uploaded == 0 and created == 0 and set(listings) == {1} else "MISS"
+    print(f"no-op apply of 3 variants x {args.hosts} hosts: {noop:.2f} s (target < {limit:g} s; {noop / plan:.2f}x a "
+          f"plan, which "
           f"only observes), {uploaded} bytes uploaded, {created} created, {unchanged} unchanged, each host listed "
-          f"{'/'.join(map(str, listings))} times: {verdict}")
+          f"{'/'.join(map(str, sorted(set(listings))))} times: {verdict}")
+
+
+def _request_counts(requests: list[list[dict]]) -> dict[str, list[int]]:
+    """Per request kind ("GET /api/tags"), the fewest and most times one host received it."""
+    kinds = sorted({f"{r['method']} {r['path']}" for host in requests for r in host})
+    counts = {kind: [sum(f"{r['method']} {r['path']}" == kind for r in host) for host in requests] for kind in kinds}
+    return {kind: [min(per_host), max(per_host)] for kind, per_host in counts.items()}
 
 
 if __name__ == "__main__":

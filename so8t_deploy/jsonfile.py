@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidInputError
 
@@ -55,7 +56,7 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_json_object(path: Path, error: type[InvalidInputError], missing: str = "missing") -> dict:
+def read_json_object(path: Path, error: type[InvalidInputError], missing: str = "missing") -> dict[str, Any]:
     """The file's JSON object; `error(...)` naming the file if it is absent, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

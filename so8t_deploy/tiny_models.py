@@ -19,7 +19,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers is imported inside the functions
+    from transformers import PretrainedConfig
 
 # Phi-3's special tokens, appended after the SentencePiece vocabulary in this order.
 PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
@@ -101,7 +104,8 @@ def write_sentencepiece_tokenizer(out_dir: Path) -> None:
 
 
 def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_heads: int = 4,
-                num_kv_heads: int | None = None, tie_word_embeddings: bool | None = None, **extra):
+                num_kv_heads: int | None = None, tie_word_embeddings: bool | None = None,
+                **extra: Any) -> PretrainedConfig:
     """A transformers config of the given architecture with real-model structure and tiny sizes.
 
     Architectures: phi3 (also Phi-4: pass num_kv_heads < num_heads), llama, mistral, qwen2, qwen3, gemma2,
@@ -150,14 +154,14 @@ def tiny_config(arch: str, hidden_size: int = 256, num_layers: int = 2, num_head
     raise ValueError(f"no tiny config for architecture {arch!r}")
 
 
-def _gemma_sizes(common: dict, head_dim: int) -> dict:
+def _gemma_sizes(common: dict[str, Any], head_dim: int) -> dict[str, Any]:
     """Gemma's config fields at tiny sizes."""
     return {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "sliding_window": 512,
             "hidden_activation": "gelu_pytorch_tanh", **common, "rms_norm_eps": 1e-6}
 
 
 def write_tiny_model(out_dir: Path, arch: str = "phi3", *, seed: int = 0, dtype: str = "float32",
-                     max_shard_size: str | None = None, **config_kwargs) -> Path:
+                     max_shard_size: str | None = None, **config_kwargs: Any) -> Path:
     """Save a randomly initialised model of `arch` with a SentencePiece tokenizer; return out_dir."""
     import torch
     import transformers

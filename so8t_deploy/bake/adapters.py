@@ -27,7 +27,7 @@ class AdapterSpec:
     allow_base_mismatch: bool = False
 
 
-AdapterSpecs = Sequence[AdapterSpec | tuple]
+AdapterSpecs = Sequence[AdapterSpec | tuple[str | None, Path] | tuple[str | None, Path, bool]]
 
 
 def as_specs(items: AdapterSpecs) -> list[AdapterSpec]:

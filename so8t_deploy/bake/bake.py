@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class BakeResult:
     out_dir: Path
     folded: int  # tensors that adapters changed
     copied: int  # tensors copied byte for byte
-    provenance: dict
+    provenance: dict[str, Any]
     phases: dict[str, dict[str, float]]  # per phase, CPU and wall seconds summed over threads (see phases.py)
 
 
@@ -206,7 +207,7 @@ class _Started:
 
     tensor: SourceTensor
     parts: Iterable[torch.Tensor] | None
-    futures: list[Future] = field(default_factory=list)
+    futures: list[Future[torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -283,7 +284,8 @@ class _ShardWriting:
             on_progress(out.nbytes)
 
 
-def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict, tokenizer: list[Path]) -> None:
+def _copy_other_files(model: ModelDirectory, staging: Path, config_updates: dict[str, Any],
+                      tokenizer: list[Path]) -> None:
     """Tokenizer, generation config and the rest, unchanged; config.json only where the spec says.
 
     `tokenizer`: an adapter's tokenizer files, shipped instead of the base's (a resized vocabulary).
@@ -313,7 +315,7 @@ class PreparedBake:
     tokenizer: list[Path]  # adapter tokenizer files that replace the base's
 
 
-def _input_digests(prepared: PreparedBake, shard_digests: dict[str, str], digests: DigestCache) -> dict:
+def _input_digests(prepared: PreparedBake, shard_digests: dict[str, str], digests: DigestCache) -> dict[str, Any]:
     """The identity of every input file, and each adapter's digest in fold order; the shards' were taken while reading.
 
     A file already verified against the hub's sha256 keeps that identity; any other is hashed with BLAKE3.
@@ -359,7 +361,7 @@ def _write_index(model: ModelDirectory, shards: _ShardResults, staging: Path) ->
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict:
+def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[str, Any]:
     updates = dict(plan.config_updates)
     if plan.untie_lm_head:
         updates["tie_word_embeddings"] = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import AdapterError
 
@@ -23,7 +24,7 @@ class BaseIdentity:
     names: frozenset[str]
 
     @classmethod
-    def of(cls, path: Path, config: dict) -> BaseIdentity:
+    def of(cls, path: Path, config: dict[str, Any]) -> BaseIdentity:
         names = {path.name, str(config.get("_name_or_path") or "")}
         for part in path.parts:  # huggingface_hub caches a repo as models--org--name/snapshots/<sha>
             if part.startswith("models--"):

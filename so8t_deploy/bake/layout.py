@@ -9,7 +9,9 @@ norms around attention and MLP (docs/so8t-adapter-v1.1.md says where each SO8T s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ModelError
 
@@ -140,7 +142,7 @@ class ModelLayout:
         return None
 
 
-def _whole_tensors(slots) -> list[Slot]:
+def _whole_tensors(slots: Iterable[Slot]) -> list[Slot]:
     names: list[str] = []
     for slot in slots:
         if slot.weight not in names:
@@ -152,7 +154,7 @@ _REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attent
 _DERIVED_SIZES = ("num_key_value_heads", "head_dim")  # absent or null: taken from the others
 
 
-def _sizes(config: dict, where: str) -> dict[str, int]:
+def _sizes(config: dict[str, Any], where: str) -> dict[str, int]:
     """config.json's sizes, each a positive integer (true, 2.0 and "2" are not sizes)."""
     sizes = {}
     for key in (*_REQUIRED_SIZES, *_DERIVED_SIZES):
@@ -165,7 +167,7 @@ def _sizes(config: dict, where: str) -> dict[str, int]:
     return sizes
 
 
-def layout_from_config(config: dict, where: str) -> ModelLayout:
+def layout_from_config(config: dict[str, Any], where: str) -> ModelLayout:
     """The layout config.json describes; sizes that cannot make a model (0 heads, 5 heads in 64) are refused."""
     model_type = config.get("model_type")
     if model_type in _REFUSED_MODEL_TYPES:

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -101,7 +102,13 @@ class LoraAdapter:
         return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
 
 
-def _read_pair_tensor(f, name: str, entry: TensorEntry, where: Path) -> torch.Tensor:
+class _TensorFile(Protocol):
+    """An open safetensors file (safetensors.safe_open with framework="pt")."""
+
+    def get_tensor(self, name: str) -> torch.Tensor: ...
+
+
+def _read_pair_tensor(f: _TensorFile, name: str, entry: TensorEntry, where: Path) -> torch.Tensor:
     if entry.dtype not in FLOAT_DTYPES or len(entry.shape) not in (1, 2):
         raise AdapterError(f"{where}: tensor {name!r} must be a float vector or matrix")
     tensor = f.get_tensor(name)

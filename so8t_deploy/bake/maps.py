@@ -22,7 +22,8 @@ from .blockfold import BLOCK
 def rotation(generator: torch.Tensor) -> torch.Tensor:
     """R = expm(G - G^T) in float64, batched over leading axes; R is in SO(8) by construction."""
     g = generator.to(torch.float64)
-    return torch.linalg.matrix_exp(g - g.transpose(-1, -2))
+    r: torch.Tensor = torch.linalg.matrix_exp(g - g.transpose(-1, -2))
+    return r
 
 
 def gate_strength(scale: float, gate_logit: float) -> float:
@@ -49,7 +50,8 @@ class BlockDiagonalMap:
         return self.blocks.shape[0] * BLOCK
 
     def dense(self) -> torch.Tensor:
-        return torch.block_diag(*self.blocks)
+        dense: torch.Tensor = torch.block_diag(*self.blocks)
+        return dense
 
     def blocks_like(self, weight: torch.Tensor) -> torch.Tensor:
         """The blocks as the fold of `weight` uses them, converted once per dtype and device, not per chunk.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelError
 from ..jsonfile import read_json_object
@@ -25,9 +26,9 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 @dataclass(frozen=True)
 class ModelDirectory:
     path: Path
-    config: dict
+    config: dict[str, Any]
     shards: tuple[ShardHeader, ...]  # in file-name order
-    index_metadata: dict | None  # the index's "metadata", or None for a single-file model
+    index_metadata: dict[str, Any] | None  # the index's "metadata", or None for a single-file model
 
     def locate(self, name: str) -> tuple[ShardHeader, TensorEntry] | None:
         for shard in self.shards:

@@ -125,7 +125,7 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     return None
 
 
-def _refuse_unsupported(raw: dict, where: Path) -> None:
+def _refuse_unsupported(raw: dict[str, Any], where: Path) -> None:
     for key, why in UNSUPPORTED.items():
         if raw.get(key):
             raise AdapterError(f"{where}: {key}: not supported: {why}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ class BakePlan:
     base_shapes: dict[str, tuple[int, ...]]
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     tied: bool = False  # lm_head is still the embedding matrix (the base ties them and nothing split them)
-    config_updates: dict = field(default_factory=dict)
+    config_updates: dict[str, Any] = field(default_factory=dict)
     vocabulary_from: LoraAdapter | None = None  # the adapter that resized the embeddings last
 
     @classmethod

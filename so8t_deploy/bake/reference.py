@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +27,7 @@ from .adapters import Adapter
 from .layout import EMBED, LM_HEAD, ModelLayout, Slot
 from .lora_adapter import LoraAdapter
 from .maps import BlockDiagonalMap, ProjectedMap, gate_strength
-from .so8t_adapter import So8tAdapter
+from .so8t_adapter import BlockGroup, So8tAdapter
 
 if TYPE_CHECKING:  # transformers is imported where it is used: the control plane runs without it
     from transformers import PreTrainedModel
@@ -44,10 +44,10 @@ class _InputMapped(nn.Module):
         self.register_buffer("matrix", matrix.to(torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mapped = self.inner(x @ self.matrix.T)
+        mapped: torch.Tensor = self.inner(x @ self.matrix.T)
         if self.rows is None:
             return mapped
-        out = self.inner(x).clone()
+        out: torch.Tensor = self.inner(x).clone()
         out[..., self.rows[0]:self.rows[1]] = mapped[..., self.rows[0]:self.rows[1]]
         return out
 
@@ -63,7 +63,8 @@ class _OutputMapped(nn.Module):
         self.register_buffer("matrix", matrix.to(torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) @ self.matrix.T
+        out: torch.Tensor = self.inner(x) @ self.matrix.T
+        return out
 
 
 class _LowRankAdded(nn.Module):
@@ -80,7 +81,7 @@ class _LowRankAdded(nn.Module):
         self.register_buffer("b", b.to(torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)
+        out: torch.Tensor = self.inner(x)
         delta = self.scaling * ((x @ self.a.T) @ self.b.T)
         if self.rows is None:
             return out + delta
@@ -89,7 +90,9 @@ class _LowRankAdded(nn.Module):
         return out
 
 
-def _wrap(model: nn.Module, slot: Slot, make) -> None:
+def _wrap(model: nn.Module, slot: Slot, make: Callable[..., nn.Module]) -> None:
+    """Replace the layer at `slot` by make(layer); `make` is called with that one argument (callers bind
+    what else they need as lambda defaults, which is why its type says `...`)."""
     path = slot.weight.removesuffix(".weight")
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -97,11 +100,12 @@ def _wrap(model: nn.Module, slot: Slot, make) -> None:
 
 
 def _attach_so8t(model: nn.Module, adapter: So8tAdapter, layout: ModelLayout, scales: Scales) -> None:
-    def block(group, scale):
+    def block(group: BlockGroup | None, scale: float) -> torch.Tensor | None:
         if group is None or scale == 0:
             return None
         return BlockDiagonalMap.from_generators(group.generators, gate_strength(scale, group.gate)).dense()
 
+    m: torch.Tensor | None  # a triality map, then each site's map (None: no map there)
     for layer in range(layout.num_layers):
         for rep, role in (("vector", "q"), ("spinor_plus", "k"), ("spinor_minus", "v")):
             group = adapter.triality.get((layer, rep))
@@ -180,7 +184,8 @@ def _read_off(module: nn.Module, like: nn.Module) -> nn.Module:
 def _read_off_embedding(module: nn.Module, like: nn.Embedding) -> nn.Embedding:
     rows = module(torch.arange(like.num_embeddings))
     if type(like) is nn.Embedding:
-        return nn.Embedding.from_pretrained(rows, freeze=False, padding_idx=like.padding_idx)
+        embedding: nn.Embedding = nn.Embedding.from_pretrained(rows, freeze=False, padding_idx=like.padding_idx)
+        return embedding
     # Gemma's ScaledWordEmbedding returns weight[ids] * embed_scale: keep its class (the model's forward
     # relies on the scale), with the weight whose scaled rows are what the wrapped module returned.
     scale = getattr(like, "embed_scale", None)

@@ -152,7 +152,8 @@ def load_so8t_adapter(path: Path) -> So8tAdapter:
     return _assemble(path, config, tensors)
 
 
-def _take_group(tensors: dict[str, torch.Tensor], prefix: str, parts: tuple[str, ...], where: Path) -> list | None:
+def _take_group(tensors: dict[str, torch.Tensor], prefix: str, parts: tuple[str, ...],
+                where: Path) -> list[torch.Tensor] | None:
     present = [f"{prefix}.{p}" in tensors for p in parts]
     if not any(present):
         return None

@@ -22,8 +22,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
+import blake3
 import torch
 
 from ..build.hashing import BLAKE3, new_blake3
@@ -123,7 +124,7 @@ class ShardReader:
         finally:
             os.close(fd)
 
-    def _scan(self, entry: TensorEntry, data: torch.Tensor, hasher) -> None:
+    def _scan(self, entry: TensorEntry, data: torch.Tensor, hasher: blake3.blake3 | None) -> None:
         """Hash (if asked) and check a tensor's bytes, one cache-sized slice at a time."""
         dtype = DTYPES[entry.dtype][0] if entry.dtype in FLOAT_DTYPES else None
         finite = True
@@ -139,7 +140,7 @@ class ShardReader:
         if not finite and (found := nonfinite_at(data, entry.dtype, entry.shape)):
             raise ModelError(f"{self.path}: tensor {entry.name!r} contains NaN or infinity (first: {found})")
 
-    def _hash_gap(self, hasher, fd: int, start: int, stop: int) -> None:
+    def _hash_gap(self, hasher: blake3.blake3, fd: int, start: int, stop: int) -> None:
         for offset in range(start, stop, _SLICE):
             with self.times.phase("read"):
                 piece = read_range(fd, offset, min(_SLICE, stop - offset))
@@ -149,7 +150,7 @@ class ShardReader:
 
 def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Iterate `items` on a background thread, at most `depth` items ahead of the consumer."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    buffer: queue.Queue[object] = queue.Queue(maxsize=depth)  # items, then _DONE or the exception
     stop = threading.Event()
 
     def produce() -> None:
@@ -177,7 +178,7 @@ def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield cast(T, item)
     finally:
         stop.set()
         thread.join()

@@ -45,13 +45,15 @@ def _load(path: Path) -> PreTrainedModel:
     # Our output is one result line; transformers' loading bars and notices would bury it.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                             attn_implementation="eager").eval()
+    model: PreTrainedModel = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                               attn_implementation="eager").eval()
+    return model
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    return model(tokens).logits.to(torch.float64)
+    logits: torch.Tensor = model(tokens).logits.to(torch.float64)
+    return logits
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import blake3
 
@@ -46,7 +47,15 @@ def new_blake3(threads: int = blake3.blake3.AUTO) -> blake3.blake3:
     return blake3.blake3(max_threads=threads)
 
 
-def _hash_file(path: Path, digest) -> str:
+class _Hasher(Protocol):
+    """What `_hash_file` needs of a hash object: blake3.blake3 or one of hashlib's."""
+
+    def update(self, data: memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def _hash_file(path: Path, digest: _Hasher) -> str:
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
@@ -105,7 +114,7 @@ class DigestCache:
         self._entries = self._load()
         self._dirty = False
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self) -> dict[str, dict[str, Any]]:
         """The saved entries that are valid; none if the file is missing or not a JSON mapping."""
         with contextlib.suppress(OSError, ValueError):
             loaded = json.loads(self.path.read_text(encoding="utf-8"))
@@ -179,9 +188,9 @@ class DigestCache:
         self._dirty = False
 
 
-def _racy(entry: dict) -> bool:
+def _racy(entry: dict[str, Any]) -> bool:
     """The entry's stamp was taken so soon after the file's last change that a further change could keep it."""
-    return entry["taken"] - entry["stamp"][3] < RACY_NS
+    return bool(entry["taken"] - entry["stamp"][3] < RACY_NS)
 
 
 def _valid_entry(entry: object) -> bool:

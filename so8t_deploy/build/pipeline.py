@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import BuildError
 from ..manifest.schema import Manifest
@@ -94,7 +95,7 @@ class Pipeline:
                     self.report.baselines.append(self._quantize(baseline, converted, None))
         return self.report
 
-    def _step(self, stage: str, key: str, produce: Callable[[Path], dict]) -> tuple[Path, dict]:
+    def _step(self, stage: str, key: str, produce: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
         """The artifact for `key`: published already, or produced now under the key's lock (`produce`
         announces itself once its own inputs are ready)."""
         found = self._intact(stage, key)
@@ -109,7 +110,7 @@ class Pipeline:
         self.report.reused += 1
         return self.workspace.artifact_dir(stage, key), found
 
-    def _intact(self, stage: str, key: str) -> dict | None:
+    def _intact(self, stage: str, key: str) -> dict[str, Any] | None:
         """A published artifact that is still what was published; a damaged one is said and rebuilt."""
         found, damage = self.workspace.inspect(stage, key, verify=self.verify_cache)
         if damage:
@@ -119,7 +120,7 @@ class Pipeline:
     def _bake(self, variant: str, bake_key: str) -> Path:
         scales = self.manifest.bake.variants[variant]
 
-        def bake(staging: Path) -> dict:
+        def bake(staging: Path) -> dict[str, Any]:
             step = BakeStep(model_dir=self.source_dir, adapters=[a.ref for a in self.inputs.adapters],
                             out_dir=staging / "model", scales=scales, dtype=self.manifest.bake.dtype,
                             digests_file=self.workspace.digests_file, label=variant)
@@ -135,7 +136,7 @@ class Pipeline:
         reference = next(r for r in plan.references if r.variant == variant)
         outtype = convert_outtype(self.manifest.quantize.types)
 
-        def convert(staging: Path) -> dict:
+        def convert(staging: Path) -> dict[str, Any]:
             baked = self._bake(variant, bake_key)
             step = ConvertStep(model_dir=baked, out_file=staging / reference.file_name, outtype=outtype,
                                metadata=metadata, split_max_size=self.manifest.quantize.split_max_size)
@@ -150,7 +151,7 @@ class Pipeline:
         if imatrix is None or calibration is None:
             raise BuildError("internal: an importance matrix needs its calibration data")
 
-        def compute(staging: Path) -> dict:
+        def compute(staging: Path) -> dict[str, Any]:
             text_file = staging / CALIBRATION_FILE
             text_file.write_text(calibration.text, encoding="utf-8")
             step = ImatrixStep(gguf=converted.path, text_file=text_file,
@@ -169,7 +170,7 @@ class Pipeline:
         """The tag's GGUF; quantized with the variant's importance matrix when `matrix` is given, which is only
         computed (or read from the workspace) when this step, or another of the variant, has to run."""
 
-        def quantize(staging: Path) -> dict:
+        def quantize(staging: Path) -> dict[str, Any]:
             built = matrix() if matrix is not None else None
             metadata: dict[str, str | int] = {}
             if built is not None:
@@ -189,6 +190,6 @@ class Pipeline:
         return _artifact(tag, directory, record)
 
 
-def _artifact(tag: TagBuild, directory: Path, record: dict) -> BuiltArtifact:
+def _artifact(tag: TagBuild, directory: Path, record: dict[str, Any]) -> BuiltArtifact:
     gguf = GgufRecord.from_marker(record)
     return BuiltArtifact(tag.tag, tag.variant, tag.quant, directory / gguf.file, gguf)

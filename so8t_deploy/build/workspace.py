@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -101,11 +102,11 @@ class Workspace:
 
     # -- artifacts ---------------------------------------------------------------------------------
 
-    def lookup(self, stage: str, key: str, *, verify: bool = False) -> dict | None:
+    def lookup(self, stage: str, key: str, *, verify: bool = False) -> dict[str, Any] | None:
         """The artifact's recorded info if it is complete and intact, else None (a damaged one is rebuilt)."""
         return self.inspect(stage, key, verify=verify)[0]
 
-    def inspect(self, stage: str, key: str, *, verify: bool = False) -> tuple[dict | None, str | None]:
+    def inspect(self, stage: str, key: str, *, verify: bool = False) -> tuple[dict[str, Any] | None, str | None]:
         """(record, None) for a complete, intact artifact; (None, why) for a damaged one; (None, None) if absent.
 
         Intact means every file it was published with is still there with its size and mtime
@@ -122,7 +123,7 @@ class Workspace:
         return (None, damage) if damage else (record, None)
 
     @contextmanager
-    def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict]]:
+    def produce(self, stage: str, key: str) -> Iterator[tuple[Path, dict[str, Any]]]:
         """Yield (staging dir, info dict) under the key's lock; on success the info becomes the marker.
 
         The caller checks `lookup` again inside: another process may have published the key while
@@ -133,7 +134,7 @@ class Workspace:
         remove_stale_staging(final)
         staging = staging_path(final)
         staging.mkdir()
-        info: dict = {}
+        info: dict[str, Any] = {}
         try:
             yield staging, info
             info["key"] = key
@@ -170,7 +171,7 @@ def _stamps(directory: Path) -> dict[str, list[int]]:
     return stamps
 
 
-def _damage(directory: Path, stamps: dict[str, list[int]], verify_record: dict | None) -> str | None:
+def _damage(directory: Path, stamps: dict[str, list[int]], verify_record: dict[str, Any] | None) -> str | None:
     """Why a published artifact cannot be trusted any more, or None."""
     for name, (size, mtime_ns) in stamps.items():
         try:

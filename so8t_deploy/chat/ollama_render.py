@@ -366,8 +366,8 @@ def _think_values(think: bool | str | None) -> dict[str, Any]:
     return {"Think": bool(think), "ThinkLevel": level, "IsThinkSet": True}
 
 
-def render_chat(template: str, messages: list[dict], *, system: str | None = None,
-                tools: list[dict] | None = None, think: bool | str | None = None) -> str:
+def render_chat(template: str, messages: list[dict[str, Any]], *, system: str | None = None,
+                tools: list[dict[str, Any]] | None = None, think: bool | str | None = None) -> str:
     """The prompt Ollama renders for an /api/chat request with these messages (Ollama's API form), tools and
     think (None: the request has none), for a model whose TEMPLATE is `template` and SYSTEM is `system`.
     GoTemplateError where Ollama's template fails; ValueError for messages or tools Ollama would refuse."""

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.markup import escape
@@ -119,7 +119,7 @@ def human_size(size: int | None) -> str:
 
 # -- plan -----------------------------------------------------------------------------------------------
 
-def plan_summary(plan: DeployPlan) -> dict:
+def plan_summary(plan: DeployPlan) -> dict[str, Any]:
     """What --json prints for a plan (the full plan is what --out saves)."""
     return {"manifest": plan.manifest, "source": plan.source, "drift": plan.drift, "note": plan.note,
             "builds": [s.model_dump(mode="json") for s in plan.builds.steps],

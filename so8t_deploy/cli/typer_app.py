@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -26,7 +26,7 @@ worker_app = typer.Typer(help="Steps run inside the worker container (its entry 
 app.add_typer(worker_app, name="worker")
 
 # step: what an unexpected error names; redact: what the error boundary passes every line through.
-state: dict = {"verbose": False, "manifest": None, "step": None, "redact": None}
+state: dict[str, Any] = {"verbose": False, "manifest": None, "step": None, "redact": None}
 
 DEFAULT_CACHE = Path(".so8t/cache")
 ManifestArg = Annotated[Path, typer.Argument(help="Path to the manifest YAML.", show_default=False)]

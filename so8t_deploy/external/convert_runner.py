@@ -13,6 +13,7 @@ import json
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 from .child import die_with_parent
 
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> None:
     metadata: dict[str, str] = json.loads(Path(metadata_path).read_text(encoding="utf-8"))
     write_header = gguf.GGUFWriter.write_header_to_file
 
-    def write_header_with_provenance(self, *args, **kwargs):
+    def write_header_with_provenance(self: Any, *args: Any, **kwargs: Any) -> None:  # gguf is untyped
         for key, value in metadata.items():
             if not any(key in kv for kv in self.kv_data):
                 self.add_string(key, value)

@@ -16,16 +16,23 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import BuildError
 from ..progress import SILENT, Progress
 
+if TYPE_CHECKING:  # the docker SDK (untyped) is imported where it is used
+    from docker.client import DockerClient
+    from docker.errors import APIError
+    from docker.models.containers import Container
+    from docker.types import DeviceRequest, Mount
+
 DOCKERFILE = Path(__file__).resolve().parents[2] / "docker" / "Dockerfile"
 LLAMA_LABEL = "org.so8t-deploy.llama-cpp-python"  # set by the Dockerfile from the pinned version
 
 
-def _client():
+def _client() -> DockerClient:
     import docker.errors  # binds `docker` too
 
     try:
@@ -37,7 +44,7 @@ def _client():
         raise BuildError(f"runtime.backend: docker: no Docker engine at {where} ({e})") from e
 
 
-def _gpu_requests(gpus: str | int):
+def _gpu_requests(gpus: str | int) -> list[DeviceRequest]:
     if gpus == "none":
         return []
     from docker.types import DeviceRequest
@@ -109,17 +116,18 @@ class ContainerStep:
                 with contextlib.suppress(docker.errors.APIError):  # already gone is fine
                     container.remove(force=True)
 
-    def _wait(self, container) -> int:
+    def _wait(self, container: Container) -> int:
         import requests
 
         try:
-            return container.wait(timeout=self.timeout_s).get("StatusCode", -1)
+            code: int = container.wait(timeout=self.timeout_s).get("StatusCode", -1)
+            return code
         except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as e:
             raise BuildError(f"{self.label}: no result within {self.timeout_s:g} s (runtime.timeout_s); "
                              "the container was stopped") from e
 
     @staticmethod
-    def _reason(container, code: int) -> str:
+    def _reason(container: Container, code: int) -> str:
         import docker.errors  # binds `docker` too
 
         with contextlib.suppress(docker.errors.APIError):
@@ -128,7 +136,7 @@ class ContainerStep:
                 return "killed: out of memory"
         return "killed" if code in (137, 143) else f"exit {code}"
 
-    def _stream_logs(self, container, lines: list[str]) -> None:
+    def _stream_logs(self, container: Container, lines: list[str]) -> None:
         import docker.errors  # binds `docker` too
 
         leave_interrupts_to_the_main_thread()  # it waits on the container, and must hear a Ctrl-C
@@ -148,7 +156,7 @@ class ContainerStep:
         self.progress.step(f"[{self.label}] {text.removeprefix('> ')}")  # the worker marks its own step lines
 
 
-def _bind_mounts(read_only: Iterable[Path], read_write: Iterable[Path]):
+def _bind_mounts(read_only: Iterable[Path], read_write: Iterable[Path]) -> list[Mount]:
     """Mounts for the paths, each at itself; a path below another of the same or a stronger mode is covered by it.
 
     A read-only input's files that are links out of it (a Hugging Face cache snapshot links into
@@ -182,7 +190,7 @@ def _link_targets(roots: list[Path]) -> set[Path]:
     return found
 
 
-def _last_lines(container, streamed: list[str], n: int = 3) -> str:
+def _last_lines(container: Container, streamed: list[str], n: int = 3) -> str:
     """': ' and the worker's last log lines, read back from the engine (the stream may still lag behind)."""
     import docker.errors  # binds `docker` too
 
@@ -195,7 +203,7 @@ def _last_lines(container, streamed: list[str], n: int = 3) -> str:
     return f": {' | '.join(last)}" if last else ""
 
 
-def _explain(e) -> str:
+def _explain(e: APIError) -> str:
     return str(e.explanation or e).strip().splitlines()[0]
 
 

@@ -37,7 +37,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from types import ModuleType
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from filelock import FileLock
@@ -57,6 +58,7 @@ _GIT_ID_RE = re.compile(r"[0-9a-f]{40}")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 MAX_REPO_PATH = 1024
 _SHA256 = "sha256"  # the digest cache's name for the digest the hub lists
+T = TypeVar("T")
 
 
 class FileDigests(Protocol):
@@ -90,7 +92,7 @@ class HubRevision:
         return f"{self.repo}@{self.commit}"
 
 
-def _hub():
+def _hub() -> ModuleType:
     # Read at import by huggingface_hub: keep it from phoning home (telemetry) or switching transports.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     import huggingface_hub
@@ -239,7 +241,7 @@ def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests,
         raise _translate(origin, revision.repo, revision.commit, e) from e
 
 
-def _with_retries(call):
+def _with_retries(call: Callable[[], T]) -> T:
     """`call()`, again after a transport error (a reset, a timeout), ATTEMPTS_WITHOUT_PROGRESS times in all: for
     snapshot_download, whose files are small once the LFS files are in place, and start again from byte 0."""
     for attempt in range(ATTEMPTS_WITHOUT_PROGRESS - 1):

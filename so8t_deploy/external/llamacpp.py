@@ -34,6 +34,7 @@ from .imatrix import load_imatrix
 from .llama_log import LOGGER, route_llama_log
 
 if TYPE_CHECKING:  # llama_cpp is an optional dependency, imported where it is used
+    import numpy as np
     from llama_cpp import Llama
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -292,7 +293,7 @@ def _open_for_logits(path: Path, n_ctx: int) -> Llama:
                            n_threads=os.cpu_count() or 1)
 
 
-def gguf_window_logits(path: Path, windows: list[list[int]]) -> list:
+def gguf_window_logits(path: Path, windows: list[list[int]]) -> list[np.ndarray]:
     """Logits for every position of each token window, from llama.cpp itself (numpy arrays).
 
     The model is loaded once. The KV cache is kept in f32: llama.cpp's default f16 cache alone
@@ -312,7 +313,7 @@ def gguf_window_logits(path: Path, windows: list[list[int]]) -> list:
         llm.close()
 
 
-def gguf_logits(path: Path, token_ids: list[int]):
+def gguf_logits(path: Path, token_ids: list[int]) -> np.ndarray:
     """Logits for every position of token_ids (see gguf_window_logits)."""
     return gguf_window_logits(path, [token_ids])[0]
 

@@ -13,13 +13,18 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .child import die_with_parent, report_progress
 from .imatrix import load_imatrix
 from .llama_log import LOGGER, tensor_progress, watching
 
+if TYPE_CHECKING:  # llama_cpp is imported where it is used
+    from llama_cpp import llama_model_imatrix_data, llama_model_kv_override
 
-def _imatrix_array(entries: dict[str, list[float]]):
+
+def _imatrix_array(entries: dict[str, list[float]]) -> tuple[ctypes.Array[llama_model_imatrix_data],
+                                                              list[tuple[ctypes.Array[ctypes.c_float], bytes]]]:
     """A NULL-terminated llama_model_imatrix_data[] plus the buffers it points into."""
     import llama_cpp
 
@@ -36,7 +41,7 @@ def _imatrix_array(entries: dict[str, list[float]]):
     return array, buffers
 
 
-def _kv_overrides(pairs: list[str]):
+def _kv_overrides(pairs: list[str]) -> ctypes.Array[llama_model_kv_override]:
     """A key-terminated llama_model_kv_override[] from KEY=int:N / KEY=str:TEXT, as llama-quantize's
     --override-kv: llama_model_quantize writes each into the output's metadata (ints as u32)."""
     import llama_cpp

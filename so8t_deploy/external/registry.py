@@ -200,7 +200,8 @@ class RegistryClient:
                 return None
             if response.status_code != 200:
                 raise self._refused(f"read {repository}:{tag}", response)
-            return response.headers.get("docker-content-digest")
+            digest: str | None = response.headers.get("docker-content-digest")
+            return digest
 
         return self._call(f"read {repository}:{tag}", call)
 

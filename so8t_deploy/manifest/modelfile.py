@@ -11,6 +11,7 @@ which mirrors Ollama's state machine, reads back unchanged.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
@@ -64,7 +65,7 @@ def _read_value(text: str, i: int) -> tuple[str, int]:
     return value, i
 
 
-def _read_word(text: str, i: int, allowed) -> tuple[str, int]:
+def _read_word(text: str, i: int, allowed: Callable[[str], bool]) -> tuple[str, int]:
     start = i
     while i < len(text) and allowed(text[i]):
         i += 1

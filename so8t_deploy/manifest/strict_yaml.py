@@ -10,7 +10,7 @@ checked on those events, before any node is built.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 import yaml
 import yaml.cyaml
@@ -79,9 +79,9 @@ class _ManifestConstructor(SafeConstructor):
     pass
 
 
-def _construct_mapping(loader: Any, node: MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(loader: Any, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
     """A mapping whose keys are hashable and unique (SafeLoader keeps the last of duplicate keys silently)."""
-    mapping: dict = {}
+    mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
         mark = key_node.start_mark
@@ -97,12 +97,12 @@ def _construct_mapping(loader: Any, node: MappingNode, deep: bool = False) -> di
 def _short_number(node: ScalarNode, what: str) -> str:
     if len(node.value) > MAX_NUMBER_CHARS:  # before int(): a long one is slow, or a ValueError past 4300 digits
         raise YamlLimitError(f"{what} written with more than {MAX_NUMBER_CHARS} characters", node.start_mark)
-    return node.value
+    return cast(str, node.value)
 
 
 def _construct_int(loader: Any, node: ScalarNode) -> int:
     _short_number(node, "an integer")
-    value = loader.construct_yaml_int(node)
+    value: int = loader.construct_yaml_int(node)
     if not INT_MIN <= value <= INT_MAX:
         raise YamlLimitError("an integer out of range: a manifest's integers fit in 64 bits", node.start_mark)
     return value
@@ -110,7 +110,8 @@ def _construct_int(loader: Any, node: ScalarNode) -> int:
 
 def _construct_float(loader: Any, node: ScalarNode) -> float:
     _short_number(node, "a number")
-    return loader.construct_yaml_float(node)  # inf and nan are refused by the schema, which names the field
+    value: float = loader.construct_yaml_float(node)  # inf and nan are refused by the schema, which names the field
+    return value
 
 
 _ManifestConstructor.add_constructor(BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -130,7 +131,8 @@ class _PythonLoader(Reader, Scanner, Parser, _BoundedComposer, _ManifestConstruc
 
 LOADERS: list[type] = [_PythonLoader]
 if _CPARSER is not None:
-    class _LibyamlLoader(_BoundedComposer, _CPARSER, _ManifestConstructor, Resolver):
+    # _CPARSER is yaml.cyaml.CParser when libyaml is present; typed Any since it may be absent.
+    class _LibyamlLoader(_BoundedComposer, _CPARSER, _ManifestConstructor, Resolver):  # type: ignore[misc]
         """libyaml's events, this module's composer (listed first, so it replaces libyaml's own)."""
 
         def __init__(self, stream: str):

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from ..build.calibration import eval_text
 from ..build.pipeline import BuildReport, BuiltArtifact
@@ -44,7 +45,7 @@ class QuantQuality:
     without_size: int | None = None
 
 
-def gate_failures(manifest: Manifest, metrics: dict) -> list[str]:
+def gate_failures(manifest: Manifest, metrics: dict[str, Any]) -> list[str]:
     """Why a tag with these metrics fails the manifest's quality gate; empty when it passes."""
     q, failures = manifest.quality, []
     if q.max_mean_kl is not None and metrics["mean_kl"] > q.max_mean_kl:
@@ -61,7 +62,15 @@ def _eval_key(manifest: Manifest, text: str, reference: GgufRecord, candidate: G
                      llama=llama_cpp_label())
 
 
-def _reference(variant: str, references: list):
+class _OfVariant(Protocol):
+    @property
+    def variant(self) -> str: ...
+
+
+_R = TypeVar("_R", bound=_OfVariant)  # a planned TagBuild or a BuiltArtifact
+
+
+def _reference(variant: str, references: list[_R]) -> _R:
     """The variant's converted GGUF: the most precise float type its ladder has (see convert_outtype)."""
     return next(r for r in references if r.variant == variant)
 
@@ -105,7 +114,7 @@ def evaluate(manifest: Manifest, report: BuildReport, workspace: Workspace, runn
 
 
 def _metrics(manifest: Manifest, text: str, reference: BuiltArtifact, artifacts: list[BuiltArtifact],
-             workspace: Workspace, runner: Runner) -> dict[Path, dict]:
+             workspace: Workspace, runner: Runner) -> dict[Path, dict[str, Any]]:
     """Each artifact's cached numbers, computing (in one EvalStep) those not cached yet."""
     q = manifest.quality
     keys = {a.path: _eval_key(manifest, text, reference.record, a.record) for a in artifacts}

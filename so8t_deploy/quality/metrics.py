@@ -16,13 +16,15 @@ from ..errors import ManifestError
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return out
 
 
 def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(P_ref || P) per position, in nats."""
     log_p, log_q = log_softmax(reference_logits), log_softmax(logits)
-    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    kl: np.ndarray = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    return kl
 
 
 def next_token_nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
@@ -40,7 +42,7 @@ def token_windows(tokens: list[int], windows: int, context: int) -> list[list[in
     return [stream[i * context:(i + 1) * context] for i in range(windows)]
 
 
-def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: list[list[int]]) -> dict:
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray], windows: list[list[int]]) -> dict[str, float]:
     kl = np.concatenate([kl_divergence(r, c) for r, c in zip(reference, candidate, strict=True)])
     top1 = np.concatenate([r.argmax(-1) == c.argmax(-1) for r, c in zip(reference, candidate, strict=True)])
     nll = np.concatenate([next_token_nll(c, w) for c, w in zip(candidate, windows, strict=True)])

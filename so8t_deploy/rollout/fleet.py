@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from ..build.workspace import Workspace
 from ..cancel import CancelToken, leave_interrupts_to_the_main_thread
 from ..errors import HostError, HostUnreachableError, Interrupted
-from ..manifest.schema import Manifest, Target
+from ..manifest.deploy_schema import Target
+from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import DesiredModel

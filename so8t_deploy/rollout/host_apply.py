@@ -36,7 +36,8 @@ from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..errors import BuildError, HostChangedError, HostError, HostUnreachableError, Interrupted
 from ..external.ollama_host import OllamaHost
-from ..manifest.schema import Manifest, Target
+from ..manifest.deploy_schema import Target
+from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import Progress
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel

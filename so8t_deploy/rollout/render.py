@@ -19,7 +19,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from ..chat.library import TEMPLATE_DIR
 from ..chat.setup import ChatSetup
 from ..errors import ManifestError
-from ..manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote
+from ..manifest.modelfile import Command, ModelfileSyntaxError, parse_modelfile, quote
 from ..manifest.schema import OLLAMA_OPTION_TYPES, Modelfile
 
 BUILTIN_MODELFILE = "modelfile.j2"
@@ -52,7 +52,7 @@ def _parameter_items(parameters: dict[str, Any]) -> list[tuple[str, Any]]:
     return items
 
 
-def _typed_parameters(commands) -> dict[str, Any]:
+def _typed_parameters(commands: list[Command]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for command in commands:
         kind = OLLAMA_OPTION_TYPES.get(command.name)

@@ -16,7 +16,7 @@ from typing import Any
 from ..cancel import CancelToken
 from ..chat.fidelity import compare_rendered
 from ..external.ollama_host import GenerateFailed, GenerateTimedOut, OllamaHost
-from ..manifest.schema import SmokeTest
+from ..manifest.deploy_schema import SmokeTest
 from .desired import DesiredModel
 
 # Bounds the reply (a smoke prompt needs a few words); the manifest's own num_predict wins.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from .funcs import BUILTINS
 from .nodes import (
@@ -78,7 +78,7 @@ class _Exec:
     def var(self, name: str) -> list[Any]:
         for slot in reversed(self.vars):
             if slot[0] == name:
-                return slot
+                return cast(list[Any], slot)
         self.fail(f"undefined variable: {name}")
 
     def walk(self, dot: Any, node: Node) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from typing import Any
+from typing import Any, cast
 
 from .values import (
     UINT8,
@@ -58,7 +58,7 @@ def _index_arg(index: Any, cap: int) -> int:
         raise GoFuncError(f"cannot index slice/array with type {type_name(index)}")
     if not 0 <= x <= cap:
         raise GoFuncError(f"index out of range: {x}")
-    return x
+    return cast(int, x)
 
 
 def _b_index(item: Any, *indexes: Any) -> Any:
@@ -242,7 +242,7 @@ def _verb(arg: Any, verb: str, flags: str, prec: int | None) -> str | None:
         text = chr(data) if verb == "c" else format(data, verb)
         return ("+" if "+" in flags and data >= 0 and verb == "d" else "") + text
     if kind == "string" and verb in "xX":
-        hexed = data.encode("utf-8", "surrogateescape").hex()
+        hexed: str = data.encode("utf-8", "surrogateescape").hex()
         return hexed.upper() if verb == "X" else hexed
     if kind == "float" and verb in "eEfFgG":
         if verb in "gG" and prec is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from .values import NIL, UINT8, GoType, GoValue, fmt_float
 
@@ -79,7 +79,7 @@ def go_json(v: Any) -> str:
         return "{" + ",".join(f"{json_string(k)}:{go_json(v[k])}" for k in sorted(v)) + "}"
     t, data = v.type, v.data
     if t.marshal is not None:
-        return t.marshal(data)
+        return cast(str, t.marshal(data))
     if t.kind == "struct":
         return _json_struct(t, data)
     if data is None or t.kind == "ptr":

@@ -109,7 +109,7 @@ def indirect(v: Any) -> tuple[Any, bool]:
     return v, False
 
 
-def seq_of(v: Any) -> list | None:
+def seq_of(v: Any) -> list[Any] | None:
     """The elements of a slice (empty for a nil one), None for anything else."""
     if isinstance(v, list):
         return v
@@ -118,7 +118,7 @@ def seq_of(v: Any) -> list | None:
     return None
 
 
-def map_of(v: Any) -> dict | None:
+def map_of(v: Any) -> dict[Any, Any] | None:
     """The entries of a map (empty for a nil one), None for anything else."""
     if isinstance(v, dict):
         return v

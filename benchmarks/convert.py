@@ -60,10 +60,10 @@ def direct(model: Path, adapter: Path, out: Path) -> None:
     import llama_cpp
 
     from so8t_deploy.bake.bake import bake_model
-    from so8t_deploy.build.hashing import DigestCache
     from so8t_deploy.external.llamacpp import locate_converter
     from so8t_deploy.manifest.quant_types import lookup_quant_type
     from so8t_deploy.manifest.schema import Scales
+    from so8t_deploy.store.hashing import DigestCache
 
     # A fresh digest cache: the bake hashes its inputs, as the cold build does.
     bake_model(model, [(None, adapter)], out / "baked", Scales(), digests=DigestCache(out / "digests.json"))
@@ -95,10 +95,10 @@ def main() -> None:
 
     import llama_cpp  # noqa: F401 - imported before timing, like everything below
 
-    from so8t_deploy.build.workspace import Workspace
     from so8t_deploy.deploy.commands import build_manifest
     from so8t_deploy.external.llamacpp import locate_converter
     from so8t_deploy.manifest.loader import load_manifest
+    from so8t_deploy.store.workspace import Workspace
 
     workspace = Workspace(args.workdir / "cache")
     locate_converter()  # extracted once for each path, before either is timed

@@ -383,8 +383,8 @@ def evaluate(reference: Path, candidates: dict[str, Path], windows: list[list[in
     compare's numbers are means over positions (perplexity: exp of one); every window has the same length, so
     the means of the batches weighted by their windows give exactly the numbers of one call over all windows.
     """
+    from so8t_deploy.build.quality_metrics import compare
     from so8t_deploy.external.llamacpp import gguf_window_logits
-    from so8t_deploy.quality.metrics import compare
 
     sums: dict[str, dict[str, float]] = {name: {"mean_kl": 0.0, "top1": 0.0, "log_ppl": 0.0} for name in candidates}
     ref_log_ppl = 0.0
@@ -437,10 +437,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON on stdout")
     args = parser.parse_args()
 
+    from so8t_deploy.build.quality_metrics import token_windows
     from so8t_deploy.errors import BuildError
     from so8t_deploy.external.llamacpp import convert_to_gguf, gguf_tokenize, locate_converter, quantize_gguf
     from so8t_deploy.manifest.quant_types import lookup_quant_type
-    from so8t_deploy.quality.metrics import token_windows
 
     types = [lookup_quant_type(name) for name in args.types.split(",") if name.strip()]
     vocab_size = args.vocab_size if args.tokenizer == "trained" else 32000

@@ -114,10 +114,10 @@ def so8t_adapter(tmp_path_factory):
 def built_demo(tmp_path_factory):
     """The demo model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once into one workspace:
     (demo directory, cache directory)."""
-    from so8t_deploy.build.workspace import Workspace
     from so8t_deploy.demo import init_demo
     from so8t_deploy.deploy.commands import build_manifest
     from so8t_deploy.manifest.loader import load_manifest
+    from so8t_deploy.store.workspace import Workspace
 
     root = tmp_path_factory.mktemp("built-demo")
     demo_dir = init_demo(root / "demo")

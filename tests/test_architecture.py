@@ -81,6 +81,46 @@ def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
 
 
+def package_of(module: str) -> str:
+    """so8t_deploy.bake.maps -> so8t_deploy.bake; a module at the top (so8t_deploy.errors) is its own unit."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded into packages: an edge wherever a module of one imports a module of another."""
+    packages: dict[str, set[str]] = {package_of(m): set() for m in graph}
+    for module, imported in graph.items():
+        packages[package_of(module)] |= {package_of(m) for m in imported} - {package_of(module)}
+    return packages
+
+
+def test_the_package_graph_has_no_cycle():
+    """Packages layer too: a cycle between two packages (bake -> build -> bake) is a cycle even when no
+    module imports itself back, and it is how shared infrastructure ends up inside one of its users."""
+    known = modules()
+    packages = package_graph({name: imports_of(path, known) for name, path in known.items()})
+    assert {"so8t_deploy.bake", "so8t_deploy.build", "so8t_deploy.store", "so8t_deploy.rollout"} <= packages.keys()
+    assert find_cycle(packages) is None, " -> ".join(find_cycle(packages) or [])
+
+
+def test_a_package_cycle_is_found_through_different_modules():
+    graph = {"so8t_deploy.bake.bake": {"so8t_deploy.build.hashing"}, "so8t_deploy.build.hashing": set(),
+             "so8t_deploy.build.worker": {"so8t_deploy.bake.maps"}, "so8t_deploy.bake.maps": set()}
+    assert find_cycle(graph) is None
+    assert find_cycle(package_graph(graph)) == ["so8t_deploy.bake", "so8t_deploy.build", "so8t_deploy.bake"]
+
+
+def test_the_store_is_the_base_layer():
+    """store/ (workspace, digests, input identity) is what every stage shares: it imports no other package."""
+    known = modules()
+    for name, path in known.items():
+        if package_of(name) == "so8t_deploy.store":
+            above = {package_of(m) for m in imports_of(path, known)} - {"so8t_deploy.store"}
+            top_level_modules = {m for m in above if (PACKAGE / f"{m.split('.')[-1]}.py").is_file()}
+            assert above == top_level_modules, (name, above - top_level_modules)
+
+
 def test_nothing_below_the_cli_imports_it_or_prints():
     known = modules()
     for name, path in known.items():

@@ -249,7 +249,7 @@ def test_cli_bad_options_exit_2(tiny_model, so8t_adapter, tmp_path, run_cli, arg
 
 def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, tmp_path):
     """One digest per adapter, whichever path takes it: the bake's provenance and the build's cache key."""
-    from so8t_deploy.build.hashing import DigestCache, combined_digest
+    from so8t_deploy.store.hashing import DigestCache, combined_digest
 
     model, adapter = tiny_model("phi3"), so8t_adapter(64, 2)
     (adapter / "README.md").write_text("notes saved beside the adapter\n")

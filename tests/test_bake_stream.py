@@ -22,10 +22,10 @@ from so8t_deploy.bake.bake import bake_model
 from so8t_deploy.bake.edits import AddLowRank, DoraLowRank, LeftMultiply, RightMultiply, fold_in_chunks
 from so8t_deploy.bake.maps import BlockDiagonalMap, ProjectedMap
 from so8t_deploy.bake.phases import PHASES
-from so8t_deploy.build import hashing
-from so8t_deploy.build.hashing import DigestCache, Stamp
 from so8t_deploy.errors import UsageError
 from so8t_deploy.manifest.schema import Scales
+from so8t_deploy.store import hashing
+from so8t_deploy.store.hashing import DigestCache, Stamp
 
 GEN = torch.Generator().manual_seed(5)
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.build.hashing import sha256_file
 from so8t_deploy.build.inputs import resolve_inputs
 from so8t_deploy.build.pipeline import Pipeline
 from so8t_deploy.build.runner import LocalRunner
 from so8t_deploy.build.steps import QuantizeStep
-from so8t_deploy.build.workspace import Workspace
 from so8t_deploy.deploy.commands import build_manifest
 from so8t_deploy.errors import BuildError
 from so8t_deploy.external.gguf_info import read_gguf_info
 from so8t_deploy.manifest.loader import load_manifest
 from so8t_deploy.progress import SILENT
+from so8t_deploy.store.hashing import sha256_file
+from so8t_deploy.store.workspace import Workspace
 
 from .conftest import REPO
 

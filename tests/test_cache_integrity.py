@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.build.hashing import RACY_NS, sha256_file
+from so8t_deploy.store.hashing import RACY_NS, sha256_file
 
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
 from .ollama_server import ServerPool

@@ -12,8 +12,8 @@ import datetime
 
 import pytest
 
+from so8t_deploy.builtin_templates import BUILTINS
 from so8t_deploy.chat.gotemplate import GoTemplate, GoTemplateError, GoType, GoValue, fmt_v, go_json
-from so8t_deploy.chat.library import BUILTINS
 from so8t_deploy.chat.ollama_render import render_chat, template_vars
 from tests.gotemplate import GoTemplates, TemplateError
 

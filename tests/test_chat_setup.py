@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from so8t_deploy.builtin_templates import BUILTINS
 from so8t_deploy.chat.fidelity import CONVERSATIONS, Conversation, check_template
 from so8t_deploy.chat.gotemplate import GoTemplateError
-from so8t_deploy.chat.library import BUILTINS
 from so8t_deploy.chat.ollama_render import render_chat
 from so8t_deploy.chat.setup import resolve_chat
 from so8t_deploy.chat.think_tags import think_tags

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from so8t_deploy.builtin_templates import BUILTINS
 from so8t_deploy.chat.fidelity import CONVERSATIONS, Conversation
-from so8t_deploy.chat.library import BUILTINS
 from so8t_deploy.chat.setup import resolve_chat
 from so8t_deploy.manifest.modelfile import parse_modelfile
 from so8t_deploy.manifest.schema import Modelfile

@@ -202,11 +202,11 @@ def test_split_path_is_llama_split_path():
 def test_a_build_over_the_split_size_is_published_split_and_every_later_step_reads_it(tmp_path_factory):
     """The manifest's split_max_size: the converted f16 is split; the q8_0 quantized from that split set is split
     too; eval loads both; a re-build with --verify-cache trusts them (a split record's sha256 is over its parts)."""
-    from so8t_deploy.build.hashing import combined_digest, sha256_file
-    from so8t_deploy.build.workspace import Workspace
     from so8t_deploy.demo import init_demo
     from so8t_deploy.deploy.commands import build_manifest, eval_manifest
     from so8t_deploy.manifest.loader import load_manifest
+    from so8t_deploy.store.hashing import combined_digest, sha256_file
+    from so8t_deploy.store.workspace import Workspace
 
     root = tmp_path_factory.mktemp("split-build")
     demo = init_demo(root / "demo")

@@ -234,8 +234,8 @@ def test_a_partial_file_that_is_not_a_prefix_of_the_file_is_fetched_again(hub, h
 def test_a_damaged_file_in_the_hub_cache_is_never_handed_to_a_bake_and_is_fetched_again(hub, hub_model, hf_env,
                                                                                          tmp_path):
     """At the adapter: a cached snapshot is checked against the digests the plan saw, not taken on faith."""
-    from so8t_deploy.build.hashing import DigestCache
     from so8t_deploy.external.hub import download, resolve_revision
+    from so8t_deploy.store.hashing import DigestCache
 
     origin, warnings = "m.yaml: source.model", []
     digests = DigestCache(tmp_path / "digests.json")

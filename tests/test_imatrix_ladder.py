@@ -13,13 +13,13 @@ from so8t_deploy.build.inputs import resolve_inputs
 from so8t_deploy.build.pipeline import Pipeline
 from so8t_deploy.build.plan import plan_builds
 from so8t_deploy.build.runner import LocalRunner
-from so8t_deploy.build.workspace import Workspace
 from so8t_deploy.deploy.commands import build_manifest, eval_manifest
 from so8t_deploy.external.imatrix import read_imatrix_info
 from so8t_deploy.manifest.loader import load_manifest
 from so8t_deploy.progress import SILENT
 from so8t_deploy.quality.evaluate import cached_gate
 from so8t_deploy.quality.report import write_report
+from so8t_deploy.store.workspace import Workspace
 from so8t_deploy.tiny_models import _corpus
 
 pytestmark = pytest.mark.llamacpp

@@ -14,10 +14,10 @@ import pytest
 
 from so8t_deploy.build.calibration import check_held_out, load_calibration
 from so8t_deploy.build.plan import BuildInputs, plan_builds
-from so8t_deploy.build.workspace import Workspace
 from so8t_deploy.errors import ManifestError
 from so8t_deploy.manifest.loader import load_manifest
 from so8t_deploy.manifest.quant_types import parse_split_size
+from so8t_deploy.store.workspace import Workspace
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

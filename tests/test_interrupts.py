@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.build.workspace import Workspace
+from so8t_deploy.store.workspace import Workspace
 
 from .conftest import REPO
 from .demo_manifests import write_demo_manifest

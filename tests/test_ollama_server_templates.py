@@ -209,7 +209,7 @@ def test_qwen3s_chat_template_renders_unless_the_go_template_has_thinking_tags(g
     """Qwen3's own template has tools and thinking. Ollama keeps the qwen3 built-in, whose thinking tags it infers
     (thinking.InferTags: .Thinking between text tags in the range over .Messages), and prefers the Jinja over a Go
     template without them: the Qwen2.5 built-in (tools only), or the qwen3 one with the tags taken out."""
-    from so8t_deploy.chat.library import BUILTINS
+    from so8t_deploy.builtin_templates import BUILTINS
     from so8t_deploy.external.llamacpp import locate_llama_cpp_models
 
     monkeypatch.delenv("OLLAMA_GO_TEMPLATE", raising=False)

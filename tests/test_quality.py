@@ -8,7 +8,7 @@ import numpy as np
 import ollama
 import pytest
 
-from so8t_deploy.quality.metrics import compare, kl_divergence, log_softmax
+from so8t_deploy.build.quality_metrics import compare, kl_divergence, log_softmax
 
 from .ollama_server import ServerPool
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from so8t_deploy.chat.library import BUILTINS
+from so8t_deploy.builtin_templates import BUILTINS
 from so8t_deploy.chat.setup import ChatSetup
 from so8t_deploy.errors import ManifestError
 from so8t_deploy.manifest.modelfile import ModelfileSyntaxError, parse_modelfile, quote

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..build.hashing import BLAKE3, DigestCache, Stamp
-from ..build.provenance import PROVENANCE_FILE, adapter_digest
-from ..build.workspace import Workspace, default_root
 from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import AdapterError, UsageError
 from ..fsutil import fsync_path
 from ..manifest.schema import Scales
+from ..store.hashing import BLAKE3, DigestCache, Stamp
+from ..store.provenance import PROVENANCE_FILE, adapter_digest
+from ..store.workspace import Workspace, default_root
 from .adapters import Adapter, AdapterSpec, AdapterSpecs, as_specs, kind_of, load_adapters
 from .edits import chunk_folds, fold_in_chunks
 from .layout import EMBED, layout_from_config

@@ -27,9 +27,9 @@ from typing import Protocol, TypeVar, cast
 import blake3
 import torch
 
-from ..build.hashing import BLAKE3, new_blake3
 from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import ModelError
+from ..store.hashing import BLAKE3, new_blake3
 from .phases import PhaseTimes
 from .safetensors_io import (
     DTYPES,

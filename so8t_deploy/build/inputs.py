@@ -15,12 +15,12 @@ from pathlib import Path
 from ..external.hub import CHAT_FILES, HubUnavailableError, download, resolve_revision
 from ..manifest.schema import Manifest
 from ..progress import Progress
+from ..store.hashing import combined_digest
+from ..store.provenance import adapter_digest, directory_digest
+from ..store.workspace import Workspace
 from .calibration import load_calibration
 from .check import check_readable
-from .hashing import combined_digest
 from .plan import AdapterInput, BuildInputs
-from .provenance import adapter_digest, directory_digest
-from .workspace import Workspace
 
 UNKNOWN_UNTIL_DOWNLOAD = "key known after download"
 

@@ -17,11 +17,11 @@ from typing import Any
 from ..errors import BuildError
 from ..manifest.schema import Manifest
 from ..progress import Progress
+from ..store.workspace import Workspace
 from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, plan_builds, variant_keys
 from .provenance import imatrix_metadata
 from .runner import Runner
 from .steps import BakeStep, ConvertStep, GgufRecord, ImatrixResult, ImatrixStep, QuantizeStep
-from .workspace import Workspace
 
 CALIBRATION_FILE = "calibration.txt"  # beside an importance matrix: the text it was computed on, as used
 

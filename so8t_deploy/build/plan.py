@@ -18,10 +18,10 @@ from .. import __version__
 from ..frozen import Frozen
 from ..manifest.quant_types import lookup_quant_type
 from ..manifest.schema import AdapterRef, Manifest
+from ..store.workspace import Workspace, cache_key
 from .calibration import Calibration
 from .provenance import IMATRIX_KEY, gguf_metadata, llama_cpp_label
 from .steps import GgufRecord
-from .workspace import Workspace, cache_key
 
 
 @dataclass(frozen=True)

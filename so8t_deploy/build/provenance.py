@@ -1,7 +1,6 @@
-"""Provenance: the one definition of an input's digest and of the so8t.* keys every GGUF carries.
+"""Provenance of a GGUF: the so8t.* keys every GGUF carries (an input's digest is in store/provenance.py).
 
-Cache keys, the bake's so8t_bake.json and the GGUF metadata all take an adapter's digest from
-here, so one adapter has one digest on every path. The GGUF keys let a GGUF be traced to its
+The GGUF keys let a GGUF be traced to its
 inputs, and three of them (`so8t.bake_key`, `so8t.llama_cpp`, with `general.file_type`) identify
 its bytes: a host's copy is recognised from /api/show alone, without any local record.
 """
@@ -14,9 +13,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..external.llamacpp import KV_VALUE_MAX, LLAMA_CPP_PYTHON_VERSION
-from .hashing import DigestCache, combined_digest
+from ..store.provenance import PROVENANCE_FILE
 
-PROVENANCE_FILE = "so8t_bake.json"  # what a bake writes beside its weights
 IMATRIX_KEY = "so8t.imatrix_key"  # the importance matrix a GGUF was quantized with: part of its identity
 CALIBRATION_KEY = "so8t.calibration"  # sha256 of the calibration text, as used
 
@@ -25,21 +23,6 @@ def llama_cpp_label() -> str:
     """The pinned llama.cpp, as cache keys and GGUFs name it (a checkout set by SO8T_LLAMA_CPP_DIR differs)."""
     override = os.environ.get("SO8T_LLAMA_CPP_DIR")
     return f"llama.cpp at {override}" if override else f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"
-
-
-def directory_digest(path: Path, digests: DigestCache) -> tuple[str, dict[str, str]]:
-    """One digest over every file below `path`, and each file's sha256."""
-    files = digests.directory(path)
-    return combined_digest(files), files
-
-
-def adapter_digest(path: Path, digests: DigestCache) -> tuple[str, dict[str, str]]:
-    """An adapter's one digest: over every file in its directory.
-
-    The whole directory, not only the weights: a tokenizer saved beside a resized embedding is
-    part of what the bake writes.
-    """
-    return directory_digest(path, digests)
 
 
 def gguf_metadata(*, source: str, adapters: list[dict[str, str]], scales: dict[str, float], variant: str,

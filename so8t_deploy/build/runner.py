@@ -18,8 +18,8 @@ from pydantic import BaseModel, ValidationError
 from ..errors import BuildError
 from ..manifest.schema import Manifest
 from ..progress import Progress
+from ..store.workspace import Workspace
 from .steps import StepEnvelope, WorkerStep
-from .workspace import Workspace
 
 R = TypeVar("R", bound=BaseModel)
 

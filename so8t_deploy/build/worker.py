@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import BuildError
 from ..fsutil import write_atomic
 from ..progress import SILENT, Progress
-from .hashing import DigestCache, combined_digest, sha256_file
+from ..store.hashing import DigestCache, combined_digest, sha256_file
 from .steps import (
     BakeResult,
     BakeStep,
@@ -119,7 +119,7 @@ def _quantize(step: QuantizeStep, progress: Progress) -> GgufRecord:
 
 
 def _evaluate(step: EvalStep) -> BaseModel:
-    from ..quality.metrics import evaluate_step
+    from ..build.quality_metrics import evaluate_step
 
     return evaluate_step(step)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..builtin_templates import BUILTINS, BuiltinTemplate
 from ..errors import ModelError
 from .gotemplate import GoTemplateError
-from .library import BUILTINS, BuiltinTemplate
 from .model_chat import ModelChat
 from .ollama_render import render_chat
 from .think_tags import knows_thinking

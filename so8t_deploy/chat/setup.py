@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..builtin_templates import AUTO, BUILTINS, BuiltinTemplate
 from ..errors import ManifestError, ModelError
 from ..manifest.schema import Modelfile
 from .fidelity import (
@@ -26,7 +27,6 @@ from .fidelity import (
     model_render,
     template_error,
 )
-from .library import AUTO, BUILTINS, BuiltinTemplate
 from .model_chat import ModelChat, read_model_chat
 
 HOW_TO_BRING = ("bring your own: modelfile.template: path/to/modelfile.j2 (README: \"Chat templates\"), "

@@ -137,8 +137,8 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Bake, convert and quantize every variant of a manifest; reuse what is already built."""
-    from ..build.workspace import Workspace
     from ..deploy.commands import build_manifest
+    from ..store.workspace import Workspace
     from .console import ConsoleProgress, print_build_report
 
     with ConsoleProgress() as progress:
@@ -155,9 +155,9 @@ def eval_quality(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure each quant level against its variant's float GGUF: KL divergence, top-1, perplexity, speed."""
-    from ..build.workspace import Workspace
     from ..deploy.commands import eval_manifest
     from ..quality.report import write_report
+    from ..store.workspace import Workspace
     from .console import ConsoleProgress, print_quality
 
     loaded = load(manifest)

@@ -27,7 +27,7 @@ Format = Literal["table", "json", "markdown"]
 @app.command()
 def validate(manifest: ManifestArg) -> None:
     """Check a manifest and its local inputs (no network); exit 2 with one line naming the field if it fails."""
-    from ..build.check import check_local_inputs, source_family
+    from ..deploy.check import check_local_inputs, source_family
 
     loaded = load(manifest)
     for note in check_local_inputs(loaded):
@@ -62,8 +62,8 @@ def plan(
 ) -> None:
     """Show what apply would do: build steps with their keys, and per host upload, create, promote, verify,
     unchanged, held, tidy, delete. Changes nothing."""
-    from ..build.workspace import Workspace
     from ..deploy.commands import plan_manifest
+    from ..store.workspace import Workspace
     from .console import ConsoleProgress, print_deploy_plan
 
     fmt = _format(output, as_json)
@@ -115,9 +115,9 @@ def apply(
     verify_cache: VerifyCacheOpt = False,
 ) -> None:
     """Build, register, smoke-test and roll out every tag: canary first, all or nothing per host, prune."""
-    from ..build.workspace import Workspace
     from ..cancel import CancelToken
     from ..deploy.commands import apply_manifest
+    from ..store.workspace import Workspace
     from .console import ConsoleProgress, print_apply_result
     from .interrupts import interrupts_ask
 

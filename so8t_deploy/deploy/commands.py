@@ -8,7 +8,6 @@ from ..build.calibration import check_held_out, eval_text
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
 from ..build.runner import runner_for
-from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..chat.setup import resolve_chat
 from ..errors import HostError
@@ -20,6 +19,7 @@ from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile
 from ..rollout.smoke import SmokeResult, run_smoke_tests
+from ..store.workspace import Workspace
 from .execute import ApplyResult, apply_plan
 from .plan import DeployPlan, make_plan
 from .saved_plan import load_plan

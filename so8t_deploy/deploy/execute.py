@@ -17,7 +17,6 @@ from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
 from ..build.plan import plan_builds
 from ..build.runner import Runner, runner_for
-from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, RegistryError
@@ -29,6 +28,7 @@ from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
 from ..rollout.host_plan import TagKind, new_models, tag_spellings
 from ..rollout.publish import PublishReport, publish
+from ..store.workspace import Workspace
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_unchanged
 

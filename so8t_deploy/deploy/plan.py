@@ -26,7 +26,6 @@ from .. import __version__
 from ..build.inputs import resolve_inputs
 from ..build.plan import BuildPlan, plan_builds
 from ..build.provenance import llama_cpp_label
-from ..build.workspace import Workspace
 from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_OK, EXIT_OPERATIONAL
 from ..frozen import Frozen
@@ -38,6 +37,7 @@ from ..rollout.desired import DesiredModel, desired_models
 from ..rollout.fleet import plan_hosts
 from ..rollout.host_plan import ActionKind, HostPlan, TagKind, new_models
 from ..rollout.publish import RegistryPlan, observe_registry
+from ..store.workspace import Workspace
 
 PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
 

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from filelock import FileLock
 
 from ..errors import BuildError, InvalidInputError, So8tError
+from ..store.hashing import sha256_file
 
 # What a bake and a conversion read; everything else in a repo (.bin, .pth, ONNX, ...) stays there.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.py", "chat_template.jinja"]
@@ -281,7 +282,7 @@ def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Pa
             if blob.exists():  # another process stored it while this one waited
                 return
             _download_resuming(meta.location, headers, partial, meta.size, what)
-            if _sha256(partial) == sha256:
+            if sha256_file(partial) == sha256:
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, blob)
                 # Verified under the lock, before the rename: the next use checks its stamp, not its bytes.
@@ -338,14 +339,6 @@ def _append_rest(url: str, headers: dict[str, str], partial: Path, have: int) ->
                 f.write(chunk)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MIB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _git_blob_id(path: Path) -> str:
     data = path.read_bytes()
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -363,7 +356,7 @@ def _damaged_files(snapshot: Path, revision: HubRevision, digests: FileDigests, 
             damaged.append(path)
         elif kind == "sha256":
             if verify or digests.known(local, _SHA256) != expected:
-                actual = _sha256(local)
+                actual = sha256_file(local)
                 if actual != expected:
                     damaged.append(path)
                 else:

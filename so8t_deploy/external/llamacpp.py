@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
-from ..build.workspace import Workspace, default_root
 from ..errors import BuildError, ModelError, UsageError
 from ..fsutil import publish_dir, publish_file, staging_path
 from ..manifest.quant_types import QuantType
+from ..store.workspace import Workspace, default_root
 from .child import last_lines, progress_of, run_child
 from .imatrix import load_imatrix
 from .llama_log import LOGGER, route_llama_log

@@ -17,7 +17,7 @@ from pydantic import Field, GetJsonSchemaHandler, ValidationError, ValidationInf
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from ..chat.library import AUTO, BUILTINS
+from ..builtin_templates import AUTO, BUILTINS
 from ..errors import UsageError
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
 from .deploy_schema import REGISTRY_COMPONENT_RE, Distribution, Quality, Rollout, SmokeTest, Target

@@ -20,8 +20,8 @@ from ..build.plan import BuildPlan, TagBuild
 from ..build.provenance import IMATRIX_KEY, llama_cpp_label
 from ..build.runner import Runner
 from ..build.steps import EvalResult, EvalStep, GgufRecord
-from ..build.workspace import Workspace, cache_key
 from ..manifest.schema import Manifest
+from ..store.workspace import Workspace, cache_key
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ..build.workspace import Workspace
 from ..cancel import CancelToken, leave_interrupts_to_the_main_thread
 from ..errors import HostError, HostUnreachableError, Interrupted
 from ..manifest.deploy_schema import Target
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import Progress
+from ..store.workspace import Workspace
 from .desired import DesiredModel
 from .host_apply import HostReport, HostRollout, HostStatus, InFlight, connect
 from .host_plan import HostPlan, observe_host

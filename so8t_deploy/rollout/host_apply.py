@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from ..build.workspace import Workspace
 from ..cancel import CancelToken
 from ..errors import BuildError, HostChangedError, HostError, HostUnreachableError, Interrupted
 from ..external.ollama_host import OllamaHost
@@ -40,6 +39,7 @@ from ..manifest.deploy_schema import Target
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
 from ..progress import Progress
+from ..store.workspace import Workspace
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
 from .host_plan import HostPlan, TagDecision, TagKind, as_named, changed_since, matches_shown, pulled_copy_of
 from .records import HostRecords, TagRecord

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-from ..chat.library import TEMPLATE_DIR
+from ..builtin_templates import TEMPLATE_DIR
 from ..chat.setup import ChatSetup
 from ..errors import ManifestError
 from ..manifest.modelfile import Command, ModelfileSyntaxError, parse_modelfile, quote

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..build.steps import EvalResult, EvalStep, QuantMetrics
 from ..errors import ManifestError
+from .steps import EvalResult, EvalStep, QuantMetrics
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -150,3 +150,33 @@ def test_the_control_plane_imports_no_ml_stack():
             f"print(sorted(m for m in {sorted(ML_STACK)!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def test_every_imported_distribution_is_declared():
+    """A module so8t_deploy imports comes from a distribution pyproject.toml names (the base dependencies or an
+    extra), not from whatever happened to be installed beside it."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_normalized(Requirement(r).name) for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        declared |= {_normalized(Requirement(r).name) for r in extra}
+    providers = importlib.metadata.packages_distributions()
+    undeclared = {}
+    for path in PACKAGE.rglob("*.py"):
+        for module in _external_imports(path):
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names or top == "so8t_deploy":
+                continue
+            distributions = {_normalized(d) for d in providers.get(top, [top])}
+            if not distributions & declared:
+                undeclared[top] = sorted(distributions)
+    assert len(declared) > 10  # pyproject.toml really was read
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import httpx
 import ollama
 import pytest
 
@@ -200,7 +201,7 @@ def test_a_system_prompt_with_triple_quotes_arrives_intact(demo, hosts, tmp_path
     system = 'Answer in """fenced""" blocks and "quote" freely.'
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], system=system)
     assert apply(run_cli, manifest, cache)[0].code == 0
-    shown = ollama.Client(host=url, timeout=30)._client.post("/api/show", json={"model": TAGS[0]}).json()
+    shown = httpx.post(f"{url}/api/show", json={"model": TAGS[0]}, timeout=30).raise_for_status().json()
     assert shown["system"] == system
     modelfile = (cache / "releases" / "so8t-demo" / "full-f16" / "Modelfile").read_text()
     assert system in modelfile

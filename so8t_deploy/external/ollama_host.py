@@ -19,7 +19,7 @@ model until the create's deadline: the connection dropping never means the creat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +86,19 @@ class _Transient(Exception):
         self.unreachable = unreachable  # no answer at all, as opposed to a server error
 
 
+class _ExactHeaders(httpx.Auth):
+    """Sends exactly these headers. ollama.Client adds its own User-Agent, and OLLAMA_API_KEY from the
+    environment as a bearer token for every host: an operator's ollama.com key would reach each target."""
+
+    def __init__(self, headers: httpx.Headers):
+        self.headers = httpx.Headers(headers)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.pop("authorization", None)
+        request.headers.update(self.headers)
+        yield request
+
+
 class OllamaHost:
     def __init__(self, name: str, url: str, headers: dict[str, str] | None = None, *, timeout: float = 30.0,
                  retries: int = 3, backoff: float = 0.5, clock: Clock | None = None):
@@ -103,14 +116,12 @@ class OllamaHost:
                             timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S), follow_redirects=False)
 
     def _ollama_client(self, transport: httpx.Client) -> ollama.Client:
-        client = ollama.Client(host=self.url)
-        # The client builds its own httpx client, adding OLLAMA_API_KEY from the environment as a
-        # bearer token for every host; replace it with ours so both paths send the same headers.
-        client._client.close()
-        client._client = transport
-        return client
+        """The ollama client, sending what `transport` sends: the same headers, timeouts and no redirects."""
+        return ollama.Client(host=self.url, follow_redirects=False, timeout=transport.timeout,
+                             auth=_ExactHeaders(transport.headers))
 
     def close(self) -> None:
+        self.client.close()
         self.http.close()
 
     def __enter__(self) -> OllamaHost:

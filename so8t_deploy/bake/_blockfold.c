@@ -95,22 +95,8 @@ static inline AVX2 __m256d load4(const void *p, int kind) {
     return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(halves, 16)));
 }
 
-/* 4 sums rounded to float32, and to bfloat16 (nearest even, NaN as torch writes it) when dst is one. */
-static inline AVX2 void store4(void *p, int kind, __m256d sums) {
-    __m128 values = _mm256_cvtpd_ps(sums);
-    if (kind == F32) {
-        _mm_storeu_ps((float *)p, values);
-        return;
-    }
-    __m128i bits = _mm_castps_si128(values);
-    __m128i lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
-    __m128i rounded = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)), lsb), 16);
-    __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(values, values));
-    rounded = _mm_blendv_epi8(rounded, _mm_set1_epi32(0x7fc0), nan);
-    _mm_storel_epi64((__m128i *)p, _mm_packus_epi32(rounded, rounded));
-}
-
-/* 8 sums (lo: the first 4) rounded as in store4, with one rounding pass for all 8. */
+/* 8 sums (lo: the first 4) rounded to float32, and to bfloat16 (nearest even, NaN as torch writes it) when dst
+ * is one. */
 static inline AVX2 void store8(void *p, int kind, __m256d lo, __m256d hi) {
     __m256 values = _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
     if (kind == F32) {
@@ -189,7 +175,7 @@ static inline __attribute__((always_inline)) AVX2 void
 left_block_avx2_kinds(const void *src, const int src_kind, Py_ssize_t src_stride, void *dst, const int dst_kind,
                       Py_ssize_t dst_stride, Py_ssize_t first, Py_ssize_t cols, const double *m) {
     double tile[8 * PANEL] __attribute__((aligned(32)));
-    Py_ssize_t vector_cols = cols - cols % 4;
+    Py_ssize_t vector_cols = cols - cols % 8;  /* panels of whole 8-column groups; the rest goes scalar */
     for (Py_ssize_t c0 = 0; c0 < vector_cols; c0 += PANEL) {
         Py_ssize_t width = vector_cols - c0 < PANEL ? vector_cols - c0 : PANEL;
         for (int j = 0; j < 8; j++) {
@@ -202,8 +188,7 @@ left_block_avx2_kinds(const void *src, const int src_kind, Py_ssize_t src_stride
             for (int j = 0; j < 8; j++)
                 row[j] = _mm256_broadcast_sd(m + 8 * i + j);
             char *out = (char *)at(dst, dst_kind, (first + i) * dst_stride + c0);
-            Py_ssize_t c = 0;
-            for (; c + 8 <= width; c += 8) {
+            for (Py_ssize_t c = 0; c < width; c += 8) {
                 __m256d lo = _mm256_mul_pd(row[0], _mm256_load_pd(tile + c));
                 __m256d hi = _mm256_mul_pd(row[0], _mm256_load_pd(tile + c + 4));
                 for (int j = 1; j < 8; j++) {
@@ -211,12 +196,6 @@ left_block_avx2_kinds(const void *src, const int src_kind, Py_ssize_t src_stride
                     hi = _mm256_fmadd_pd(row[j], _mm256_load_pd(tile + j * PANEL + c + 4), hi);
                 }
                 store8((char *)at(out, dst_kind, c), dst_kind, lo, hi);
-            }
-            if (c < width) {
-                __m256d sum = _mm256_mul_pd(row[0], _mm256_load_pd(tile + c));
-                for (int j = 1; j < 8; j++)
-                    sum = _mm256_fmadd_pd(row[j], _mm256_load_pd(tile + j * PANEL + c), sum);
-                store4((char *)at(out, dst_kind, c), dst_kind, sum);
             }
         }
     }

@@ -11,6 +11,7 @@ import pytest
 
 from so8t_deploy.build.inputs import resolve_inputs
 from so8t_deploy.build.pipeline import Pipeline
+from so8t_deploy.build.plan import plan_builds
 from so8t_deploy.build.runner import LocalRunner
 from so8t_deploy.build.steps import QuantizeStep
 from so8t_deploy.deploy.commands import build_manifest
@@ -96,7 +97,8 @@ def test_a_failed_step_leaves_nothing_trusted_and_a_rerun_converges(demo, tmp_pa
     workspace = Workspace(tmp_path / "cache")
     inputs = resolve_inputs(manifest, workspace, SILENT, download_model=True)
     with pytest.raises(BuildError):
-        Pipeline(manifest, inputs, workspace, FailingQuantize(workspace, SILENT), SILENT).build()
+        Pipeline(manifest, inputs, workspace, FailingQuantize(workspace, SILENT), SILENT).build(
+            plan_builds(manifest, inputs, workspace))
     quantized = list((workspace.objects / "quantize").iterdir())
     assert quantized == []  # the staging directory is gone, no artifact without its marker
     report = build(manifest, workspace.root)

@@ -108,7 +108,8 @@ def test_eval_compares_each_level_with_the_same_level_without_the_imatrix(ladder
     demo, manifest, workspace, report, _ = ladder
     results = {r.quant: r for r in eval_manifest(manifest, workspace)}
     inputs = resolve_inputs(manifest, workspace, SILENT, download_model=True)
-    built = Pipeline(manifest, inputs, workspace, LocalRunner(workspace, SILENT), SILENT).build(baselines=True)
+    built = Pipeline(manifest, inputs, workspace, LocalRunner(workspace, SILENT), SILENT).build(
+        plan_builds(manifest, inputs, workspace), baselines=True)
     assert built.built == 0  # eval built them already
     with_imatrix = {a.quant: a for a in built.artifacts}
     without = {a.quant: a for a in built.baselines}

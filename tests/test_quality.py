@@ -26,13 +26,6 @@ def test_kl_divergence_matches_the_definition():
     assert stats["mean_kl"] == 0 and stats["top1"] == 1.0
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from so8t_deploy.demo import init_demo
-
-    return init_demo(tmp_path_factory.mktemp("quality") / "demo")
-
-
 def write_manifest(path, demo, *, quality="{windows: 4, context: 128}", urls=()):
     targets = "\n".join(f"  - {{name: host-{i}, host: '{url}'}}" for i, url in enumerate(urls)) or "  []"
     path.write_text(f"""\
@@ -92,7 +85,7 @@ def test_the_gate_holds_back_failing_tags_and_force_overrides_it(demo, tmp_path,
 
         result = run_cli("apply", manifest, "--cache-dir", cache, "--force")
         assert result.code == 0, result.err
-        assert "--force: rolling out qual:q4_k_m although it fails the quality gate" in result.err
+        assert "forced: rolling out qual:q4_k_m although it fails the quality gate" in result.err
         assert "qual:q4_k_m" in {m.model for m in ollama.Client(host=url, timeout=30).list().models}
     finally:
         pool.stop_all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,13 @@ import time
 
 import ollama
 import pytest
+
+from so8t_deploy.build.plan import BuildPlan, PlannedQuantize
+from so8t_deploy.build.runner import LocalRunner
+from so8t_deploy.build.steps import BakeStep, ConvertStep, QuantizeStep
+from so8t_deploy.deploy import execute
+from so8t_deploy.deploy import plan as deploy_plan
+from so8t_deploy.store.workspace import Workspace, cache_key
 
 from .conftest import REPO
 from .demo_manifests import DEMO_TAGS, write_demo_manifest
@@ -55,6 +63,10 @@ def companions_left(url: str) -> list[str]:
 
 # --- acceptance 1: a hand-edited plan is refused before any host changes ------------------------------------------
 
+def plan_builds_again(*args, **kwargs):
+    raise AssertionError("apply planned the builds again instead of running the saved plan's steps")
+
+
 def _edit(plan: dict, case: str) -> dict:
     plan = json.loads(json.dumps(plan))
     host, tag = plan["hosts"][0], plan["tags"][0]
@@ -77,7 +89,16 @@ def _edit(plan: dict, case: str) -> dict:
     elif case == "another name":
         plan["name"] = "victim"
     elif case == "the previous format":
-        plan["format"] = "so8t-deploy/plan-v1"
+        plan["format"] = "so8t-deploy/plan-v2"
+    elif case == "an edited build step":
+        plan["builds"]["steps"][0]["scales"]["rotation"] = 0.5
+    elif case == "an edited build step, keyed again":
+        builds = plan["builds"]
+        step = next(s for s in builds["steps"] if s["stage"] == "quantize")
+        changed = {**step, "split_max_size": 1 << 30, "key": None}
+        changed["key"] = cache_key(**PlannedQuantize.model_validate(changed).content())
+        builds["steps"] = [changed if s is step else s for s in builds["steps"]]
+        builds["tags"] = [{**t, "key": changed["key"]} if t["key"] == step["key"] else t for t in builds["tags"]]
     return plan
 
 
@@ -86,16 +107,18 @@ EDITS = {  # case: (exit code, what the line says)
     "prune although the manifest does not": (2, "the manifest does not prune"),
     "verify a foreign tag": (2, "its decisions are not one per tag of the manifest"),
     "tidy a foreign tag": (2, "it would remove 'victim:latest'"),
-    "a system prompt of its own": (2, "tags[0].system: Extra inputs are not permitted"),
+    "a system prompt of its own": (2, "tags[0].system: unknown key"),
     "another Modelfile": (3, "the Modelfile of so8t-demo:full-f16"),
     "a removed host": (2, "its hosts differ from the manifest's targets (not in the manifest: -; missing: host-1)"),
     "a removed tag": (2, "missing: so8t-demo:full-f16"),
     "another name": (2, "a plan for 'victim', not for the manifest's 'so8t-demo'"),
-    "the previous format": (2, "not a plan of this version (so8t-deploy/plan-v2)"),
+    "the previous format": (2, "not a plan of this version (so8t-deploy/plan-v3)"),
+    "an edited build step": (2, "the bake step of full: its key does not hash its content: the plan was edited"),
+    "an edited build step, keyed again": (2, "the quantize step of full (q8_0): not the manifest's (split_max_size)"),
 }
 
 
-def test_a_hand_edited_plan_is_refused_before_any_host_changes(built_demo, pool, tmp_path, run_cli):
+def test_a_hand_edited_plan_is_refused_before_any_host_changes(built_demo, pool, tmp_path, run_cli, monkeypatch):
     demo_dir, cache = built_demo
     urls = pool.start(2)
     v1 = manifest(tmp_path / "v1.yaml", demo_dir, urls, system="One.")
@@ -107,6 +130,8 @@ def test_a_hand_edited_plan_is_refused_before_any_host_changes(built_demo, pool,
     offline = tmp_path / "offline.json"
     assert run_cli("plan", v2, "--cache-dir", cache, "--offline", "--out", offline).code == 0
     original = json.loads(saved.read_text())
+    monkeypatch.setattr(deploy_plan, "plan_builds", plan_builds_again)  # from here on, only saved steps
+    monkeypatch.setattr(execute, "plan_builds", plan_builds_again)
     before = [tag_digests(u) for u in urls]
     for url in urls:
         pool.server(url).clear_requests()
@@ -135,6 +160,44 @@ def test_a_hand_edited_plan_is_refused_before_any_host_changes(built_demo, pool,
     result = run_cli("apply", v2, "--cache-dir", cache, "--plan", saved)  # the plan as saved still applies
     assert result.code == 0, result.err
     assert "victim:latest" in tag_digests(urls[0])
+
+
+def test_apply_with_a_plan_runs_exactly_its_saved_build_steps(built_demo, pool, tmp_path, run_cli, monkeypatch):
+    """The steps a reviewer saw are the steps that run, with the arguments they show; builds are not planned again."""
+    demo_dir, built = built_demo
+    cache = tmp_path / "cache"
+    shutil.copytree(built, cache)  # `full` is built; `fresh` is not
+    urls = pool.start(1)
+    path = manifest(tmp_path / "m.yaml", demo_dir, urls, variants="{full: {}, fresh: {rotation: 0.3, ffn: 0.2}}")
+    saved = tmp_path / "plan.json"
+    assert run_cli("plan", path, "--cache-dir", cache, "--out", saved).code == 0
+    steps = BuildPlan.model_validate(json.loads(saved.read_text())["builds"]).steps
+    to_run = [s for s in steps if not s.cached]
+    assert [(s.stage, s.variant) for s in to_run] == [("bake", "fresh"), ("convert", "fresh"),
+                                                      ("quantize", "fresh")]
+
+    ran = []
+
+    class Recording(LocalRunner):
+        def run(self, step):
+            ran.append(step)
+            return super().run(step)
+
+    monkeypatch.setattr(execute, "runner_for", lambda manifest, workspace, progress: Recording(workspace, progress))
+    monkeypatch.setattr(deploy_plan, "plan_builds", plan_builds_again)
+    monkeypatch.setattr(execute, "plan_builds", plan_builds_again)
+    result = run_cli("apply", path, "--cache-dir", cache, "--plan", saved)
+    assert result.code == 0, result.err
+
+    bake, convert, quantize = to_run
+    assert [type(s) for s in ran] == [BakeStep, ConvertStep, QuantizeStep]
+    assert ran[0].scales.as_dict() == bake.scales and ran[0].dtype == bake.dtype
+    assert (ran[1].outtype, ran[1].metadata, ran[1].split_max_size) == (convert.quant, convert.metadata, None)
+    assert ran[1].metadata["so8t.bake_key"] == bake.key
+    assert ran[2].quant == quantize.quant
+    workspace = Workspace(cache)
+    assert all(workspace.lookup(s.stage, s.key) for s in steps)  # each under the key the plan showed
+    assert set(tag_digests(urls[0])) >= {"so8t-demo:fresh-f16", "so8t-demo:fresh-q8_0"}
 
 
 # --- acceptance 3: a stale plan is refused on every host or none ---------------------------------------------------

@@ -1,5 +1,9 @@
 """Execute a build plan: bake -> convert -> quantize, only for the tags asked for, through the workspace.
 
+The pipeline runs the plan's steps as they are: every argument of a worker step (scales, dtype, metadata,
+types, importance-matrix settings) comes from the planned step, never from the manifest again, and the
+inputs on this machine must still be the ones the steps were planned on.
+
 Each step runs at most once per key: under the key's lock, a second process finds the first
 one's published artifact and reuses it. A step's output is published atomically with its
 record (for a GGUF: size, sha256, bits per weight, file type), which is all the control plane
@@ -14,11 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError
-from ..manifest.schema import Manifest
+from ..errors import BuildError, DriftError
+from ..manifest.schema import Manifest, Scales
 from ..progress import Progress
 from ..store.workspace import Workspace
-from .plan import BuildInputs, BuildPlan, TagBuild, convert_outtype, plan_builds, variant_keys
+from .plan import (
+    BuildInputs,
+    BuildPlan,
+    PlannedBake,
+    PlannedConvert,
+    PlannedImatrix,
+    PlannedQuantize,
+    TagBuild,
+)
 from .provenance import imatrix_metadata
 from .runner import Runner
 from .steps import BakeStep, ConvertStep, GgufRecord, ImatrixResult, ImatrixStep, QuantizeStep
@@ -73,26 +85,28 @@ class Pipeline:
         self.runner, self.progress, self.verify_cache = runner, progress, verify_cache
         self.report = BuildReport()
 
-    def build(self, tags: list[str] | None = None, *, baselines: bool = False) -> BuildReport:
-        """Build the GGUFs of `tags` (default: every tag) and each involved variant's reference; with `baselines`,
-        also their levels quantized without the importance matrix (what `eval` compares them with)."""
-        plan = plan_builds(self.manifest, self.inputs, self.workspace)
+    def build(self, plan: BuildPlan, tags: list[str] | None = None, *, baselines: bool = False) -> BuildReport:
+        """Run `plan`'s steps for the GGUFs of `tags` (default: every tag) and each involved variant's reference;
+        with `baselines`, also their levels quantized without the importance matrix (what `eval` compares them
+        with)."""
         wanted = [t for t in plan.tags if tags is None or t.tag in tags]
         for variant in dict.fromkeys(t.variant for t in wanted):
-            converted = self._convert(plan, variant)
+            converted = self._convert(plan, next(r for r in plan.references if r.variant == variant))
             self.report.references.append(converted)
             mine = [t for t in wanted if t.variant == variant]
-            # The plan's one imatrix key of the variant; made on first use: not at all when every level using it
-            # is built already.
+            # The variant's one importance matrix; made on first use: not at all when every level using it is
+            # built already.
             key = next((t.imatrix_key for t in mine if t.imatrix_key), None)
-            matrix = functools.cache(functools.partial(self._imatrix, variant, key, converted)) if key else None
+            matrix = functools.cache(functools.partial(self._imatrix, plan.step(key, PlannedImatrix), converted)) \
+                if key else None
             for tag in mine:
-                self.report.artifacts.append(converted if tag.stage == "convert" else
-                                             self._quantize(tag, converted, matrix if tag.imatrix_key else None))
+                self.report.artifacts.append(converted if tag.stage == "convert" else self._quantize(
+                    tag, plan.step(tag.key, PlannedQuantize), converted, matrix if tag.imatrix_key else None))
             if baselines:
                 names = {(t.variant, t.quant) for t in mine}
                 for baseline in (b for b in plan.baselines if (b.variant, b.quant) in names):
-                    self.report.baselines.append(self._quantize(baseline, converted, None))
+                    self.report.baselines.append(
+                        self._quantize(baseline, plan.step(baseline.key, PlannedQuantize), converted, None))
         return self.report
 
     def _step(self, stage: str, key: str, produce: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
@@ -117,58 +131,67 @@ class Pipeline:
             self.progress.warning(f"{damage}: rebuilding it")
         return found
 
-    def _bake(self, variant: str, bake_key: str) -> Path:
-        scales = self.manifest.bake.variants[variant]
+    def _bake(self, step: PlannedBake) -> Path:
+        if step.key is None or step.model != self.inputs.model_digest or step.adapters != self.inputs.adapter_records:
+            raise DriftError(f"{step.label}: the source model or an adapter is no longer what the step was planned "
+                             "on; nothing was built from it; run plan again")
 
         def bake(staging: Path) -> dict[str, Any]:
-            step = BakeStep(model_dir=self.source_dir, adapters=[a.ref for a in self.inputs.adapters],
-                            out_dir=staging / "model", scales=scales, dtype=self.manifest.bake.dtype,
-                            digests_file=self.workspace.digests_file, label=variant)
-            self.progress.step(f"bake {variant} ...")
-            result = self.runner.run(step)
-            return {"variant": variant, "scales": scales.as_dict(), **result.model_dump()}
+            worker = BakeStep(model_dir=self.source_dir, adapters=[a.ref for a in self.inputs.adapters],
+                              out_dir=staging / "model", scales=Scales.model_validate(step.scales), dtype=step.dtype,
+                              digests_file=self.workspace.digests_file, label=step.variant)
+            self.progress.step(f"bake {step.variant} ...")
+            result = self.runner.run(worker)
+            return {"variant": step.variant, "scales": step.scales, **result.model_dump()}
 
-        directory, _ = self._step("bake", bake_key, bake)
+        directory, _ = self._step("bake", step.key, bake)
         return directory / "model"
 
-    def _convert(self, plan: BuildPlan, variant: str) -> BuiltArtifact:
-        bake_key, metadata, convert_key = variant_keys(self.manifest, self.inputs, variant)
-        reference = next(r for r in plan.references if r.variant == variant)
-        outtype = convert_outtype(self.manifest.quantize.types)
+    def _convert(self, plan: BuildPlan, reference: TagBuild) -> BuiltArtifact:
+        step = plan.step(reference.key, PlannedConvert)
+        baked = plan.step(step.bake, PlannedBake)
+        if step.key is None or step.metadata is None or step.quant is None:
+            raise BuildError(f"internal: {step.label} is not known yet")
+        metadata, outtype = step.metadata, step.quant
 
         def convert(staging: Path) -> dict[str, Any]:
-            baked = self._bake(variant, bake_key)
-            step = ConvertStep(model_dir=baked, out_file=staging / reference.file_name, outtype=outtype,
-                               metadata=metadata, split_max_size=self.manifest.quantize.split_max_size)
-            self.progress.step(f"convert {variant} -> {outtype} ...")
-            return self.runner.run(step).model_dump()
+            worker = ConvertStep(model_dir=self._bake(baked), out_file=staging / reference.file_name,
+                                 outtype=outtype, metadata=metadata, split_max_size=step.split_max_size)
+            self.progress.step(f"convert {step.variant} -> {outtype} ...")
+            return self.runner.run(worker).model_dump()
 
-        directory, record = self._step("convert", convert_key, convert)
+        directory, record = self._step("convert", step.key, convert)
         return _artifact(reference, directory, record)
 
-    def _imatrix(self, variant: str, key: str, converted: BuiltArtifact) -> BuiltImatrix:
-        imatrix, calibration = self.manifest.quantize.imatrix, self.inputs.calibration
-        if imatrix is None or calibration is None:
-            raise BuildError("internal: an importance matrix needs its calibration data")
+    def _imatrix(self, step: PlannedImatrix, converted: BuiltArtifact) -> BuiltImatrix:
+        calibration = self.inputs.calibration
+        if step.key is None or step.dataset is None or step.parse_special is None:
+            raise BuildError(f"internal: {step.label} is not known yet")
+        if calibration is None or calibration.digest != step.calibration:
+            raise DriftError(f"{step.label}: the calibration text is no longer what the step was planned on; "
+                             "nothing was built from it; run plan again")
+        dataset, parse_special = step.dataset, step.parse_special
 
         def compute(staging: Path) -> dict[str, Any]:
             text_file = staging / CALIBRATION_FILE
             text_file.write_text(calibration.text, encoding="utf-8")
-            step = ImatrixStep(gguf=converted.path, text_file=text_file,
-                               out_file=staging / f"{self.manifest.name}-{variant}.imatrix.gguf",
-                               dataset=calibration.dataset, ctx=imatrix.ctx, chunks=imatrix.chunks,
-                               parse_special=calibration.parse_special)
-            self.progress.step(f"imatrix {variant} <- {calibration.dataset} ...")
-            return self.runner.run(step).model_dump()
+            worker = ImatrixStep(gguf=converted.path, text_file=text_file,
+                                 out_file=staging / f"{self.manifest.name}-{step.variant}.imatrix.gguf",
+                                 dataset=dataset, ctx=step.ctx, chunks=step.chunks, parse_special=parse_special)
+            self.progress.step(f"imatrix {step.variant} <- {dataset} ...")
+            return self.runner.run(worker).model_dump()
 
-        directory, record = self._step("imatrix", key, compute)
+        directory, record = self._step("imatrix", step.key, compute)
         result = ImatrixResult.from_marker(record)
-        return BuiltImatrix(directory / result.file, key, result)
+        return BuiltImatrix(directory / result.file, step.key, result)
 
-    def _quantize(self, tag: TagBuild, converted: BuiltArtifact,
+    def _quantize(self, tag: TagBuild, step: PlannedQuantize, converted: BuiltArtifact,
                   matrix: Callable[[], BuiltImatrix] | None) -> BuiltArtifact:
         """The tag's GGUF; quantized with the variant's importance matrix when `matrix` is given, which is only
         computed (or read from the workspace) when this step, or another of the variant, has to run."""
+        if step.key is None or step.quant is None:
+            raise BuildError(f"internal: {step.label} is not known yet")
+        quant = step.quant
 
         def quantize(staging: Path) -> dict[str, Any]:
             built = matrix() if matrix is not None else None
@@ -179,14 +202,13 @@ class Pipeline:
                 metadata = imatrix_metadata(file=built.record.file, datasets=built.record.datasets,
                                             entries=built.record.entries, chunks=built.record.chunks,
                                             calibration=calibration.digest, imatrix_key=built.key)
-            step = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=tag.quant,
-                                imatrix=built.path if built else None, metadata=metadata,
-                                split_max_size=self.manifest.quantize.split_max_size)
-            self.progress.step(f"quantize {tag.variant} -> {tag.quant}{' (imatrix)' if built else ''} ...")
-            return self.runner.run(step).model_dump()
+            worker = QuantizeStep(in_file=converted.path, out_file=staging / tag.file_name, quant=quant,
+                                  imatrix=built.path if built else None, metadata=metadata,
+                                  split_max_size=step.split_max_size)
+            self.progress.step(f"quantize {step.variant} -> {quant}{' (imatrix)' if built else ''} ...")
+            return self.runner.run(worker).model_dump()
 
-        assert tag.key is not None
-        directory, record = self._step("quantize", tag.key, quantize)
+        directory, record = self._step("quantize", step.key, quantize)
         return _artifact(tag, directory, record)
 
 

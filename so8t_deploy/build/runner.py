@@ -11,7 +11,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -19,7 +19,7 @@ from ..errors import BuildError
 from ..manifest.schema import Manifest
 from ..progress import Progress
 from ..store.workspace import Workspace
-from .steps import StepEnvelope, WorkerStep
+from .steps import Step, StepEnvelope, WorkerStep
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -27,8 +27,9 @@ R = TypeVar("R", bound=BaseModel)
 class Runner(Protocol):
     name: str
 
-    def run(self, step: WorkerStep) -> BaseModel:
-        """Execute one step; the result is an instance of `step.result_model`."""
+    def run(self, step: Step[R]) -> R:
+        """Execute one step and return its result."""
+        ...
 
 
 def runner_for(manifest: Manifest, workspace: Workspace, progress: Progress) -> Runner:
@@ -47,10 +48,10 @@ class LocalRunner:
     def __init__(self, workspace: Workspace, progress: Progress):
         self.workspace, self.progress = workspace, progress
 
-    def run(self, step: WorkerStep) -> BaseModel:
+    def run(self, step: Step[R]) -> R:
         from .worker import execute
 
-        return execute(step, self.progress, converter_root=self.workspace.converter)
+        return step.result(execute(_worker_step(step), self.progress, converter_root=self.workspace.converter))
 
 
 class DockerRunner:
@@ -70,7 +71,7 @@ class DockerRunner:
         self.workspace, self.progress = workspace, progress
         self._image_checked = False
 
-    def run(self, step: WorkerStep) -> BaseModel:
+    def run(self, step: Step[R]) -> R:
         from ..external.docker_engine import ContainerStep, check_image_pin
 
         if not self._image_checked:
@@ -81,7 +82,7 @@ class DockerRunner:
         try:
             step_dir.mkdir()
             spec = step_dir / "spec.json"
-            envelope = StepEnvelope(step=step, result_file=step_dir / "result.json")
+            envelope = StepEnvelope(step=_worker_step(step), result_file=step_dir / "result.json")
             spec.write_text(envelope.model_dump_json(), encoding="utf-8")
             read_only, read_write = self._mounts(step)
             container = ContainerStep(self.image, self.gpus, self.timeout_s, step.kind, self.progress)
@@ -92,7 +93,7 @@ class DockerRunner:
             with contextlib.suppress(OSError):  # another step of this process may be using it
                 scratch.rmdir()
 
-    def _mounts(self, step: WorkerStep) -> tuple[list[Path], list[Path]]:
+    def _mounts(self, step: Step[R]) -> tuple[list[Path], list[Path]]:
         """The step's paths that the workspace's own mount does not cover (compared as spelled: the
         worker sees each path exactly as the spec names it)."""
         read_only, read_write = step.mounts()
@@ -102,13 +103,17 @@ class DockerRunner:
             path.mkdir(parents=True, exist_ok=True)  # here, as the caller, not by the engine as root
         return outside, writable
 
-    def _result(self, step: WorkerStep, result_file: Path) -> BaseModel:
+    def _result(self, step: Step[R], result_file: Path) -> R:
         try:
-            data = json.loads(result_file.read_text(encoding="utf-8"))
-            return step.result_model.model_validate(data)
+            return step.result(json.loads(result_file.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise BuildError(f"{step.kind}: the worker container exited without writing its result; is "
                              f"runtime.image {self.image} a so8t-deploy worker image?") from None
         except (ValueError, ValidationError) as e:
             raise BuildError(f"{step.kind}: the worker's result is not a {step.result_model.__name__} "
                              f"({str(e).splitlines()[0]}); does {self.image} run this so8t-deploy version?") from e
+
+
+def _worker_step(step: Step[R]) -> WorkerStep:
+    """`step` as one of the kinds a worker runs (a Step is one of them by construction)."""
+    return cast(WorkerStep, step)

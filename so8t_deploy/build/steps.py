@@ -10,7 +10,7 @@ and read results.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,15 +70,27 @@ class EvalResult(_Model):
     metrics: list[QuantMetrics]
 
 
-class _Step(_Model):
+R = TypeVar("R", bound=BaseModel)
+
+
+class Step(_Model, Generic[R]):
+    """A worker step whose result is an R (`result_model`): `Runner.run(step: Step[R]) -> R`."""
+
+    kind: str
     result_model: ClassVar[type[BaseModel]]
+
+    def result(self, answer: object) -> R:
+        """A worker's answer (a result, or its JSON as read back from a container) as this step's result,
+        validated: it is trusted no more than any file."""
+        data = answer.model_dump() if isinstance(answer, BaseModel) else answer
+        return cast(R, self.result_model.model_validate(data))
 
     def mounts(self) -> tuple[list[Path], list[Path]]:
         """(read-only inputs, read-write outputs) a container running this step needs."""
         raise NotImplementedError
 
 
-class BakeStep(_Step):
+class BakeStep(Step[BakeResult]):
     kind: Literal["bake"] = "bake"
     model_dir: Path
     adapters: list[AdapterRef]
@@ -93,7 +105,7 @@ class BakeStep(_Step):
         return [self.model_dir, *(a.path for a in self.adapters)], [self.out_dir, self.digests_file.parent]
 
 
-class ConvertStep(_Step):
+class ConvertStep(Step[GgufRecord]):
     kind: Literal["convert"] = "convert"
     model_dir: Path
     out_file: Path
@@ -106,7 +118,7 @@ class ConvertStep(_Step):
         return [self.model_dir], [self.out_file.parent]
 
 
-class QuantizeStep(_Step):
+class QuantizeStep(Step[GgufRecord]):
     kind: Literal["quantize"] = "quantize"
     in_file: Path
     out_file: Path
@@ -121,7 +133,7 @@ class QuantizeStep(_Step):
         return inputs, [self.out_file.parent]
 
 
-class ImatrixStep(_Step):
+class ImatrixStep(Step[ImatrixResult]):
     """llama.cpp's importance matrix of a float GGUF, computed on calibration text (llama-imatrix's statistics)."""
 
     kind: Literal["imatrix"] = "imatrix"
@@ -138,7 +150,7 @@ class ImatrixStep(_Step):
         return [self.gguf.parent, self.text_file.parent], [self.out_file.parent]
 
 
-class InspectStep(_Step):
+class InspectStep(Step[GgufRecord]):
     kind: Literal["inspect"] = "inspect"
     path: Path
     result_model: ClassVar[type[BaseModel]] = GgufRecord
@@ -147,7 +159,7 @@ class InspectStep(_Step):
         return [self.path.parent], []
 
 
-class EvalStep(_Step):
+class EvalStep(Step[EvalResult]):
     kind: Literal["eval"] = "eval"
     reference: Path
     candidates: list[Path]

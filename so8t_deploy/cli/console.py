@@ -266,7 +266,7 @@ def _tag_counts(host: HostReport) -> str:
 def print_quality(results: Sequence[QuantQuality], manifest: Manifest, *, as_json: bool) -> None:
     from ..quality.evaluate import gate_failures
 
-    verdicts = [gate_failures(manifest, dataclasses.asdict(r)) for r in results]
+    verdicts = [gate_failures(manifest, r) for r in results]
     if as_json:
         print_json([dataclasses.asdict(r) | {"gate": v} for r, v in zip(results, verdicts, strict=True)])
         return

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..build.calibration import check_held_out, eval_text
 from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
+from ..build.plan import plan_builds
 from ..build.runner import runner_for
 from ..cancel import CancelToken
 from ..chat.setup import resolve_chat
@@ -20,7 +22,7 @@ from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile
 from ..rollout.smoke import SmokeResult, run_smoke_tests
 from ..store.workspace import Workspace
-from .execute import ApplyResult, apply_plan
+from .execute import ApplyOptions, ApplyResult, apply_plan
 from .plan import DeployPlan, make_plan
 from .saved_plan import load_plan
 
@@ -31,12 +33,13 @@ def plan_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace,
 
 
 def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress = SILENT, *,
-                   cancel: CancelToken | None = None, force: bool = False,
-                   plan_file: Path | None = None, verify_cache: bool = False) -> ApplyResult:
+                   cancel: CancelToken | None = None, plan_file: Path | None = None, force: bool = False,
+                   verify_cache: bool = False) -> ApplyResult:
     """Derive the plan now and execute it; a saved plan (`plan_file`) is checked input that pins and narrows it."""
-    saved = load_plan(plan_file) if plan_file else None
-    return apply_plan(manifest, manifest_path, workspace, progress, cancel or CancelToken(), saved=saved,
-                      saved_path=plan_file, force=force, verify_cache=verify_cache)
+    options = ApplyOptions(force=force, verify_cache=verify_cache)
+    if plan_file is not None:
+        options = replace(options, saved=load_plan(plan_file), saved_path=plan_file)
+    return apply_plan(manifest, manifest_path, workspace, progress, cancel or CancelToken(), options)
 
 
 def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
@@ -45,7 +48,8 @@ def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress 
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path,
                             verify_cache=verify_cache)
     runner = runner_for(manifest, workspace, progress)
-    return Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build()
+    pipeline = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache)
+    return pipeline.build(plan_builds(manifest, inputs, workspace))
 
 
 def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,
@@ -53,7 +57,8 @@ def eval_manifest(manifest: Manifest, workspace: Workspace, progress: Progress =
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, manifest_path=manifest_path)
     runner = runner_for(manifest, workspace, progress)
     check_held_out(eval_text(manifest), inputs.calibration)
-    report = Pipeline(manifest, inputs, workspace, runner, progress).build(baselines=True)
+    report = Pipeline(manifest, inputs, workspace, runner, progress).build(plan_builds(manifest, inputs, workspace),
+                                                                         baselines=True)
     return evaluate(manifest, report, workspace, runner)
 
 

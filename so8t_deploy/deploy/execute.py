@@ -1,7 +1,9 @@
 """Execute a deployment: derive the plan now, hold it against a saved one, build, gate, publish (registry mode),
 roll out.
 
-Whether or not a plan was saved, what apply does comes from the manifest and what it observes now
+Builds are planned once: without a saved plan by this run's own derivation, with one (`apply --plan`) by
+the plan, whose steps are run as saved once each has been checked against the manifest and the inputs
+now (saved_plan.check_steps). What apply does to hosts comes from the manifest and what it observes now
 (one decision path): every host is observed before the first change. A saved plan only pins and
 narrows that (see saved_plan): anything it recorded that moved is refused with exit 3 before a
 single change, so a plan reviewed on a pull request is never exceeded by merging it.
@@ -9,7 +11,7 @@ single change, so a plan reviewed on a pull request is never exceeded by merging
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..build.calibration import check_held_out, eval_text
@@ -30,7 +32,17 @@ from ..rollout.host_plan import TagKind, new_models, tag_spellings
 from ..rollout.publish import PublishReport, publish
 from ..store.workspace import Workspace
 from .plan import DeployPlan, derive_plan
-from .saved_plan import check_fits, check_unchanged
+from .saved_plan import check_fits, check_steps, check_unchanged
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """How apply runs, beyond the manifest: `apply [--plan FILE] [--force] [--verify-cache]`."""
+
+    saved: DeployPlan | None = None  # a plan from `plan --out`: checked input that pins and narrows the run
+    saved_path: Path = Path("plan")  # what errors about the saved plan name
+    force: bool = False  # roll out tags that fail the quality gate
+    verify_cache: bool = False  # hash cached artifacts and downloads again before trusting them
 
 
 @dataclass
@@ -39,7 +51,7 @@ class ApplyResult:
     hosts: list[HostReport]
     build: BuildReport = field(default_factory=BuildReport)
     gated: dict[str, list[str]] = field(default_factory=dict)  # tag -> why the quality gate held it back
-    forced: dict[str, list[str]] = field(default_factory=dict)  # failing tags rolled out anyway (--force)
+    forced: dict[str, list[str]] = field(default_factory=dict)  # failing tags rolled out anyway (force)
     published: PublishReport | None = None  # registry mode: what was pushed to the registry
     interrupted: bool = False
 
@@ -64,17 +76,19 @@ class ApplyResult:
 
 def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel], tags: list[str],
            workspace: Workspace, progress: Progress, verify_cache: bool) -> tuple[BuildReport, Runner]:
-    """Build what the creates need and fill the built GGUFs into `models`; where the plan could not know the keys
-    (the hub was out of reach), every model is derived again from the inputs now downloaded."""
+    """Run the plan's build steps that the creates need and fill the built GGUFs into `models`; where the plan
+    could not know the keys (the hub was out of reach), the steps and every model are derived from the inputs
+    now downloaded."""
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
                             manifest_path=Path(plan.manifest), verify_cache=verify_cache)
     if manifest.quality.gated:  # the gate measures on the eval text: it must not be the calibration data
         check_held_out(eval_text(manifest), inputs.calibration)
     runner = runner_for(manifest, workspace, progress)
     chat = resolve_chat(manifest.modelfile, inputs.chat_dir)  # before the build: a template refused costs nothing
-    report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(tags)
+    builds = plan_builds(manifest, inputs, workspace) if plan.unknown_keys else plan.builds
+    report = Pipeline(manifest, inputs, workspace, runner, progress, verify_cache=verify_cache).build(builds, tags)
     if plan.unknown_keys:
-        models.update((m.tag, m) for m in desired_models(manifest, plan_builds(manifest, inputs, workspace), chat))
+        models.update((m.tag, m) for m in desired_models(manifest, builds, chat))
     for artifact in report.artifacts:
         models[artifact.tag] = models[artifact.tag].built(artifact)
         write_release(workspace.releases, manifest, artifact, chat)
@@ -82,22 +96,27 @@ def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel]
 
 
 def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress,
-               cancel: CancelToken, *, saved: DeployPlan | None = None, saved_path: Path | None = None,
-               force: bool = False, verify_cache: bool = False) -> ApplyResult:
-    """Derive the plan now (pinned to `saved`'s hub commit), check it against `saved`, and execute it."""
+               cancel: CancelToken, options: ApplyOptions = ApplyOptions()) -> ApplyResult:
+    """Derive the plan now (pinned to a saved plan's hub commit, running its build steps), check it against the
+    saved plan, and execute it."""
+    saved, force, verify_cache = options.saved, options.force, options.verify_cache
     if saved is not None:
-        check_fits(saved, manifest, saved_path or Path("plan"))
-    plan, desired = derive_plan(manifest, manifest_path, workspace, progress,
-                                hub_commit=saved.hub_commit if saved else None)
+        check_fits(saved, manifest, options.saved_path)
+    inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
+                            hub_commit=saved.hub_commit if saved else None)
+    if saved is not None:
+        check_steps(saved, manifest, inputs, options.saved_path)
+    steps = saved.builds if saved is not None and not saved.unknown_keys else None  # see check_steps
+    plan, desired = derive_plan(manifest, manifest_path, workspace, progress, inputs=inputs, builds=steps)
     if saved is not None:
         check_unchanged(saved, plan, manifest)
     if plan.registry is not None and plan.registry.blocking:
         raise RegistryError(f"apply: {plan.registry.problem}; nothing was changed")
     result = ApplyResult(plan=plan, hosts=[])
     models = {m.tag: m for m in desired}
-    creating = {d.tag for h in plan.hosts for d in h.decisions if d.kind is TagKind.CREATE}
-    failing = {t.tag: list(t.gate or []) for t in plan.tags if t.gate and t.tag in creating}  # known from the plan
-    to_build = sorted(creating if force else creating - set(failing))
+    creating = {t for h in plan.hosts for t in h.tags(TagKind.CREATE)}
+    failing = {t: list(plan.planned(t).gate or []) for h in plan.hosts for t in h.tags(TagKind.HELD)}  # the plan's
+    to_build = sorted(creating | set(failing) if force else creating)
     hosts = plan.hosts
     if to_build:
         result.build, runner = _build(manifest, plan, models, to_build, workspace, progress, verify_cache)
@@ -107,22 +126,23 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
         if manifest.quality.gated and unknown:
             report = BuildReport(artifacts=unknown, references=result.build.references)
             for quality in evaluate(manifest, report, workspace, runner):
-                if reasons := gate_failures(manifest, asdict(quality)):
+                if reasons := gate_failures(manifest, quality):
                     failing[quality.tag] = reasons
     if force:
         result.forced = failing
     else:
         result.gated = failing
+    hosts = [h.gated(result.gated) for h in hosts]
     for tag, reasons in result.gated.items():
         progress.warning(f"quality gate: {tag} is not rolled out: {'; '.join(reasons)}")
     for tag, reasons in result.forced.items():
-        progress.warning(f"--force: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
+        progress.warning(f"forced: rolling out {tag} although it fails the quality gate: {'; '.join(reasons)}")
     registry = manifest.distribution.registry
-    if registry is not None and (pulled := sorted(new_models(hosts) - set(result.gated))):
+    if registry is not None and (pulled := sorted(new_models(hosts))):
         result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel,
                                               tag_spellings(manifest, hosts))
         models.update(published)
-    result.hosts = apply_rollout(manifest, hosts, models, set(result.gated), workspace, progress, cancel)
+    result.hosts = apply_rollout(manifest, hosts, models, workspace, progress, cancel)
     result.interrupted = cancel.cancelled
     return result
 

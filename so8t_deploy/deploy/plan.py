@@ -7,9 +7,9 @@ answers (see rollout.publish) and what apply would publish to it. Computing it r
 inputs (remembered in the workspace's digest cache), asks the hub for metadata and observes each
 host: it never downloads weights, starts a container or changes a host.
 
-A saved plan (`plan --out`) is input to check, like a manifest, never a program to run: `apply
---plan` derives everything from the manifest and what it observes now (see saved_plan), and the
-plan may only pin and narrow that.
+A saved plan (`plan --out`) is input to check, like a manifest: `apply --plan` runs its build steps
+once each has been held against the manifest and the inputs now, and derives everything else from
+the manifest and what it observes now (see saved_plan); the plan may only pin and narrow that.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import Field
 
 from .. import __version__
 from ..build.inputs import resolve_inputs
-from ..build.plan import BuildPlan, plan_builds
+from ..build.plan import BuildInputs, BuildPlan, plan_builds
 from ..build.provenance import llama_cpp_label
 from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_OK, EXIT_OPERATIONAL
@@ -39,7 +39,7 @@ from ..rollout.host_plan import ActionKind, HostPlan, TagKind, new_models
 from ..rollout.publish import RegistryPlan, observe_registry
 from ..store.workspace import Workspace
 
-PLAN_FORMAT: Final = "so8t-deploy/plan-v2"
+PLAN_FORMAT: Final = "so8t-deploy/plan-v3"
 
 
 class PlannedTag(Frozen):
@@ -51,10 +51,6 @@ class PlannedTag(Frozen):
     size: int | None
     gate: list[str] | None  # why the quality gate holds it back ([] passes), None: not evaluated yet
 
-    @property
-    def held(self) -> bool:
-        return bool(self.gate)
-
 
 class Action(Frozen):
     kind: ActionKind
@@ -64,7 +60,7 @@ class Action(Frozen):
 
 
 class DeployPlan(Frozen):
-    format: Literal["so8t-deploy/plan-v2"] = PLAN_FORMAT
+    format: Literal["so8t-deploy/plan-v3"] = PLAN_FORMAT
     manifest: str  # the manifest file the plan was made from
     name: str  # the manifest's model name
     manifest_digest: str  # of the validated manifest (header values excluded)
@@ -97,7 +93,7 @@ class DeployPlan(Frozen):
             elif d.kind is TagKind.VERIFY:
                 rows.append(Action(kind=ActionKind.VERIFY, tag=d.tag, detail="an interrupted promotion: smoke-test "
                                    "the live tag, then keep it (or restore the older model)"))
-            elif tag.held:
+            elif d.kind is TagKind.HELD:
                 rows.append(Action(kind=ActionKind.HELD, tag=d.tag, detail="; ".join(tag.gate or [])))
             else:
                 rows += _create_rows(d.tag, d.upload, d.reuse_candidate, d.observed_digest is not None, tag,
@@ -110,8 +106,13 @@ class DeployPlan(Frozen):
         return None if None in sizes else sum(s or 0 for s in sizes)
 
     @property
+    def drifted(self) -> list[str]:
+        """The targets where apply would change something (plan --check's drift)."""
+        return [h.target for h in self.hosts if any(a.kind is not ActionKind.UNCHANGED for a in self.actions(h))]
+
+    @property
     def drift(self) -> bool:
-        return any(a.kind is not ActionKind.UNCHANGED for h in self.hosts for a in self.actions(h))
+        return bool(self.drifted)
 
     def publish_rows(self) -> list[Action]:
         """Registry mode: the images apply publishes before any host pulls."""
@@ -194,19 +195,23 @@ def planned_tags(models: list[DesiredModel], gate: dict[str, list[str] | None]) 
 
 
 def derive_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress, *,
-                offline: bool = False, hub_commit: str | None = None) -> tuple[DeployPlan, list[DesiredModel]]:
-    """The plan from the manifest and what the hub and every host report now (`hub_commit` pins a hub model), with
-    the desired models it was derived from (each rendered once: the plan keeps only their Modelfile digests)."""
-    inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
-                            offline=offline, hub_commit=hub_commit)
-    builds = plan_builds(manifest, inputs, workspace)
+                offline: bool = False, inputs: BuildInputs | None = None,
+                builds: BuildPlan | None = None) -> tuple[DeployPlan, list[DesiredModel]]:
+    """The plan from the manifest and what the hub and every host report now, with the desired models it was
+    derived from (each rendered once: the plan keeps only their Modelfile digests). `inputs`: already resolved
+    (apply, pinned to a saved plan's hub commit); `builds`: a saved plan's build steps, checked against them
+    (saved_plan.check_steps), which are then what this plan runs: they are not planned again."""
+    if inputs is None:
+        inputs = resolve_inputs(manifest, workspace, progress, download_model=False, manifest_path=manifest_path,
+                                offline=offline)
+    builds = plan_builds(manifest, inputs, workspace) if builds is None else builds.looked_up(workspace)
     models = desired_models(manifest, builds, resolve_chat(manifest.modelfile, inputs.chat_dir))
-    hosts = plan_hosts(manifest, models, workspace) if not offline else []
     gate = cached_gate(manifest, builds, workspace)
+    held = {tag for tag, reasons in gate.items() if reasons}
+    hosts = [h.gated(held) for h in plan_hosts(manifest, models, workspace)] if not offline else []
     registry = None
     if manifest.distribution.registry is not None and not offline:
-        pulls = {tag for tag in new_models(hosts) if not gate[tag]}
-        registry = observe_registry(manifest.distribution.registry, manifest.name, models, pulls)
+        registry = observe_registry(manifest.distribution.registry, manifest.name, models, new_models(hosts))
     plan = DeployPlan(manifest=str(manifest_path), name=manifest.name, manifest_digest=manifest_digest(manifest),
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"), tool_version=__version__,
                       llama_cpp=llama_cpp_label(), source=inputs.source_label, hub_commit=inputs.hub_commit,

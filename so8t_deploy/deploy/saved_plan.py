@@ -3,9 +3,15 @@
 `apply --plan FILE` derives everything it will do from the manifest and what it observes now, then
 holds that against the saved plan, before touching any host:
 
-- the file must be a plan of this version that fits the manifest (`check_fits`, exit 2): the same
-  name, tags and targets, made with the hosts observed, and nothing in it outside the manifest's
-  own name (a plan may not delete `victim:latest`, nor prune when the manifest does not);
+- the file must be a plan of this version, unedited: every build step's key hashes its content,
+  and every tag's identity is its step's (`load_plan`, exit 2);
+- it must fit the manifest (`check_fits`, exit 2): the same name, tags and targets, made with the
+  hosts observed, and nothing in it outside the manifest's own name (a plan may not delete
+  `victim:latest`, nor prune when the manifest does not);
+- its build steps must be the manifest's, on the inputs as they are now (`check_steps`): a step
+  whose settings are not the manifest's is refused (exit 2), one whose inputs moved (the model, an
+  adapter, the calibration text, the tool or llama.cpp version) is drift (exit 3). Apply then runs
+  these steps as saved: it does not plan builds again;
 - nothing it recorded may have moved (`check_unchanged`, exit 3): the manifest, every rendered
   Modelfile, every build key and GGUF digest it knew, and every host's models. A host the plan
   could not observe is refused too: nobody reviewed what apply would do there.
@@ -13,7 +19,7 @@ holds that against the saved plan, before touching any host:
   a tag the plan would create because its keys were unknown (the hub was out of reach, see `plan
   --allow-unknown-keys`) and that turns out unchanged is left alone.
 
-Everything apply then executes comes from its own derivation: the Modelfile content from the
+Everything else apply executes comes from its own derivation: the Modelfile content from the
 manifest, deletions from `rollout.prune` over the manifest's own name.
 """
 
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..build.plan import BuildInputs
 from ..errors import DriftError, UsageError
 from ..external.hub import HubUnavailableError
 from ..jsonfile import read_bounded_text
@@ -50,6 +57,9 @@ def load_plan(path: Path) -> DeployPlan:
         return DeployPlan.model_validate_json(text)
     except ValidationError as e:
         errors = e.errors()
+        if edited := [err for err in errors if err["type"] in ("edited_step", "edited_plan")]:
+            raise UsageError(f"{path}: {edited[0]['msg']}: the plan was edited after `plan --out` wrote it; run "
+                             "plan again") from None
         if any(err["loc"] == ("format",) for err in errors):
             raise UsageError(f"{path}: not a plan of this version ({PLAN_FORMAT}); run plan again") from None
         raise UsageError(f"{path}: not a plan written by `so8t-deploy plan --out`: {first_error(e)}") from None
@@ -95,12 +105,24 @@ def check_fits(plan: DeployPlan, manifest: Manifest, path: Path) -> None:
                              "(rollout.prune: false)")
 
 
+def check_steps(saved: DeployPlan, manifest: Manifest, inputs: BuildInputs, path: Path) -> None:
+    """The saved build steps are the manifest's (else UsageError, exit 2) on the inputs as they are now (else
+    DriftError, exit 3), step by step, so that apply can run them as saved. A plan made while the hub was out of
+    reach has no keys to check: its steps are made after download, as `plan --allow-unknown-keys` allowed."""
+    if inputs.model_digest is None and not saved.unknown_keys:
+        raise HubUnavailableError(f"apply: cannot check the plan's keys now: {inputs.note}; the hub could not be "
+                                  "asked (see the warning above); nothing was changed")
+    misfits, moved = saved.builds.check(manifest, inputs)
+    if misfits:
+        raise UsageError(f"{path}: {misfits[0]}; run plan again")
+    if moved:
+        raise DriftError(f"apply: {'; '.join(moved[:3])}{' ...' if len(moved) > 3 else ''} changed since the plan "
+                         "was made; nothing was changed; run plan again")
+
+
 def check_unchanged(saved: DeployPlan, now: DeployPlan, manifest: Manifest) -> None:
     """DriftError (exit 3) unless everything the saved plan recorded still holds and `now` does no more than it
     allowed; raised before any host is changed, so a stale plan is refused on every host or none."""
-    if now.unknown_keys and not saved.unknown_keys:
-        raise HubUnavailableError(f"apply: cannot check the plan's keys now: {now.note}; the hub could not be asked "
-                                  "(see the warning above); nothing was changed")
     moved: list[str] = []
     if saved.manifest_digest != now.manifest_digest:
         moved.append(f"the manifest {saved.manifest}")

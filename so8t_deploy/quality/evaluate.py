@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
 from ..build.calibration import eval_text
 from ..build.pipeline import BuildReport, BuiltArtifact
 from ..build.plan import BuildPlan, TagBuild
 from ..build.provenance import IMATRIX_KEY, llama_cpp_label
 from ..build.runner import Runner
-from ..build.steps import EvalResult, EvalStep, GgufRecord
+from ..build.steps import EvalStep, GgufRecord
 from ..manifest.schema import Manifest
 from ..store.workspace import Workspace, cache_key
 
@@ -45,13 +47,31 @@ class QuantQuality:
     without_size: int | None = None
 
 
-def gate_failures(manifest: Manifest, metrics: dict[str, Any]) -> list[str]:
-    """Why a tag with these metrics fails the manifest's quality gate; empty when it passes."""
+class Scores(Protocol):
+    """What the quality gate reads of a tag's measurement."""
+
+    @property
+    def mean_kl(self) -> float: ...
+
+    @property
+    def top1(self) -> float: ...
+
+
+class CachedScores(BaseModel):
+    """The gate's numbers out of a cached eval record (which holds more); validated, like any file read back."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    mean_kl: float
+    top1: float
+
+
+def gate_failures(manifest: Manifest, scores: Scores) -> list[str]:
+    """Why a tag with these scores fails the manifest's quality gate; empty when it passes."""
     q, failures = manifest.quality, []
-    if q.max_mean_kl is not None and metrics["mean_kl"] > q.max_mean_kl:
-        failures.append(f"mean KL {metrics['mean_kl']:.4f} > {q.max_mean_kl:g}")
-    if q.min_top1 is not None and metrics["top1"] < q.min_top1:
-        failures.append(f"top-1 agreement {metrics['top1']:.3f} < {q.min_top1:g}")
+    if q.max_mean_kl is not None and scores.mean_kl > q.max_mean_kl:
+        failures.append(f"mean KL {scores.mean_kl:.4f} > {q.max_mean_kl:g}")
+    if q.min_top1 is not None and scores.top1 < q.min_top1:
+        failures.append(f"top-1 agreement {scores.top1:.3f} < {q.min_top1:g}")
     return failures
 
 
@@ -86,7 +106,7 @@ def cached_gate(manifest: Manifest, plan: BuildPlan, workspace: Workspace) -> di
         found = None
         if tag.record is not None and reference.record is not None:
             found = workspace.lookup("eval", _eval_key(manifest, text, reference.record, tag.record))
-        verdicts[tag.tag] = gate_failures(manifest, found) if found else None
+        verdicts[tag.tag] = gate_failures(manifest, CachedScores.model_validate(found)) if found else None
     return verdicts
 
 
@@ -122,7 +142,6 @@ def _metrics(manifest: Manifest, text: str, reference: BuiltArtifact, artifacts:
     if missing:
         result = runner.run(EvalStep(reference=reference.path, candidates=[a.path for a in missing], text=text,
                                      windows=q.windows, context=q.context))
-        assert isinstance(result, EvalResult)
         for artifact, metrics in zip(missing, result.metrics, strict=True):
             with workspace.lock(f"eval-{keys[artifact.path]}"), \
                     workspace.produce("eval", keys[artifact.path]) as (_, record):

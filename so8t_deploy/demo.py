@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import SettingError, UsageError
 
 DEMO_HIDDEN_SIZE = 256
 DEMO_LAYERS = 2
@@ -47,7 +47,7 @@ def init_demo(out_dir: Path, family: str | None = None) -> Path:
     from .tiny_models import FAMILIES, write_random_so8t_adapter, write_tiny_model
 
     if family is not None and family not in FAMILIES:
-        raise UsageError(f"--family: unknown family {family!r} (choose from {', '.join(FAMILIES)})")
+        raise SettingError("family", f"unknown family {family!r} (choose from {', '.join(FAMILIES)})")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UsageError(f"{out_dir}: directory is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def _write_family_demo_model(model_dir: Path, family: str) -> None:
     try:
         write_family_model(model_dir, family, hidden_size=FAMILY_HIDDEN_SIZE, num_layers=DEMO_LAYERS)
     except ValueError as exc:  # a family whose chat template the pinned sdist lacks (Gemma 3)
-        raise UsageError(f"--family {family}: {exc}") from None
+        raise SettingError("family", f"{family}: {exc}") from None
 
 
 def _final_site_folds(model_dir: Path) -> bool:

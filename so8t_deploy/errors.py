@@ -42,6 +42,15 @@ class UsageError(InvalidInputError):
     """Command-line arguments that parse but make no sense together."""
 
 
+class SettingError(UsageError):
+    """A setting with a value we will not use, named as the library knows it (`dtype`, `outtype`); a command that
+    takes it from a flag names the flag instead (cli.typer_app.flags)."""
+
+    def __init__(self, setting: str, why: str):
+        super().__init__(f"{setting}: {why}")
+        self.setting, self.why = setting, why
+
+
 class BuildError(So8tError):
     """Bake, convert or quantize failed for an operational reason."""
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import error_lines
+
 TIME_LIMIT_S = 10.0
 TOKEN = "tok-S3CRET-a1b2c3d4e5"  # a header value: it must never be printed
 PASSWORD = "pw-S3CRET-f6g7h8"  # a URL's password: the same
@@ -210,11 +212,6 @@ def run_bounded(run_cli, args: list[object]) -> Answer:
     assert "error" not in box, f"{args}: escaped the error boundary: {box.get('error')!r}"
     result = box["result"]
     return Answer(result.code, result.out, result.err, seconds)
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr without progress lines ('> step')."""
-    return [line for line in err.splitlines() if line.strip() and not line.startswith("> ")]
 
 
 def assert_no_secret(answer: Answer) -> None:

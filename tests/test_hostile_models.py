@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from so8t_deploy.demo import DEMO_MANIFEST
 
+from .conftest import error_lines
 from .test_adapters import make_lora
 
 pytestmark = pytest.mark.llamacpp  # the accepted inputs are built into a GGUF
@@ -334,11 +335,6 @@ def run(run_cli, command: str, manifest: Path, cache: Path):
             "build": ["build", manifest, "--cache-dir", cache]}[command]
     with watchdog(3 * TIME_BOUND_S):
         return run_cli(*args)
-
-
-def error_lines(err: str) -> list[str]:
-    """stderr less the progress steps ("> bake full ..."), which a piped build prints there too."""
-    return [line for line in err.splitlines() if line.strip() and not line.startswith("> ")]
 
 
 def published(cache: Path) -> list[Path]:

@@ -185,8 +185,9 @@ def test_a_download_cut_mid_file_resumes_with_a_range(hub, hub_model, hf_env, tm
     assert_only_bake_files_fetched(hub, hub_model, hub_model.second)
 
 
-def test_a_run_that_gives_up_keeps_what_arrived_and_the_next_run_resumes(hub, hub_model, hf_env, tmp_path, run_cli):
-    from so8t_deploy.external.hub import ATTEMPTS_WITHOUT_PROGRESS, PARTIAL_DIR
+def test_a_run_that_gives_up_keeps_what_arrived_and_the_next_run_resumes(hub, hub_model, hf_env, tmp_path, run_cli,
+                                                                         instant_retries):
+    from so8t_deploy.external.hub import ATTEMPTS_WITHOUT_PROGRESS, PARTIAL_DIR, RETRY_PAUSE_S
 
     size, cache = len(hub_model.repo.read(WEIGHTS)), tmp_path / "cache"
     cut = size // 3
@@ -206,6 +207,7 @@ def test_a_run_that_gives_up_keeps_what_arrived_and_the_next_run_resumes(hub, hu
     # It gave up after attempts that added nothing, each asking for the rest from what it had.
     stalled = [(g["range"], g["bytes"]) for g in gets[-ATTEMPTS_WITHOUT_PROGRESS:]]
     assert stalled == [(f"bytes={kept}-", 0)] * ATTEMPTS_WITHOUT_PROGRESS
+    assert instant_retries == [RETRY_PAUSE_S * 2 ** n for n in range(ATTEMPTS_WITHOUT_PROGRESS - 1)]  # the pauses
     assert not snapshot(cache, hub_model, hub_model.second).joinpath(WEIGHTS).exists()  # nothing a bake would read
     assert not list((cache / "objects").glob("*/*/artifact.json"))
 

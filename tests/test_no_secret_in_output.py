@@ -59,15 +59,8 @@ def closed_port() -> str:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    from so8t_deploy.demo import init_demo
-
-    return init_demo(tmp_path_factory.mktemp("secrets") / "demo")
-
-
-def manifest(path: Path, demo_dir: Path, url: str, authorization: str) -> Path:
-    write_demo_manifest(path, demo_dir, [url])
+def manifest(path: Path, demo: Path, url: str, authorization: str) -> Path:
+    write_demo_manifest(path, demo, [url])
     text = path.read_text(encoding="utf-8")
     old = "timeout_s: 30}"
     assert old in text
@@ -88,27 +81,29 @@ def scan(run_cli, path: Path, cache: Path, secrets: tuple[str, ...]) -> dict[str
     return codes
 
 
-def test_a_token_with_a_trailing_newline_is_never_printed(run_cli, demo_dir, tmp_path, monkeypatch):
+def test_a_token_with_a_trailing_newline_is_never_printed(run_cli, demo, tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_TOKEN", TOKEN + "\n")
-    path = manifest(tmp_path / "m.yaml", demo_dir, "http://127.0.0.1:9", "Bearer ${OLLAMA_TOKEN}")
+    path = manifest(tmp_path / "m.yaml", demo, "http://127.0.0.1:9", "Bearer ${OLLAMA_TOKEN}")
     codes = scan(run_cli, path, tmp_path / "cache", (TOKEN,))
     assert set(codes.values()) == {2}, codes  # refused at load, in every mode
 
 
-def test_url_credentials_are_never_printed(run_cli, demo_dir, tmp_path):
-    path = manifest(tmp_path / "m.yaml", demo_dir, f"http://admin:{PASSWORD}@127.0.0.1:9", f"Bearer {TOKEN}")
+def test_url_credentials_are_never_printed(run_cli, demo, tmp_path):
+    path = manifest(tmp_path / "m.yaml", demo, f"http://admin:{PASSWORD}@127.0.0.1:9", f"Bearer {TOKEN}")
     codes = scan(run_cli, path, tmp_path / "cache", (TOKEN, PASSWORD))
     assert set(codes.values()) == {2}, codes
 
 
-def test_a_valid_token_is_never_printed_when_the_host_refuses_connections(run_cli, demo_dir, tmp_path, closed_port):
-    path = manifest(tmp_path / "m.yaml", demo_dir, closed_port, f"Bearer {TOKEN}")
+def test_a_valid_token_is_never_printed_when_the_host_refuses_connections(run_cli, demo, tmp_path, closed_port,
+                                                                          instant_retries):
+    path = manifest(tmp_path / "m.yaml", demo, closed_port, f"Bearer {TOKEN}")
     codes = scan(run_cli, path, tmp_path / "cache", (TOKEN,))
     assert codes == {mode: 0 if mode.endswith("validate") else 1 for mode in codes}, codes
+    assert {0.5, 1.0} <= set(instant_retries)  # each refused call was retried, with its backoff (not waited out)
 
 
-def test_a_valid_token_echoed_by_the_host_is_redacted_everywhere(run_cli, demo_dir, tmp_path, echoing_host):
-    path = manifest(tmp_path / "m.yaml", demo_dir, echoing_host, f"Bearer {TOKEN}")
+def test_a_valid_token_echoed_by_the_host_is_redacted_everywhere(run_cli, demo, tmp_path, echoing_host):
+    path = manifest(tmp_path / "m.yaml", demo, echoing_host, f"Bearer {TOKEN}")
     codes = scan(run_cli, path, tmp_path / "cache", (TOKEN,))
     assert codes == {mode: 0 if mode.endswith("validate") else 1 for mode in codes}, codes
     # The host's message did reach the output, with the token redacted: the scan above looked at it.
@@ -119,7 +114,7 @@ def test_a_valid_token_echoed_by_the_host_is_redacted_everywhere(run_cli, demo_d
     assert "rejected credentials '***'" in result.err.splitlines()[-1], result.err
 
 
-def test_an_unexpected_error_quoting_the_token_is_redacted_with_and_without_v(run_cli, demo_dir, tmp_path,
+def test_an_unexpected_error_quoting_the_token_is_redacted_with_and_without_v(run_cli, demo, tmp_path,
                                                                               closed_port, monkeypatch):
     from so8t_deploy.deploy import commands
 
@@ -127,7 +122,7 @@ def test_an_unexpected_error_quoting_the_token_is_redacted_with_and_without_v(ru
         raise ValueError(f"cannot send Authorization: 'Bearer {TOKEN}'")
 
     monkeypatch.setattr(commands, "apply_manifest", bug)
-    path = manifest(tmp_path / "m.yaml", demo_dir, closed_port, f"Bearer {TOKEN}")
+    path = manifest(tmp_path / "m.yaml", demo, closed_port, f"Bearer {TOKEN}")
     for verbose in ([], ["-v"]):
         result = run_cli(*verbose, "apply", path, "--cache-dir", tmp_path / "cache")
         assert result.code == 1
@@ -137,9 +132,9 @@ def test_an_unexpected_error_quoting_the_token_is_redacted_with_and_without_v(ru
         assert ("Traceback" in result.err) == bool(verbose)
 
 
-def test_a_registry_password_is_never_printed(run_cli, demo_dir, tmp_path, echoing_host, monkeypatch):
+def test_a_registry_password_is_never_printed(run_cli, demo, tmp_path, echoing_host, monkeypatch):
     monkeypatch.setenv("REGISTRY_PASSWORD", PASSWORD)
-    path = manifest(tmp_path / "m.yaml", demo_dir, echoing_host, f"Bearer {TOKEN}")
+    path = manifest(tmp_path / "m.yaml", demo, echoing_host, f"Bearer {TOKEN}")
     registry = (f"distribution: {{registry: {{url: '{echoing_host}', namespace: so8t, insecure: true, "
                 "auth: {username: deployer, password: '${REGISTRY_PASSWORD}'}}}\n")
     path.write_text(path.read_text(encoding="utf-8") + registry, encoding="utf-8")

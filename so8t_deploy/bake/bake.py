@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..cancel import leave_interrupts_to_the_main_thread
-from ..errors import AdapterError, UsageError
+from ..errors import AdapterError, SettingError, UsageError
 from ..fsutil import fsync_path
 from ..manifest.schema import Scales
 from ..store.hashing import BLAKE3, DigestCache, Stamp
@@ -374,7 +374,7 @@ def _config_updates(model: ModelDirectory, plan: BakePlan, dtype: str) -> dict[s
 
 def _check_arguments(model_dir: Path, out_dir: Path, dtype: str) -> tuple[Path, Path]:
     if dtype != "auto" and dtype not in DTYPE_NAMES:
-        raise UsageError(f"--dtype: must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
+        raise SettingError("dtype", f"must be auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
     model_dir, out_dir = model_dir.resolve(), out_dir.resolve()
     if out_dir == model_dir or model_dir in out_dir.parents:
         raise UsageError(f"{out_dir}: the output must not be inside the source model directory")

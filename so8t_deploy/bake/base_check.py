@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError
+from ..external.hub import cached_repo_id
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,7 @@ class BaseIdentity:
 
     @classmethod
     def of(cls, path: Path, config: dict[str, Any]) -> BaseIdentity:
-        names = {path.name, str(config.get("_name_or_path") or "")}
-        for part in path.parts:  # huggingface_hub caches a repo as models--org--name/snapshots/<sha>
-            if part.startswith("models--"):
-                names.add(part.removeprefix("models--").replace("--", "/"))
+        names = {path.name, str(config.get("_name_or_path") or ""), cached_repo_id(path) or ""}
         return cls(path, frozenset(name.rstrip("/") for name in names if name))
 
     def matches(self, declared: str) -> bool:

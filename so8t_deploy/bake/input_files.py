@@ -25,6 +25,7 @@ import stat
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..external.hub import snapshot_blobs
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"))
@@ -33,10 +34,8 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR,
 def input_homes(directory: Path) -> tuple[Path, ...]:
     """Where links below `directory` may point: itself, plus the blob store of a hub cache snapshot."""
     real = directory.resolve()
-    repo = real.parent.parent
-    if real.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
-        return real, repo / "blobs"
-    return (real,)
+    blobs = snapshot_blobs(real)
+    return (real,) if blobs is None else (real, blobs)
 
 
 def check_input_tree(directory: Path, error: type[InvalidInputError]) -> None:

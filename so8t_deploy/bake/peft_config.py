@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import AdapterError
 from ..jsonfile import read_json_object
+from ..validation import first_error
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -150,18 +151,6 @@ def read_peft_config(path: Path) -> PeftLoraConfig:
     try:
         return PeftLoraConfig.model_validate(raw)
     except ValidationError as e:
-        raise AdapterError(f"{where}: {one_line(e)}") from None
+        raise AdapterError(f"{where}: {first_error(e)}") from None
 
 
-def one_line(error: ValidationError) -> str:
-    """The first validation problem as `field: message`, as the rest of the project words them."""
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required key is missing"
-    elif first["type"] == "literal_error":
-        message = f"must be {first['ctx']['expected']}, got {first['input']!r}"
-    return f"{field}: {message}"

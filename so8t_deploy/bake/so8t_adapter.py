@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ..errors import AdapterError
 from ..jsonfile import read_json_object
+from ..validation import first_error
 from .base_check import BaseIdentity, check_base_name
-from .peft_config import one_line
 from .safetensors_io import read_header
 
 CONFIG_FILE = "so8t_config.json"
@@ -112,7 +112,7 @@ def _read_config(path: Path) -> So8tConfig:
     try:
         return So8tConfig.model_validate(raw)
     except ValidationError as e:
-        raise AdapterError(f"{config_path}: {one_line(e)}") from None
+        raise AdapterError(f"{config_path}: {first_error(e)}") from None
 
 
 def _expected_shape(name: str, d: int) -> tuple[int, ...]:

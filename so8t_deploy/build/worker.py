@@ -16,6 +16,7 @@ from ..errors import BuildError
 from ..fsutil import write_atomic
 from ..progress import SILENT, Progress
 from ..store.hashing import DigestCache, combined_digest, sha256_file
+from ..validation import first_error
 from .steps import (
     BakeResult,
     BakeStep,
@@ -147,9 +148,7 @@ def run_envelope(spec_file: Path, progress: Progress = SILENT) -> None:
         raise BuildError(f"worker: cannot read the step spec {spec_file}: {e.strerror} (the docker runner mounts "
                          "the workspace at its own path)") from e
     except ValidationError as e:
-        error = e.errors()[0]
-        where = ".".join(str(part) for part in error["loc"])
         raise BuildError(f"worker: {spec_file} is not a step this worker (so8t-deploy {__version__}) can run: "
-                         f"{where}: {error['msg']}; build the image from the so8t-deploy that drives it") from e
+                         f"{first_error(e)}; build the image from the so8t-deploy that drives it") from e
     result = execute(envelope.step, progress)
     write_atomic(envelope.result_file, result.model_dump_json())

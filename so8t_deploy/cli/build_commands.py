@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 
 from ..errors import UsageError, VerifyError
-from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, VerifyCacheOpt, app, image_app, load
+from .typer_app import DEFAULT_CACHE, CacheOpt, JsonOpt, ManifestArg, VerifyCacheOpt, app, flags, image_app, load
+
+if TYPE_CHECKING:
+    from ..manifest.schema import Scales
 
 AdapterOpt = Annotated[
     list[Path], typer.Option("--adapter", help="Adapter directory (SO8T or PEFT LoRA); repeat to chain, in order.")
@@ -22,6 +26,24 @@ ScalesOpt = Annotated[
 ]
 
 
+def parse_scales(text: str) -> Scales:
+    """--scales 'rotation=0.1,ffn=0.05'; groups left out stay at 1.0."""
+    from ..manifest.schema import Scales
+
+    values: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--scales: expected group=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    try:
+        return Scales.model_validate(values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        message = "unknown group (use rotation, ffn, triality)" if error["type"] == "extra_forbidden" else error["msg"]
+        raise UsageError(f"--scales: {error['loc'][0]}: {message}") from None
+
+
 @app.command()
 def bake(
     model: Annotated[Path, typer.Option("--model", help="Base model directory (safetensors).")],
@@ -33,12 +55,11 @@ def bake(
 ) -> None:
     """Fold adapters into the base weights exactly; write a plain Hugging Face model."""
     from ..bake.bake import bake_model
-    from ..manifest.schema import parse_scales
     from .console import ConsoleProgress
 
     adapters = [(None, a, allow_base_mismatch) for a in adapter]
     total = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    with ConsoleProgress() as progress:
+    with ConsoleProgress() as progress, flags(dtype="--dtype"):
         result = bake_model(model, adapters, out, parse_scales(scales), dtype, progress.transfer("bake", total))
     typer.echo(f"{result.out_dir}: {result.folded} tensors folded, {result.copied} copied unchanged")
 
@@ -56,7 +77,6 @@ def verify(
 ) -> None:
     """Prove a bake exact: compare logits of the adapter model (unmerged, no folding) and the baked model."""
     from ..bake.verify import verify_bake
-    from ..manifest.schema import parse_scales
 
     adapters = [(None, a, allow_base_mismatch) for a in adapter]
     report = verify_bake(model, adapters, baked, parse_scales(scales), tolerance)
@@ -79,7 +99,8 @@ def convert(
     from ..external.llamacpp import convert_to_gguf, locate_converter
 
     converter = locate_converter()
-    convert_to_gguf(converter, baked, out, outtype, bake_output_metadata(baked))
+    with flags(outtype="--outtype"):
+        convert_to_gguf(converter, baked, out, outtype, bake_output_metadata(baked))
     typer.echo(f"{out}: written by {converter.version}")
 
 
@@ -109,7 +130,8 @@ def quantize(
         info = read_imatrix_info(imatrix)
         metadata = quantize_imatrix_keys(file=str(imatrix), datasets=info.datasets, entries=info.entries,
                                          chunks=info.chunks)
-    quantize_gguf(source, out, quant, imatrix=imatrix, metadata=metadata, allow_requantize=allow_requantize)
+    with flags(imatrix="--imatrix", allow_requantize="--allow-requantize"):
+        quantize_gguf(source, out, quant, imatrix=imatrix, metadata=metadata, allow_requantize=allow_requantize)
     typer.echo(f"{out}: {quant.name}")
 
 

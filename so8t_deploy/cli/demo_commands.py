@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .typer_app import demo_app
+from .typer_app import demo_app, flags
 
 
 @demo_app.command("init")
@@ -20,5 +20,6 @@ def demo_init(
     """Write a tiny model, a random SO8T adapter and a manifest, with no downloads."""
     from ..demo import init_demo
 
-    out = init_demo(directory, family)
+    with flags(family="--family"):
+        out = init_demo(directory, family)
     typer.echo(f"demo written to {out}; try: so8t-deploy plan {out / 'manifest.yaml'} --offline")

@@ -92,8 +92,7 @@ def plan(
     if check and made.check_exit_code == EXIT_OPERATIONAL:
         raise HubUnavailableError(f"plan --check: could not observe {'; '.join(made.unobserved)}")
     if check and made.check_exit_code == EXIT_DRIFT:
-        drifted = sorted({h.target for h in made.hosts for a in made.actions(h) if a.kind != "unchanged"})
-        raise DriftError(f"{manifest}: drift on {', '.join(drifted)}")
+        raise DriftError(f"{manifest}: drift on {', '.join(sorted(made.drifted))}")
 
 
 def _format(output: str, as_json: bool) -> Format:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from ..errors import SettingError, UsageError
 
 if TYPE_CHECKING:
     from ..manifest.schema import Manifest
@@ -36,6 +40,17 @@ VerifyCacheOpt = Annotated[bool, typer.Option("--verify-cache", help="Hash every
                                               "always done); a damaged artifact is rebuilt.")]
 CacheOpt = Annotated[Path, typer.Option("--cache-dir", help="The workspace: artifacts, digests, host journals, "
                                         "releases, hub downloads, the converter.")]
+
+
+@contextlib.contextmanager
+def flags(**names: str) -> Iterator[None]:
+    """A setting the library refuses, named by the flag this command took it from: flags(dtype="--dtype")."""
+    try:
+        yield
+    except SettingError as e:
+        if e.setting not in names:
+            raise
+        raise UsageError(f"{names[e.setting]}: {e.why}") from None
 
 
 def load(path: Path) -> Manifest:

@@ -52,6 +52,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.t
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 ATTEMPTS_WITHOUT_PROGRESS = 3  # attempts in a row that add no byte to a file before a run gives up on it
 RETRY_PAUSE_S = 1.0  # before an attempt that follows one that added nothing; doubles each time
+# How that pause is waited out, looked up at each pause: time.sleep. Tests that only need the retry, not its
+# pause, replace it with one that returns at once (tests/conftest.py, `instant_retries`).
+retry_sleep: Callable[[float], None] = time.sleep
 PARTIAL_DIR = ".partial"  # under the hub cache: LFS files being downloaded, named by their sha256
 MIB = 1 << 20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -228,7 +231,7 @@ def download(revision: HubRevision, cache_dir: Path, digests: FileDigests, *, or
 def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests, origin: str,
                    patterns: list[str]) -> Path:
     hub = _hub()
-    storage = cache_dir / f"models--{revision.repo.replace('/', '--')}"  # huggingface_hub's layout
+    storage = cache_dir / cache_repo_dir_name(revision.repo)
     try:
         for path, digest in revision.files.items():
             if digest.startswith("sha256:"):
@@ -249,7 +252,7 @@ def _with_retries(call: Callable[[], T]) -> T:
         try:
             return call()
         except _transport_errors():
-            time.sleep(RETRY_PAUSE_S * 2 ** attempt)
+            retry_sleep(RETRY_PAUSE_S * 2 ** attempt)
     return call()
 
 
@@ -319,7 +322,7 @@ def _download_resuming(url: str, headers: dict[str, str], partial: Path, size: i
                 f"{_size(partial) / MIB:.1f} of {size / MIB:.1f} MiB are kept and the next run resumes from there: "
                 "run again, or set HF_ENDPOINT to a mirror") from error
         if stalled:
-            time.sleep(RETRY_PAUSE_S * 2 ** (stalled - 1))
+            retry_sleep(RETRY_PAUSE_S * 2 ** (stalled - 1))
     if _size(partial) != size:
         partial.unlink()
         raise BuildError(f"{what}: the hub sent more bytes than it lists for the file; run again, or set HF_ENDPOINT "
@@ -364,3 +367,27 @@ def _damaged_files(snapshot: Path, revision: HubRevision, digests: FileDigests, 
         elif _git_blob_id(local) != expected:
             damaged.append(path)
     return damaged
+
+
+# -- huggingface_hub's cache layout: models--ORG--NAME/{blobs/HASH, refs/REV, snapshots/COMMIT/FILE -> blobs} ------
+
+_REPO_DIR_PREFIX = "models--"
+
+
+def cache_repo_dir_name(repo: str) -> str:
+    """The directory huggingface_hub caches `repo` in."""
+    return _REPO_DIR_PREFIX + repo.replace("/", "--")
+
+
+def cached_repo_id(path: Path) -> str | None:
+    """The repo id of a path inside a hub cache (…/models--org--name/snapshots/COMMIT/…), or None."""
+    part = next((p for p in path.parts if p.startswith(_REPO_DIR_PREFIX)), None)
+    return part.removeprefix(_REPO_DIR_PREFIX).replace("--", "/") if part else None
+
+
+def snapshot_blobs(snapshot: Path) -> Path | None:
+    """The blob store the files of a hub cache snapshot directory link into; None if `snapshot` is not one."""
+    repo = snapshot.parent.parent
+    if snapshot.parent.name == "snapshots" and repo.name.startswith(_REPO_DIR_PREFIX) and (repo / "blobs").is_dir():
+        return repo / "blobs"
+    return None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
-from ..errors import BuildError, ModelError, UsageError
+from ..errors import BuildError, ModelError, SettingError, UsageError
 from ..fsutil import publish_dir, publish_file, staging_path
 from ..manifest.quant_types import QuantType
 from ..store.workspace import Workspace, default_root
@@ -201,7 +201,7 @@ def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outty
     `on_progress(percent)` follows the converter's own progress bar while it writes.
     """
     if outtype not in CONVERT_OUTTYPES:
-        raise UsageError(f"--outtype: must be one of {', '.join(CONVERT_OUTTYPES)}, got {outtype!r}")
+        raise SettingError("outtype", f"must be one of {', '.join(CONVERT_OUTTYPES)}, got {outtype!r}")
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a model directory (no config.json)")
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -248,11 +248,11 @@ def quantize_gguf(in_file: Path, out_file: Path, quant: QuantType, *, imatrix: P
     `on_progress(tensors done, tensors)` follows llama.cpp's per-tensor log lines.
     """
     if quant.needs_imatrix and imatrix is None:
-        raise UsageError(f"--type {quant.name}: needs an importance matrix; pass --imatrix FILE")
+        raise SettingError("imatrix", f"{quant.name} needs an importance matrix")
     file_type = gguf_file_type(in_file)
     if file_type not in FLOAT_FILE_TYPES and not allow_requantize:
-        raise UsageError(f"{in_file}: already quantized (file type {file_type}); "
-                         "requantizing loses quality, pass --allow-requantize to do it anyway")
+        raise SettingError("allow_requantize", f"{in_file} is already quantized (file type {file_type}), and "
+                           "requantizing loses quality: it must be allowed explicitly")
     library_version()
     if imatrix is not None:
         load_imatrix(imatrix)  # refused here, as invalid input, rather than in the child

@@ -7,7 +7,6 @@ the file's content is chained to the exception it came from: pydantic's and PyYA
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -16,11 +15,10 @@ from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails
 
 from ..errors import ManifestError
 from ..jsonfile import read_bounded_text
-from ..validation import format_field_path
+from ..validation import describe, format_field_path
 from .schema import Manifest
 from .strict_yaml import YamlLimitError, load_yaml
 
@@ -99,23 +97,6 @@ def _model_of(annotation: Any) -> Any:
     return next((m for arg in get_args(annotation) if (m := _model_of(arg)) is not None), None)
 
 
-def _describe_validation_error(error: ErrorDetails) -> str:
-    loc = format_field_path(tuple(error["loc"]))
-    kind, message = error["type"], error["msg"]
-    if kind == "extra_forbidden":
-        message = "unknown key"
-        close = difflib.get_close_matches(str(error["loc"][-1]), _keys_at(tuple(error["loc"])), n=1)
-        if close:
-            message += f"; did you mean {close[0]!r}?"
-    elif kind == "missing":
-        message = "required key is missing"
-    elif kind in ("literal_error", "enum"):
-        message = f"{message}, got {error.get('input')!r}"
-    elif message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    return f"{loc}: {message}" if loc else message
-
-
 def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None) -> Manifest:
     """Validate manifest text; ``source`` names the file in errors and anchors relative paths."""
     try:
@@ -145,8 +126,8 @@ def parse_manifest(text: str, source: Path, env: Mapping[str, str] | None = None
         extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         # Not chained: pydantic's own message quotes each input, header values included. The other errors
         # follow on lines of their own, which only -v shows.
-        others = "".join(f"\n  {_describe_validation_error(error)}" for error in errors[1:])
-        raise ManifestError(f"{source}: {_describe_validation_error(errors[0])}{extra}{others}") from None
+        others = "".join(f"\n  {describe(error, _keys_at)}" for error in errors[1:])
+        raise ManifestError(f"{source}: {describe(errors[0], _keys_at)}{extra}{others}") from None
 
 
 def read_manifest_text(path: Path) -> str:

@@ -13,12 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, GetJsonSchemaHandler, ValidationInfo, field_validator, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from ..builtin_templates import AUTO, BUILTINS
-from ..errors import UsageError
 from .base import MAX_TIMEOUT_S, SLUG_RE, Frozen, base_dir, resolve_local
 from .deploy_schema import REGISTRY_COMPONENT_RE, Distribution, Quality, Rollout, SmokeTest, Target
 from .modelfile import ModelfileSyntaxError, quote
@@ -122,22 +121,6 @@ class Scales(Frozen):
 
     def as_dict(self) -> dict[str, float]:
         return {"rotation": self.rotation, "ffn": self.ffn, "triality": self.triality}
-
-
-def parse_scales(text: str) -> Scales:
-    """Parse the CLI form 'rotation=0.1,ffn=0.05'; groups left out stay at 1.0."""
-    values: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--scales: expected group=value, got {item!r}")
-        values[key.strip()] = value.strip()
-    try:
-        return Scales.model_validate(values)
-    except ValidationError as e:
-        error = e.errors()[0]
-        message = "unknown group (use rotation, ffn, triality)" if error["type"] == "extra_forbidden" else error["msg"]
-        raise UsageError(f"--scales: {error['loc'][0]}: {message}") from None
 
 
 class Bake(Frozen):

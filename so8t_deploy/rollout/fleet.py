@@ -48,7 +48,7 @@ def plan_hosts(manifest: Manifest, desired: list[DesiredModel], workspace: Works
         return list(pool.map(observe, manifest.targets))
 
 
-def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, DesiredModel], held: set[str],
+def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, DesiredModel],
                   workspace: Workspace, progress: Progress, cancel: CancelToken) -> list[HostReport]:
     """Execute each host's plan, canaries first, by the failure policy."""
     policy = manifest.rollout.on_failure
@@ -67,8 +67,8 @@ def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, D
         elif policy == "halt" and failed_so_far():
             report = _skipped(target, "not attempted: the rollout halted after a failure")
         else:
-            report = HostRollout(manifest, target, by_target[target.name], models, held, workspace, progress,
-                                 cancel, inflight).run()
+            report = HostRollout(manifest, target, by_target[target.name], models, workspace, progress, cancel,
+                                 inflight).run()
         with lock:
             reports[target.name] = report
         return report

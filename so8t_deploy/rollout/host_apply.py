@@ -151,9 +151,8 @@ class HostRollout:
     """Execute one host's plan. `models` holds every desired tag, built where the plan creates it."""
 
     def __init__(self, manifest: Manifest, target: Target, plan: HostPlan, models: dict[str, DesiredModel],
-                 held: set[str], workspace: Workspace, progress: Progress, cancel: CancelToken,
-                 inflight: InFlight | None = None):
-        self.manifest, self.target, self.plan, self.models, self.held = manifest, target, plan, models, held
+                 workspace: Workspace, progress: Progress, cancel: CancelToken, inflight: InFlight | None = None):
+        self.manifest, self.target, self.plan, self.models = manifest, target, plan, models
         self.workspace, self.progress, self.cancel = workspace, progress, cancel
         self.inflight = inflight or InFlight()
         self.report = HostReport(target.name, target.host, warnings=list(plan.warnings))
@@ -169,9 +168,8 @@ class HostRollout:
             self.report.error = self.plan.error
             self.report.status = HostStatus.UNREACHABLE if self.plan.unreachable else HostStatus.FAILED
             return self.report
-        decisions = self.plan.decisions
-        self.report.unchanged = [d.tag for d in decisions if d.kind is TagKind.UNCHANGED]
-        self.report.held = [d.tag for d in decisions if d.kind is TagKind.CREATE and d.tag in self.held]
+        self.report.unchanged = self.plan.tags(TagKind.UNCHANGED)
+        self.report.held = self.plan.tags(TagKind.HELD)
         if self.plan.idle:  # observed once, by the plan: nothing more to ask
             self.report.status = HostStatus.OK
             return self.report
@@ -182,7 +180,7 @@ class HostRollout:
     # -- the run --------------------------------------------------------------------------------------------
 
     def _execute(self, host: OllamaHost) -> None:
-        creates = [d for d in self.plan.decisions if d.kind is TagKind.CREATE and d.tag not in self.held]
+        creates = [d for d in self.plan.decisions if d.kind is TagKind.CREATE]
         verifies = [d for d in self.plan.decisions if d.kind is TagKind.VERIFY]
         try:
             for decision in creates:

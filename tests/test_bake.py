@@ -190,6 +190,7 @@ bake_model(Path(sys.argv[1]), [(None, Path(sys.argv[2]))], Path(sys.argv[3]), Sc
 """
 
 
+@pytest.mark.slow  # a child process that imports torch
 def test_killed_bake_is_never_trusted_and_a_rerun_converges(tiny_model, so8t_adapter, tmp_path, run_cli):
     model, adapter, out = tiny_model("phi3"), so8t_adapter(64, 2), tmp_path / "baked"
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, model, adapter, out], capture_output=True)
@@ -235,16 +236,31 @@ def test_cli_bake_and_verify(tiny_model, so8t_adapter, tmp_path, run_cli):
     ("args", "message"),
     [
         (["--scales", "rot=1"], "--scales: rot: unknown group"),
-        (["--scales", "rotation"], "expected group=value"),
+        (["--scales", "rotation"], "--scales: expected group=value"),
         (["--scales", "ffn=abc"], "--scales: ffn"),
-        (["--dtype", "int8"], "--dtype"),
+        (["--dtype", "int8"], "--dtype: must be auto, bfloat16, float16, float32; got 'int8'"),
     ],
 )
 def test_cli_bad_options_exit_2(tiny_model, so8t_adapter, tmp_path, run_cli, args, message):
     result = run_cli("bake", "--model", tiny_model("phi3"), "--adapter", so8t_adapter(64, 2),
                      "--out", tmp_path / "o", *args)
-    assert result.code == 2 and message in result.err
+    assert result.code == 2 and result.err.startswith(message)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_library_names_the_setting_and_the_cli_its_flag(tiny_model, tmp_path):
+    """Domain errors name the setting (a library caller has no flags); the command maps it to its flag."""
+    from so8t_deploy.cli.typer_app import flags
+    from so8t_deploy.errors import SettingError, UsageError
+
+    with pytest.raises(SettingError) as error:
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
+    assert str(error.value).startswith("dtype: must be auto") and error.value.setting == "dtype"
+    with pytest.raises(UsageError) as mapped, flags(dtype="--dtype"):
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
+    assert str(mapped.value).startswith("--dtype: must be auto") and not isinstance(mapped.value, SettingError)
+    with pytest.raises(SettingError), flags(outtype="--outtype"):  # another setting passes through as it is
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
 
 
 def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, tmp_path):

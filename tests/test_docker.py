@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from so8t_deploy.build.steps import (
 from so8t_deploy.external.docker_engine import LLAMA_LABEL
 from so8t_deploy.manifest.schema import AdapterRef, Scales
 
-from .conftest import require
+from .conftest import error_lines, require
 from .control_venv import isolated_env, make_control_venv
 from .ollama_server import ServerPool
 from .test_architecture import ML_STACK
@@ -86,11 +87,10 @@ def no_leftover_containers(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from so8t_deploy.demo import init_demo
-
-    root = tmp_path_factory.mktemp("docker")
-    demo_dir = init_demo(root / "demo")
+def demo(demo, tmp_path_factory):
+    """conftest's demo, copied: with manifests for both backends beside it."""
+    demo_dir = tmp_path_factory.mktemp("docker") / "demo"
+    shutil.copytree(demo, demo_dir)
     # With an importance matrix: its step runs in the worker too, and must give the same bytes there.
     base = (demo_dir / "manifest.yaml").read_text().replace(
         "quantize: [f16, q8_0]", "quantize: {types: [f16, q8_0], imatrix: {text: calibration.txt, ctx: 64, chunks: 2}}")
@@ -104,15 +104,6 @@ def demo(tmp_path_factory):
 def build(run_cli, manifest, cache):
     result = run_cli("build", manifest, "--cache-dir", cache, "--json")
     return result, (json.loads(result.out) if result.code == 0 else None)
-
-
-def error_lines(stderr: str, manifest) -> list[str]:
-    """What stderr says besides progress ('> ...') and warnings: the error boundary's one line, which
-    must name the manifest; returned without that prefix."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("> ", "warning: "))]
-    for line in lines:
-        assert line.startswith(f"{manifest}: "), line
-    return [line.removeprefix(f"{manifest}: ") for line in lines]
 
 
 def leftovers(cache: Path) -> list[Path]:

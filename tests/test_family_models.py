@@ -18,7 +18,7 @@ import pytest
 from so8t_deploy.errors import BuildError, UsageError
 from so8t_deploy.tiny_models import FAMILIES, FAMILY_SPECS, write_family_model
 
-from .conftest import require
+from .conftest import once_per_run, require
 
 CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
 LLAMA3_EOS = (128001, 128008, 128009)  # <|end_of_text|> <|eom_id|> <|eot_id|>
@@ -111,28 +111,29 @@ def source_template(family: str) -> str:
 
 @pytest.fixture(scope="session")
 def family_gguf(request, family_model, tmp_path_factory):
-    """The family model converted to an f32 GGUF by the product's converter, once per session.
+    """The family model converted to an f32 GGUF by the product's converter, once per run (conftest.once_per_run:
+    under xdist, by whichever worker comes first).
 
     The first call converts every family this session's tests ask for, each in a child process while the
     next family's model is built here, so that building and converting overlap.
     """
     from so8t_deploy.external.llamacpp import convert_to_gguf, locate_converter
 
-    root = tmp_path_factory.mktemp("family-gguf")
     wanted = [f for f in FAMILIES if any(
         "family_gguf" in getattr(item, "fixturenames", ()) and getattr(item, "callspec", None) is not None
         and item.callspec.params.get("family") == f for item in request.session.items)]
     futures: dict[str, Future[Path]] = {}
 
-    def convert_one(model_dir: Path, out: Path) -> Path:
-        convert_to_gguf(converter, model_dir, out, "f32")
-        return out
+    def convert_one(family: str, model_dir: Path) -> Path:
+        name = f"{family}.f32.gguf"
+        root = once_per_run(tmp_path_factory, f"family-gguf-{family}",
+                            lambda root: convert_to_gguf(converter, model_dir, root / name, "f32"))
+        return root / name
 
     def start(family: str, pool: ThreadPoolExecutor) -> None:
         if family not in futures:
-            out = root / f"{family}.f32.gguf"
             model_dir = family_model(family)
-            futures[family] = pool.submit(convert_one, model_dir, out)
+            futures[family] = pool.submit(convert_one, family, model_dir)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         converter = locate_converter()

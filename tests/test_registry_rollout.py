@@ -176,7 +176,7 @@ def test_a_pull_cut_midway_rolls_that_host_back_and_the_others_follow_the_policy
 
 
 def test_plan_says_in_one_line_when_hosts_could_not_pull_from_the_registry(built_demo, make_registry, pool, tmp_path,
-                                                                           run_cli):
+                                                                           run_cli, instant_retries):
     demo_dir, cache = built_demo
     urls = pool.start(1)
 
@@ -197,6 +197,7 @@ def test_plan_says_in_one_line_when_hosts_could_not_pull_from_the_registry(built
         result = run_cli("apply", path, "--cache-dir", cache)
         assert result.code == 1 and "nothing was changed" in result.err.strip().splitlines()[-1]
         assert not [t for t in tag_digests(urls[0]) if t in DEMO_TAGS]
+    assert instant_retries  # the registry that is down was asked again, with a backoff (not waited out here)
 
     bare = make_registry(location_header=False)  # ollama#7244: apply publishes, then refuses before any host pulls
     path = manifest("bare", bare.url)

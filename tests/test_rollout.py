@@ -70,10 +70,15 @@ def apply_in_subprocess(manifest, cache, **env) -> subprocess.Popen:
                             env={**os.environ, **env})
 
 
-def test_make_deploy_end_to_end_then_a_noop_rerun(demo, hosts, tmp_path, run_cli):
+def test_make_deploy_end_to_end_then_a_noop_rerun_then_drift(demo, hosts, tmp_path, run_cli):
+    """`make deploy` to two hosts after a plan that says what it will do; a re-apply then changes nothing and
+    plan --check agrees; an edit of the manifest is drift, which plan --check reports."""
     demo_dir, cache = demo
     urls = hosts.start(2)
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, urls)
+    result = run_cli("plan", manifest, "--cache-dir", cache, "--json")
+    for host in json.loads(result.out)["hosts"]:
+        assert {a["kind"] for a in host["actions"]} == {"upload", "create", "promote"}
     proc = subprocess.run(["make", "-s", "deploy", f"MANIFEST={manifest}", f"CACHE_DIR={cache}"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,28 +104,19 @@ def test_make_deploy_end_to_end_then_a_noop_rerun(demo, hosts, tmp_path, run_cli
     result = run_cli("plan", manifest, "--cache-dir", cache, "--check")
     assert result.code == 0, result.out + result.err
 
-
-def test_plan_check_reports_drift_after_a_manifest_change(demo, hosts, tmp_path, run_cli):
-    demo_dir, cache = demo
-    urls = hosts.start(1)
-    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, urls)
-    result = run_cli("plan", manifest, "--cache-dir", cache, "--json")
-    assert {a["kind"] for a in json.loads(result.out)["hosts"][0]["actions"]} == {"upload", "create", "promote"}
-    assert apply(run_cli, manifest, cache)[0].code == 0
-    assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
-
     changed = write_manifest(tmp_path / "m2.yaml", demo_dir, urls, system="You are terse.")
     result = run_cli("plan", changed, "--cache-dir", cache, "--check", "--json")
     assert result.code == 3
-    actions = json.loads(result.out)["hosts"][0]["actions"]
-    assert {(a["kind"], a["tag"]) for a in actions} >= {("create", "so8t-demo:full-q8_0"),
-                                                         ("promote", "so8t-demo:full-q8_0")}
-    promote = next(a for a in actions if a["kind"] == "promote")
-    assert "the live model becomes so8t-demo:full-f16-prev" in promote["detail"]
-    assert not [a for a in actions if a["kind"] == "upload"]  # same GGUFs: nothing to upload
+    for host in json.loads(result.out)["hosts"]:
+        actions = host["actions"]
+        assert {(a["kind"], a["tag"]) for a in actions} >= {("create", "so8t-demo:full-q8_0"),
+                                                             ("promote", "so8t-demo:full-q8_0")}
+        promote = next(a for a in actions if a["kind"] == "promote")
+        assert "the live model becomes so8t-demo:full-f16-prev" in promote["detail"]
+        assert not [a for a in actions if a["kind"] == "upload"]  # same GGUFs: nothing to upload
 
 
-def test_a_down_host_is_reported_and_the_others_continue(demo, hosts, tmp_path, run_cli):
+def test_a_down_host_is_reported_and_the_others_continue(demo, hosts, tmp_path, run_cli, instant_retries):
     demo_dir, cache = demo
     up = hosts.start(2)
     down_server = hosts.server(up[1])
@@ -138,9 +134,10 @@ def test_a_down_host_is_reported_and_the_others_continue(demo, hosts, tmp_path, 
     rows = [r for r in json.loads(result.out) if r["host"] == "host-1"]
     assert len(rows) == 1 and rows[0]["tag"] == "*" and "unreachable" in rows[0]["reason"]
     assert "ollama.com" not in result.out + result.err  # not the client's "download Ollama" text
+    assert instant_retries  # the down host's calls were retried, with their backoff (not waited out here)
 
 
-def test_a_cut_upload_leaves_nothing_and_a_rerun_converges(demo, hosts, tmp_path, run_cli):
+def test_a_cut_upload_leaves_nothing_and_a_rerun_converges(demo, hosts, tmp_path, run_cli, instant_retries):
     demo_dir, cache = demo
     [url] = hosts.start(1)
     server = hosts.server(url)
@@ -148,6 +145,7 @@ def test_a_cut_upload_leaves_nothing_and_a_rerun_converges(demo, hosts, tmp_path
     manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
     result, report = apply(run_cli, manifest, cache)
     assert result.code == 1 and report["hosts"][0]["status"] in ("failed", "unreachable")
+    assert instant_retries  # each cut upload was retried, with its backoff (not waited out here)
     client = ollama.Client(host=url, timeout=30)
     assert not [m for m in client.list().models if m.model in TAGS]
     server.faults(reset=True)
@@ -180,47 +178,35 @@ def test_smoke_failure_on_the_canary_rolls_back_and_spares_the_others(demo, host
     assert hosts.server(urls[1]).stats() == other_before  # the second host was never touched
 
 
-def test_prune_deletes_only_the_manifests_own_namespace(demo, hosts, tmp_path, run_cli):
+def test_one_apply_to_one_host_what_it_sends_and_what_the_host_serves(demo, hosts, tmp_path, run_cli, monkeypatch):
+    """One apply to one host, then what it sent and what the host serves: one deterministic smoke request per tag
+    that unloads the model; a system prompt with triple quotes intact; plan --check satisfied; the smoke command's
+    report of every tag; the phi3 template's multi-turn prompt; prune in the manifest's own namespace only; the
+    operator's OLLAMA_API_KEY in no request. Then the smoke options a manifest sets, on a second host."""
     demo_dir, cache = demo
     [url] = hosts.start(1)
-    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], prune=True)
-    assert apply(run_cli, manifest, cache)[0].code == 0
-    client = ollama.Client(host=url, timeout=30)
-    client.copy("so8t-demo:full-q8_0", "so8t-demo:retired")
-    client.copy("so8t-demo:full-q8_0", "someone-else:latest")
-    result, report = apply(run_cli, manifest, cache)
-    assert result.code == 0, result.err
-    assert report["hosts"][0]["deleted"] == ["so8t-demo:retired"]
-    names = {m.model for m in client.list().models}
-    assert "someone-else:latest" in names and set(TAGS) <= names and "so8t-demo:retired" not in names
-
-
-def test_a_system_prompt_with_triple_quotes_arrives_intact(demo, hosts, tmp_path, run_cli):
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
+    client = ollama.Client(host=url, timeout=120)  # this test's own: made before the key is set (it would send it)
+    monkeypatch.setenv("OLLAMA_API_KEY", "sk-operator-secret")
     system = 'Answer in """fenced""" blocks and "quote" freely.'
-    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], system=system)
+    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url], system=system, prune=True)
     assert apply(run_cli, manifest, cache)[0].code == 0
+
+    # The smoke requests: deterministic, the manifest's num_ctx, and the model unloaded after each.
+    generates = [r["body"] for r in requests_seen(url) if r["path"] == "/api/generate"]
+    assert len(generates) == len(TAGS)
+    for body in generates:
+        assert body["options"]["seed"] == 42 and body["options"]["temperature"] == 0
+        assert body["options"]["num_ctx"] == 512 and body["keep_alive"] == 0
+
+    # A system prompt with triple quotes arrives intact.
     shown = httpx.post(f"{url}/api/show", json={"model": TAGS[0]}, timeout=30).raise_for_status().json()
     assert shown["system"] == system
     modelfile = (cache / "releases" / "so8t-demo" / "full-f16" / "Modelfile").read_text()
     assert system in modelfile
 
+    assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
 
-def test_an_old_server_is_a_clear_error(demo, hosts, tmp_path, run_cli):
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    hosts.server(url).faults(version="0.5.4")
-    result, _ = apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)
-    assert result.code == 1
-    assert "Ollama 0.5.4 is too old" in result.err and ">= 0.5.5" in result.err
-
-
-def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
-    assert apply(run_cli, manifest, cache)[0].code == 0
+    # The smoke command reports every tag: what each serves (the conversations), then the prompt.
     result = run_cli("smoke", manifest, "--json")
     assert result.code == 0, result.err
     results = json.loads(result.out)
@@ -232,6 +218,51 @@ def test_smoke_command_reports_every_tag(demo, hosts, tmp_path, run_cli):
     assert {r["prompt"] for r in served} == {"conversation: system and one user turn", "conversation: no system",
                                              "conversation: multi-turn with assistant turns",
                                              "conversation: multi-turn without a system message"}
+
+    # The phi3 template: every turn ends `<|end|>\n`, so the chat runs on exactly the prompt the HF chat
+    # template writes.
+    turns = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Name a colour."}]
+    expected = (f"<|system|>\n{system}<|end|>\n<|user|>\nHi there.<|end|>\n<|assistant|>\nHello.<|end|>\n"
+                "<|user|>\nName a colour.<|end|>\n<|assistant|>\n")
+    options = {"num_predict": 8, "seed": 1, "top_k": 1, "temperature": 0}
+    chat = client.chat(model=TAGS[0], messages=turns, options=options)
+    raw = client.generate(model=TAGS[0], prompt=expected, raw=True, options=options)
+    assert chat.prompt_eval_count == raw.prompt_eval_count
+    assert chat.message.content == raw.response
+
+    # Prune deletes only what the manifest's own namespace has and the manifest does not.
+    client.copy("so8t-demo:full-q8_0", "so8t-demo:retired")
+    client.copy("so8t-demo:full-q8_0", "someone-else:latest")
+    result, report = apply(run_cli, manifest, cache)
+    assert result.code == 0, result.err
+    assert report["hosts"][0]["deleted"] == ["so8t-demo:retired"]
+    names = {m.model for m in client.list().models}
+    assert "someone-else:latest" in names and set(TAGS) <= names and "so8t-demo:retired" not in names
+
+    # Not one request of all these (apply twice, plan, smoke) carried the operator's key.
+    seen = requests_seen(url)
+    assert len(seen) > 10
+    for request in seen:
+        assert "authorization" not in request["headers"]
+        assert "sk-operator-secret" not in json.dumps(request["headers"])
+
+    # The smoke options a manifest sets are the ones sent.
+    [url2] = hosts.start(1)
+    manifest = write_manifest(tmp_path / "m2.yaml", demo_dir, [url2],
+                              smoke_extra=", seed: 7, temperature: 0.5, keep_alive: 5m")
+    assert apply(run_cli, manifest, cache)[0].code == 0
+    for body in (r["body"] for r in requests_seen(url2) if r["path"] == "/api/generate"):
+        assert (body["options"]["seed"], body["options"]["temperature"], body["keep_alive"]) == (7, 0.5, "5m")
+
+
+def test_an_old_server_is_a_clear_error(demo, hosts, tmp_path, run_cli):
+    demo_dir, cache = demo
+    [url] = hosts.start(1)
+    hosts.server(url).faults(version="0.5.4")
+    result, _ = apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)
+    assert result.code == 1
+    assert "Ollama 0.5.4 is too old" in result.err and ">= 0.5.5" in result.err
 
 
 def test_header_values_are_sent_but_never_printed(demo, hosts, tmp_path, run_cli):
@@ -314,39 +345,6 @@ def test_sigint_between_two_creates_rolls_the_host_back_and_exits_130(demo, host
     assert tag_digests(url) == before  # both candidates (the one in flight finished) are gone
 
 
-def test_smoke_requests_are_deterministic_and_unload_the_model(demo, hosts, tmp_path, run_cli):
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    assert apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url]), cache)[0].code == 0
-    generates = [r["body"] for r in requests_seen(url) if r["path"] == "/api/generate"]
-    assert len(generates) == len(TAGS)
-    for body in generates:
-        assert body["options"]["seed"] == 42 and body["options"]["temperature"] == 0
-        assert body["options"]["num_ctx"] == 512 and body["keep_alive"] == 0
-
-    [url2] = hosts.start(1)
-    manifest = write_manifest(tmp_path / "m2.yaml", demo_dir, [url2],
-                              smoke_extra=", seed: 7, temperature: 0.5, keep_alive: 5m")
-    assert apply(run_cli, manifest, cache)[0].code == 0
-    for body in (r["body"] for r in requests_seen(url2) if r["path"] == "/api/generate"):
-        assert (body["options"]["seed"], body["options"]["temperature"], body["keep_alive"]) == (7, 0.5, "5m")
-
-
-def test_operator_ollama_api_key_never_reaches_a_target(demo, hosts, tmp_path, run_cli, monkeypatch):
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    monkeypatch.setenv("OLLAMA_API_KEY", "sk-operator-secret")
-    manifest = write_manifest(tmp_path / "m.yaml", demo_dir, [url])
-    assert apply(run_cli, manifest, cache)[0].code == 0
-    assert run_cli("plan", manifest, "--cache-dir", cache, "--check").code == 0
-    assert run_cli("smoke", manifest).code == 0
-    seen = requests_seen(url)
-    assert len(seen) > 10
-    for request in seen:
-        assert "authorization" not in request["headers"]
-        assert "sk-operator-secret" not in json.dumps(request["headers"])
-
-
 def test_a_smoke_failure_says_why(demo, hosts, tmp_path, run_cli):
     demo_dir, cache = demo
     [url] = hosts.start(1)
@@ -395,18 +393,3 @@ def test_a_host_that_cannot_render_without_generating_gets_a_warning(demo, hosts
     assert all(r["passed"] and r["reason"].startswith("skipped: ") for r in served)
 
 
-def test_the_phi3_template_renders_multi_turn_chats_as_phi3_expects(demo, hosts, tmp_path, run_cli):
-    """Every turn ends `<|end|>\\n`: the chat runs on exactly the prompt the HF chat template writes."""
-    demo_dir, cache = demo
-    [url] = hosts.start(1)
-    assert apply(run_cli, write_manifest(tmp_path / "m.yaml", demo_dir, [url], system="Be brief."), cache)[0].code == 0
-    turns = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "Name a colour."}]
-    expected = ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there.<|end|>\n<|assistant|>\nHello.<|end|>\n"
-                "<|user|>\nName a colour.<|end|>\n<|assistant|>\n")
-    client = ollama.Client(host=url, timeout=120)
-    options = {"num_predict": 8, "seed": 1, "top_k": 1, "temperature": 0}
-    chat = client.chat(model=TAGS[0], messages=turns, options=options)
-    raw = client.generate(model=TAGS[0], prompt=expected, raw=True, options=options)
-    assert chat.prompt_eval_count == raw.prompt_eval_count
-    assert chat.message.content == raw.response

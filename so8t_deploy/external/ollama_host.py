@@ -56,10 +56,20 @@ def create_read_timeout(size: int) -> float:
 
 @dataclass(frozen=True)
 class Clock:
-    """Time as the host adapter waits on it; tests pass a faster one."""
+    """Time as the host adapter waits on it; tests pass a faster one, or replace DEFAULT_CLOCK."""
 
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+
+
+# The clock of every OllamaHost and RegistryClient made without one, looked up when each is made: the real one.
+# Tests that only need a retry to happen, not its pause, swap in a clock whose sleep returns at once (its
+# monotonic moves on by as much), so no test waits out a backoff (tests/conftest.py, `instant_retries`).
+DEFAULT_CLOCK = Clock()
+
+
+def default_clock() -> Clock:
+    return DEFAULT_CLOCK
 
 
 class CreateFailed(HostError):
@@ -105,7 +115,7 @@ class OllamaHost:
         self.name, self.url = name, url
         self._headers = dict(headers or {})
         self._timeout, self._retries, self._backoff = timeout, retries, backoff
-        self._clock = clock or Clock()
+        self._clock = clock or default_clock()
         self.warnings: list[str] = []
         self.http = self._transport(timeout)
         self.client = self._ollama_client(self.http)
@@ -444,5 +454,5 @@ def _error_text(response: httpx.Response) -> str:
         return _short(response.text) if hasattr(response, "text") else "error"
 
 
-__all__ = ["Clock", "CreateFailed", "GenerateFailed", "GenerateTimedOut", "OllamaHost", "PullFailed",
+__all__ = ["DEFAULT_CLOCK", "Clock", "CreateFailed", "GenerateFailed", "GenerateTimedOut", "OllamaHost", "PullFailed",
            "create_read_timeout"]

@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import RegistryError
 from ..frozen import Frozen
 from ..manifest.deploy_schema import Registry
-from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason, file_chunks
+from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason, default_clock, file_chunks
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 # A blob upload's read timeout: the registry hashes the whole blob before it answers.
@@ -88,7 +88,7 @@ class RegistryClient:
 
     def __init__(self, registry: Registry, *, retries: int = 3, backoff: float = 0.5, clock: Clock | None = None):
         self.registry, self.url = registry, registry.url
-        self._retries, self._backoff, self._clock = retries, backoff, clock or Clock()
+        self._retries, self._backoff, self._clock = retries, backoff, clock or default_clock()
         self._authorization: str | None = None  # a Basic or Bearer header value, once the registry asked for one
         self.http = self._transport(registry.timeout_s)
         self.sent_bytes = 0  # blob and manifest bytes this client uploaded

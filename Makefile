@@ -63,9 +63,7 @@ $(LLAMA_WHEEL_DIR)/.complete: | $(LLAMA_SDIST)
 
 # The sdist stays beside the wheel: the converter is extracted from it.
 $(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml setup.py so8t_deploy/bake/_blockfold.c $(LLAMA_WHEEL_DIR)/.complete | $(LLAMA_SDIST)
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(PIP) install -q -e ".[bake,dev]"
+	$(PIP) install -q "$(TORCH_SPEC)" $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl -e ".[bake,dev]"
 	touch $@
 
 # The Ollama test server renders templates with Go's own text/template (tests/gotemplate).

@@ -10,16 +10,18 @@ from pathlib import Path
 import httpx
 import ollama
 
+from so8t_deploy.external.ollama_host import tls_context
+
 CHANGES = {("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete")}
 
 
 def tag_digests(url: str) -> dict[str, str]:
     """Every model on a host with its manifest digest, as /api/tags lists them."""
-    return {m.model: m.digest for m in ollama.Client(host=url, timeout=30).list().models}
+    return {m.model: m.digest for m in ollama.Client(host=url, timeout=30, verify=tls_context()).list().models}
 
 
 def requests_seen(url: str) -> list[dict]:
-    return httpx.get(f"{url}/_test/requests", timeout=30).raise_for_status().json()["requests"]
+    return httpx.get(f"{url}/_test/requests", timeout=30, verify=tls_context()).raise_for_status().json()["requests"]
 
 
 def changes_seen(url: str) -> list[str]:

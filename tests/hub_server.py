@@ -404,7 +404,10 @@ class HubTestServer(ServerProcess):
     def _call(self, method: str, path: str, **kwargs) -> object:
         import httpx
 
-        return httpx.request(method, self.url + path, timeout=10, **kwargs).raise_for_status().json()
+        from so8t_deploy.external.ollama_host import tls_context
+
+        return httpx.request(method, self.url + path, timeout=10, verify=tls_context(),
+                             **kwargs).raise_for_status().json()
 
 
 if __name__ == "__main__":

@@ -113,16 +113,19 @@ def _extract_converter_unlocked(root: Path) -> None:
         sdist = _find_or_download_sdist(Path(tmp))
         staging = Path(tmp) / "converter"
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-        with tarfile.open(sdist) as archive:
-            members = [m for m in archive.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].split("/")[0] in CONVERTER_FILES]
-            if not any(m.name.endswith("convert_hf_to_gguf.py") for m in members):
-                raise BuildError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
-            for member in members:
+        # One forward pass over the compressed stream ("r|gz"): listing the members first and extracting them
+        # after decompresses the whole sdist twice.
+        with tarfile.open(sdist, "r|gz") as archive:
+            for member in archive:
+                if not (member.name.startswith(prefix)
+                        and member.name[len(prefix):].split("/")[0] in CONVERTER_FILES):
+                    continue
                 member.name = member.name[len(prefix):]
                 if not (member.isfile() or member.isdir()) or ".." in Path(member.name).parts:
                     raise BuildError(f"{sdist}: unexpected archive member {member.name!r}")
-            archive.extractall(staging, members=members)  # regular files and dirs only, checked above
+                archive.extract(member, staging)  # a regular file or a directory inside staging, checked above
+        if not (staging / "convert_hf_to_gguf.py").is_file():
+            raise BuildError(f"{sdist}: no vendor/llama.cpp/convert_hf_to_gguf.py inside")
         (staging / _MARKER).write_text(json.dumps({"llama-cpp-python": LLAMA_CPP_PYTHON_VERSION}) + "\n")
         publish_dir(staging, root)
 

@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import RegistryError
 from ..frozen import Frozen
 from ..manifest.deploy_schema import Registry
-from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason, default_clock, file_chunks
+from .ollama_host import CONNECT_TIMEOUT_S, Clock, _short, _transport_reason, default_clock, file_chunks, tls_context
 
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 # A blob upload's read timeout: the registry hashes the whole blob before it answers.
@@ -96,7 +96,8 @@ class RegistryClient:
     def _transport(self, read_timeout: float | None) -> httpx.Client:
         """A client with no credentials: `_send` adds them, to the registry's own requests only."""
         return httpx.Client(base_url=self.url, headers={"User-Agent": f"so8t-deploy/{__version__}"},
-                            timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S), follow_redirects=False)
+                            timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S), follow_redirects=False,
+                            verify=tls_context())
 
     def close(self) -> None:
         self.http.close()
@@ -166,7 +167,7 @@ class RegistryClient:
                               "credentials are not sent over plain http")
         query = {"service": params.get("service", ""), "scope": scope}
         with httpx.Client(timeout=httpx.Timeout(self.registry.timeout_s, connect=CONNECT_TIMEOUT_S),
-                          follow_redirects=False) as client:
+                          follow_redirects=False, verify=tls_context()) as client:
             response = client.get(realm, params=query, headers={"Authorization": basic})
         if response.status_code != 200:
             raise self._error("authenticate", f"the token service answered HTTP {response.status_code} "

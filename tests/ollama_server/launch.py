@@ -48,7 +48,10 @@ class OllamaTestServer(ServerProcess):
     def _http(self, method: str, path: str, **kwargs) -> dict:
         import httpx
 
-        return httpx.request(method, f"{self.url}{path}", timeout=10, **kwargs).raise_for_status().json()
+        from so8t_deploy.external.ollama_host import tls_context
+
+        return httpx.request(method, f"{self.url}{path}", timeout=10, verify=tls_context(),
+                             **kwargs).raise_for_status().json()
 
     def faults(self, **faults) -> dict:
         return self._http("POST", "/_test/faults", json=faults)

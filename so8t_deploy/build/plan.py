@@ -268,7 +268,7 @@ class BuildPlan(Frozen):
         inputs now make of it, given the steps it reads. Steps whose key the plan did not know are not checked:
         they are made once their input is downloaded (plan --allow-unknown-keys)."""
         slots = sorted(_slot(s) for s in self.steps)
-        if slots != (wanted := sorted(_slots(manifest))):
+        if slots != (wanted := sorted(_slot(s) for s in _plan(manifest, inputs).steps)):
             missing, extra = set(wanted) - set(slots), set(slots) - set(wanted)
             return [f"its build steps are not the manifest's (not in the manifest: {_slot_names(extra) or '-'}; "
                     f"missing: {_slot_names(missing) or '-'})"], []
@@ -320,18 +320,6 @@ def _identity(step: BuildStep, bake_key: str | None) -> dict[str, str] | None:
 
 def _slot(step: BuildStep) -> tuple[str, str, str]:
     return step.stage, step.variant, step.quant or ""
-
-
-def _slots(manifest: Manifest) -> list[tuple[str, str, str]]:
-    """(stage, variant, quant) of every step the manifest needs."""
-    outtype = convert_outtype(manifest.quantize.types)
-    slots = []
-    for variant in manifest.bake.variants:
-        slots += [("bake", variant, ""), ("convert", variant, outtype)]
-        if any(uses_imatrix(manifest, quant) for quant in manifest.quantize.types):
-            slots.append(("imatrix", variant, ""))
-        slots += [("quantize", variant, quant) for quant in manifest.quantize.types if quant != outtype]
-    return slots
 
 
 def _slot_names(slots: set[tuple[str, str, str]]) -> str:
@@ -415,6 +403,11 @@ def quantize_step(manifest: Manifest, convert: PlannedConvert, quant: str,
 
 
 def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -> BuildPlan:
+    """The steps the manifest needs on these inputs, with what the workspace already holds."""
+    return _plan(manifest, inputs).looked_up(workspace)
+
+
+def _plan(manifest: Manifest, inputs: BuildInputs) -> BuildPlan:
     steps: list[BuildStep] = []
     tags: list[TagBuild] = []
     references: list[TagBuild] = []
@@ -442,7 +435,7 @@ def plan_builds(manifest: Manifest, inputs: BuildInputs, workspace: Workspace) -
                 baseline_steps.append(plain)
                 baselines.append(_tag_build(manifest, plain, bake.key))
     return BuildPlan(steps=steps, tags=tags, references=references, baselines=baselines,
-                     baseline_steps=baseline_steps).looked_up(workspace)
+                     baseline_steps=baseline_steps)
 
 
 def uses_imatrix(manifest: Manifest, quant: str) -> bool:

@@ -80,8 +80,10 @@ class Step(_Model, Generic[R]):
     result_model: ClassVar[type[BaseModel]]
 
     def result(self, answer: object) -> R:
-        """A worker's answer (a result, or its JSON as read back from a container) as this step's result,
-        validated: it is trusted no more than any file."""
+        """A worker's answer as this step's result: the in-process worker's result as it is, anything else (the
+        JSON read back from a container, which is trusted no more than any file) validated."""
+        if type(answer) is self.result_model:
+            return cast(R, answer)
         data = answer.model_dump() if isinstance(answer, BaseModel) else answer
         return cast(R, self.result_model.model_validate(data))
 

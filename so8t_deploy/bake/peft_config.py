@@ -152,5 +152,3 @@ def read_peft_config(path: Path) -> PeftLoraConfig:
         return PeftLoraConfig.model_validate(raw)
     except ValidationError as e:
         raise AdapterError(f"{where}: {first_error(e)}") from None
-
-

@@ -39,14 +39,6 @@ SOURCE_BUILD_VERSION = "0.0.0"  # what a server built from source reports
 UPLOAD_CHUNK = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
 
-
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """The TLS settings of every HTTP client this package makes: httpx's defaults (certifi's CA bundle, or
-    SSL_CERT_FILE / SSL_CERT_DIR), loaded once per process. httpx loads the bundle again for each client it
-    makes without one (17 ms of CPU here), and a fleet apply makes several clients per host; an SSLContext is
-    safe to share between clients and threads."""
-    return httpx.create_ssl_context()
 # A create has its own deadline: current Ollama pipes the GGUF through llama-quantize and then
 # copies and hashes it with no answer at all, minutes for a multi-GB f16. The deadline is scaled
 # to the file: 10 minutes plus one second per 8 MiB (a 7.6 GB GGUF gets about 25 minutes). It is
@@ -63,6 +55,15 @@ T = TypeVar("T")
 def create_read_timeout(size: int) -> float:
     """The create deadline of a `size`-byte GGUF, in seconds: the longest it may take to appear."""
     return CREATE_BASE_TIMEOUT_S + size / CREATE_BYTES_PER_SECOND
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS settings of every HTTP client this package makes: httpx's defaults (certifi's CA bundle, or
+    SSL_CERT_FILE / SSL_CERT_DIR), loaded once per process. httpx loads the bundle again for each client it
+    makes without one (17 ms of CPU here), and a fleet apply makes several clients per host; an SSLContext is
+    safe to share between clients and threads."""
+    return httpx.create_ssl_context()
 
 
 @dataclass(frozen=True)

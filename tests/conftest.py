@@ -172,8 +172,7 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Call
     return directory
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory) -> Path:
+def shared_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo directory of `so8t-deploy demo init` (tiny Phi-3, SO8T adapter, manifest.yaml), made once per
     run. Shared by every test: copy it before writing into it."""
     from so8t_deploy.demo import init_demo
@@ -182,23 +181,26 @@ def demo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    """shared_demo: the run's demo directory, read-only."""
+    return shared_demo(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def built_demo(tmp_path_factory):
-    """The demo model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once per run into one workspace:
-    (demo directory, cache directory). The demo directory is shared, read-only; the workspace, which applies
-    write to, is this session's own copy (under xdist: each worker's)."""
-    from so8t_deploy.demo import init_demo
+    """The shared demo directory's model and SO8T adapter, both variants' f16 and q8_0 GGUFs built once per run into
+    one workspace: (demo directory, cache directory). The demo directory is shared, read-only; the workspace,
+    which applies write to, is this session's own copy (under xdist: each worker's)."""
     from so8t_deploy.deploy.commands import build_manifest
     from so8t_deploy.manifest.loader import load_manifest
     from so8t_deploy.store.workspace import Workspace
 
-    def make(root: Path) -> None:
-        demo_dir = init_demo(root / "demo")
-        build_manifest(load_manifest(demo_dir / "manifest.yaml"), Workspace(root / "cache"))
-
-    built = once_per_run(tmp_path_factory, "built-demo", make)
+    demo = shared_demo(tmp_path_factory)
+    built = once_per_run(tmp_path_factory, "built-demo", lambda root: build_manifest(
+        load_manifest(demo / "manifest.yaml"), Workspace(root / "cache")))
     cache = tmp_path_factory.mktemp("built-demo") / "cache"
     shutil.copytree(built / "cache", cache, symlinks=True)  # copy2: sizes and mtimes as published
-    return built / "demo", cache
+    return demo, cache
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,13 +27,6 @@ from .conftest import REPO
 pytestmark = pytest.mark.llamacpp
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from so8t_deploy.demo import init_demo
-
-    return init_demo(tmp_path_factory.mktemp("demo") / "demo")
-
-
 def write_manifest(demo, path, light="{rotation: 0.1, ffn: 0.05, triality: 0.02}", quantize="[f16, q8_0]"):
     text = (demo / "manifest.yaml").read_text()
     text = text.replace("light: {rotation: 0.1, ffn: 0.05, triality: 0.02}", f"light: {light}")

@@ -203,7 +203,7 @@ def _source_weight(tensor: SourceTensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Started:
-    """A tensor whose output is under way: its folded parts (in order), or None for a kernel copy."""
+    """A tensor whose output is under way: its folded parts (in order), or None for a copy of its file range."""
 
     tensor: SourceTensor
     parts: Iterable[torch.Tensor] | None
@@ -227,7 +227,7 @@ class _ShardWriting:
 
     def write(self, reader: ShardReader, target: Path, on_progress: ProgressCallback | None) -> None:
         writer = ShardWriter(target, [out for out, _ in reader.items], times=self.times)
-        source_fd = os.open(reader.path, os.O_RDONLY)  # verbatim tensors are copied from here, inside the kernel
+        source_fd = os.open(reader.path, os.O_RDONLY)  # verbatim tensors are read from here
         started: list[_Started] = []
         try:
             for tensor in read_ahead(reader):

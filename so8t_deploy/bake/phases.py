@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-PHASES = ("read", "hash", "check", "fold", "cast", "write", "fsync")
+PHASES = ("read", "hash", "check", "fold", "cast", "write", "disk", "fsync")
 
 
 class PhaseTimes:

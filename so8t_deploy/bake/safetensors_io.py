@@ -9,7 +9,6 @@ file-to-file by the kernel without ever becoming Python objects.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import mmap
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidInputError, ModelError
-from ..fsutil import start_writeback
+from .append_file import AppendFile
 from .phases import PhaseTimes
 
 # safetensors dtype names <-> torch dtypes and element sizes
@@ -174,14 +173,13 @@ class ShardWriter:
     """Writes one safetensors file whose tensor list is fixed up front, in that order.
 
     Tensors arrive as in-memory parts (`write`) or as byte ranges of a source file (`copy_range`,
-    copied inside the kernel). Writeback of what is written is started as the file grows, so the
-    disk works while the bake still folds, and the fsync in `close` waits only for the tail.
+    read straight into the output's buffers). The bytes go to disk past the page cache where the
+    file system allows it (see append_file.py), so the disk works while the bake still folds.
     """
 
     def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str] | None = None,
-                 times: PhaseTimes | None = None):
+                 times: PhaseTimes | None = None, direct: bool = True):
         self.path = path
-        self.times = times or PhaseTimes()
         self._expected = [t.name for t in tensors]
         self._by_name = {t.name: t for t in tensors}
         header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
@@ -191,11 +189,9 @@ class ShardWriter:
             offset += t.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        self._size = 0  # bytes written so far
-        self._flushing_from = 0  # writeback has been started for every byte before this one
+        self._file = AppendFile(path, times, direct=direct)
         self._next = 0
-        self._write_all(memoryview(struct.pack("<Q", len(encoded)) + encoded))
+        self._file.write(memoryview(struct.pack("<Q", len(encoded)) + encoded))
 
     def write(self, name: str, parts: Iterable[torch.Tensor]) -> None:
         """Write the next tensor from one or more contiguous pieces (e.g. row chunks) of the header's dtype."""
@@ -207,7 +203,7 @@ class ShardWriter:
             if not part.is_contiguous():
                 raise RuntimeError(f"{name}: a part that is not contiguous")
             data = part.reshape(-1).view(torch.uint8)
-            self._write_all(byte_view(data))
+            self._file.write(byte_view(data))
             written += data.numel()
         if written != spec.nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, header says {spec.nbytes}")
@@ -217,15 +213,7 @@ class ShardWriter:
         spec = self._begin(name)
         if nbytes != spec.nbytes:
             raise RuntimeError(f"{name}: copying {nbytes} bytes, header says {spec.nbytes}")
-        with self.times.phase("write"):
-            copied = _copy_file_range(source_fd, self._fd, offset, nbytes)
-        self._size += copied
-        if copied < nbytes:  # the kernel cannot copy between these files: through memory, then
-            for start in range(offset + copied, offset + nbytes, _COPY_CHUNK):
-                with self.times.phase("read"):
-                    piece = read_range(source_fd, start, min(_COPY_CHUNK, offset + nbytes - start))
-                self._write_all(byte_view(piece))
-        self._start_writeback()
+        self._file.copy_from(source_fd, offset, nbytes)
 
     def _begin(self, name: str) -> OutputTensor:
         if self._next >= len(self._expected) or self._expected[self._next] != name:
@@ -233,50 +221,13 @@ class ShardWriter:
         self._next += 1
         return self._by_name[name]
 
-    def _write_all(self, data: memoryview) -> None:
-        data = data.cast("B")
-        with self.times.phase("write"):
-            done = 0
-            while done < len(data):
-                done += os.write(self._fd, data[done:])
-        self._size += len(data)
-        self._start_writeback()
-
-    def _start_writeback(self) -> None:
-        if self._size - self._flushing_from >= _WRITEBACK_STEP:
-            start_writeback(self._fd, self._flushing_from, self._size - self._flushing_from)
-            self._flushing_from = self._size
-
     def abandon(self) -> None:
         """Close the file without finishing it (a failed bake; its staging directory is removed)."""
-        os.close(self._fd)
+        self._file.abandon()
 
     def close(self) -> None:
-        try:
-            if self._next != len(self._expected):
-                raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors were never written")
-            with self.times.phase("fsync"):
-                os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-
-
-_COPY_CHUNK = 16 << 20
-_WRITEBACK_STEP = 64 << 20
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ETXTBSY}
-
-
-def _copy_file_range(source_fd: int, target_fd: int, offset: int, nbytes: int) -> int:
-    """Copy inside the kernel, appending at the target's position; returns what was copied (short if unsupported)."""
-    copied = 0
-    while copied < nbytes:
-        try:
-            n = os.copy_file_range(source_fd, target_fd, nbytes - copied, offset + copied)
-        except OSError as e:
-            if e.errno in _NO_KERNEL_COPY:
-                return copied
-            raise
-        if n == 0:
-            raise ModelError(f"file descriptor {source_fd}: unexpected end of file at byte {offset + copied}")
-        copied += n
-    return copied
+        """Finish the file: every tensor written, the bytes on disk (fsynced)."""
+        if self._next != len(self._expected):
+            self._file.abandon()
+            raise RuntimeError(f"{self.path}: {len(self._expected) - self._next} tensors were never written")
+        self._file.close()

@@ -10,7 +10,7 @@ later, with "code 1".)
 
 Tensors are mapped, not read: a mapped page costs no copy, and the fold reads the same pages.
 A tensor the output keeps byte for byte is not handed over as bytes at all, but as a file range
-that the writer copies inside the kernel.
+that the writer reads straight into its output buffers.
 """
 
 from __future__ import annotations

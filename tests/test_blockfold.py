@@ -10,7 +10,7 @@ import torch
 from so8t_deploy.bake import blockfold
 from so8t_deploy.bake.maps import BlockDiagonalMap
 
-IMPLEMENTATIONS = ("vector", "scalar", "torch")
+IMPLEMENTATIONS = blockfold.implementations()
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -40,8 +40,12 @@ def _assert_same_bits(results: dict[str, torch.Tensor]) -> None:
 
 def test_the_kernel_is_built_and_vectorized_where_the_cpu_can():
     assert blockfold.compiled(), "so8t_deploy/bake/_blockfold.c was not built: pip install -e . needs a C compiler"
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    assert blockfold._blockfold.vectorized() == ({"avx2", "fma"} <= set(flags.split()))
+    flags = set(next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "").split())
+    avx2 = {"avx2", "fma"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512vl", "avx512bw"} <= flags
+    assert blockfold._blockfold.level() == avx2 + avx512
+    assert blockfold.implementations() == ("avx512", "avx2", "scalar", "torch")[2 - avx2 - avx512:]
 
 
 @pytest.mark.parametrize("source_dtype", DTYPES)
@@ -54,7 +58,7 @@ def test_right_multiply_is_the_same_bits_everywhere(source_dtype, target_dtype, 
     _assert_same_bits(results)
     dense = source.double() @ torch.block_diag(*blocks)
     tolerance = 1e-2 if target_dtype == torch.bfloat16 else 1e-6
-    assert torch.allclose(results["vector"].double(), dense, atol=tolerance * dense.abs().max().item())
+    assert torch.allclose(results[IMPLEMENTATIONS[0]].double(), dense, atol=tolerance * dense.abs().max().item())
 
 
 @pytest.mark.parametrize("source_dtype", DTYPES)
@@ -68,7 +72,7 @@ def test_left_multiply_is_the_same_bits_everywhere(source_dtype, target_dtype, r
     _assert_same_bits(results)
     dense = torch.block_diag(*blocks) @ source.double()
     tolerance = 1e-2 if target_dtype == torch.bfloat16 else 1e-6
-    assert torch.allclose(results["vector"].double(), dense, atol=tolerance * dense.abs().max().item())
+    assert torch.allclose(results[IMPLEMENTATIONS[0]].double(), dense, atol=tolerance * dense.abs().max().item())
 
 
 @pytest.mark.parametrize("fold", [blockfold.right_multiply, blockfold.left_multiply])
@@ -117,12 +121,12 @@ def test_views_and_other_devices_take_the_torch_path_with_the_same_bits():
     base = _weight(12, 64, torch.float32)
     strided = base[:, ::2]  # not row-contiguous: the kernel does not apply
     expected = torch.empty(strided.shape)
-    blockfold.right_multiply(strided.contiguous(), blocks, expected, "vector")
+    blockfold.right_multiply(strided.contiguous(), blocks, expected, IMPLEMENTATIONS[0])
     result = torch.empty(strided.shape)
     blockfold.right_multiply(strided, blocks, result)
     assert torch.equal(result, expected)
     with pytest.raises(ValueError, match="does not run here"):
-        blockfold.right_multiply(strided, blocks, result, "vector")
+        blockfold.right_multiply(strided, blocks, result, "scalar")
 
 
 def test_shapes_that_do_not_fit_are_refused():

@@ -8,8 +8,11 @@
  * Exact products make a fused multiply-add round exactly like a multiply then an add, so the
  * vector kernels below, the scalar ones and torch agree whatever the compiler contracts.
  *
- * torch's bmm of [rows, 8] x [8, 8] runs at about 1 GB/s per core here, whatever the shapes; these
- * run at memory speed. The GIL is released while they run: the bake folds chunks on a thread pool.
+ * There are three builds of each kernel, picked at run time for the CPU: AVX-512 (8 float64 lanes: one
+ * block row is one register), AVX2 with FMA (4 lanes), and scalar C. All three do the same operations in
+ * the same order, so they write the same bits. torch's bmm of [rows, 8] x [8, 8] runs at about 1 GB/s per
+ * core here, whatever the shapes; these run at memory speed. The GIL is released while they run: the
+ * bake folds chunks on a thread pool.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,7 +21,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define HAVE_AVX2_KERNELS 1
+#define HAVE_X86_KERNELS 1
 #include <immintrin.h>
 #endif
 
@@ -84,7 +87,7 @@ static void left_block_scalar(const void *src, int src_kind, Py_ssize_t src_stri
     }
 }
 
-#ifdef HAVE_AVX2_KERNELS
+#ifdef HAVE_X86_KERNELS
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* 4 weights from `p` (float32 or bfloat16), widened to float64. */
@@ -231,31 +234,160 @@ static AVX2 void left_block_avx2(const void *src, int src_kind, Py_ssize_t src_s
 }
 #endif
 
-static int use_avx2(void) {
-#ifdef HAVE_AVX2_KERNELS
-    static int supported = -1;
-    if (supported < 0) {
-        __builtin_cpu_init();
-        supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef HAVE_X86_KERNELS
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma")))
+#define TILE_ROWS 8 /* rows of the right fold at a time: 8 sums and a block row in registers (32 of them) */
+
+/* 8 weights from `p` (float32 or bfloat16), widened to float64. */
+static inline AVX512 __m512d load8(const void *p, int kind) {
+    if (kind == F32)
+        return _mm512_cvtps_pd(_mm256_loadu_ps((const float *)p));
+    __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(words, 16)));
+}
+
+/* 8 sums rounded to float32, and to bfloat16 (nearest even, NaN as torch writes it) when dst is one. */
+static inline AVX512 void store8_512(void *p, int kind, __m512d sums) {
+    __m256 values = _mm512_cvtpd_ps(sums);
+    if (kind == F32) {
+        _mm256_storeu_ps((float *)p, values);
+        return;
     }
-    return supported;
+    __m256i bits = _mm256_castps_si256(values);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    __mmask8 nan = _mm256_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+    rounded = _mm256_mask_mov_epi32(rounded, nan, _mm256_set1_epi32(0x7fc0));
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtepi32_epi16(rounded));
+}
+
+/* N rows of a block column, as right_rows: block row k is one register, loaded once for all N rows. */
+static inline __attribute__((always_inline)) AVX512 void right_rows_512(const double *x, Py_ssize_t cols,
+                                                                        const double *m, char *out,
+                                                                        Py_ssize_t out_stride, int dst_kind,
+                                                                        const int N) {
+    __m512d sum[8];
+    __m512d row = _mm512_loadu_pd(m);
+    for (int r = 0; r < N; r++)
+        sum[r] = _mm512_mul_pd(_mm512_set1_pd(x[r * cols]), row);
+    for (int k = 1; k < 8; k++) {
+        row = _mm512_loadu_pd(m + 8 * k);
+        for (int r = 0; r < N; r++)
+            sum[r] = _mm512_fmadd_pd(_mm512_set1_pd(x[r * cols + k]), row, sum[r]);
+    }
+    for (int r = 0; r < N; r++)
+        store8_512((char *)at(out, dst_kind, r * out_stride), dst_kind, sum[r]);
+}
+
+/* As right_avx2_kinds, 8 rows at a time. */
+static inline __attribute__((always_inline)) AVX512 void
+right_avx512_kinds(const void *src, const int src_kind, Py_ssize_t src_stride, void *dst, const int dst_kind,
+                   Py_ssize_t dst_stride, Py_ssize_t rows, Py_ssize_t cols, const double *blocks, double *tile) {
+    for (Py_ssize_t r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+        int n = rows - r0 < TILE_ROWS ? (int)(rows - r0) : TILE_ROWS;
+        for (int r = 0; r < n; r++) {
+            const char *in = at(src, src_kind, (r0 + r) * src_stride);
+            for (Py_ssize_t c = 0; c < cols; c += 8)
+                _mm512_storeu_pd(tile + r * cols + c, load8(at(in, src_kind, c), src_kind));
+        }
+        for (Py_ssize_t b = 0; b < cols / 8; b++) {
+            char *out = (char *)at(dst, dst_kind, r0 * dst_stride + 8 * b);
+            if (n == TILE_ROWS) {
+                right_rows_512(tile + 8 * b, cols, blocks + 64 * b, out, dst_stride, dst_kind, TILE_ROWS);
+                continue;
+            }
+            for (int r = 0; r < n; r++)
+                right_rows_512(tile + r * cols + 8 * b, cols, blocks + 64 * b,
+                               (char *)at(out, dst_kind, r * dst_stride), dst_stride, dst_kind, 1);
+        }
+    }
+}
+
+/* As left_block_avx2_kinds, 8 columns to a register. */
+static inline __attribute__((always_inline)) AVX512 void
+left_block_avx512_kinds(const void *src, const int src_kind, Py_ssize_t src_stride, void *dst, const int dst_kind,
+                        Py_ssize_t dst_stride, Py_ssize_t first, Py_ssize_t cols, const double *m) {
+    double tile[8 * PANEL] __attribute__((aligned(64)));
+    Py_ssize_t vector_cols = cols - cols % 8;
+    for (Py_ssize_t c0 = 0; c0 < vector_cols; c0 += PANEL) {
+        Py_ssize_t width = vector_cols - c0 < PANEL ? vector_cols - c0 : PANEL;
+        for (int j = 0; j < 8; j++) {
+            const char *in = at(src, src_kind, (first + j) * src_stride + c0);
+            for (Py_ssize_t c = 0; c < width; c += 8)
+                _mm512_store_pd(tile + j * PANEL + c, load8(at(in, src_kind, c), src_kind));
+        }
+        for (int i = 0; i < 8; i++) {
+            __m512d row[8];
+            for (int j = 0; j < 8; j++)
+                row[j] = _mm512_set1_pd(m[8 * i + j]);
+            char *out = (char *)at(dst, dst_kind, (first + i) * dst_stride + c0);
+            for (Py_ssize_t c = 0; c < width; c += 8) {
+                __m512d sum = _mm512_mul_pd(row[0], _mm512_load_pd(tile + c));
+                for (int j = 1; j < 8; j++)
+                    sum = _mm512_fmadd_pd(row[j], _mm512_load_pd(tile + j * PANEL + c), sum);
+                store8_512((char *)at(out, dst_kind, c), dst_kind, sum);
+            }
+        }
+    }
+    if (vector_cols < cols)
+        left_block_scalar(at(src, src_kind, vector_cols), src_kind, src_stride,
+                          (char *)at(dst, dst_kind, vector_cols), dst_kind, dst_stride, first, cols - vector_cols, m);
+}
+
+static AVX512 void right_avx512(const void *src, int src_kind, Py_ssize_t src_stride, void *dst, int dst_kind,
+                                Py_ssize_t dst_stride, Py_ssize_t rows, Py_ssize_t cols, const double *blocks,
+                                double *tile) {
+#define RIGHT(s, ss, d, ds, n, c, m, t, sk, dk) right_avx512_kinds(s, sk, ss, d, dk, ds, n, c, m, t)
+    BY_KINDS(RIGHT, src_kind, dst_kind, src, src_stride, dst, dst_stride, rows, cols, blocks, tile);
+#undef RIGHT
+}
+
+static AVX512 void left_block_avx512(const void *src, int src_kind, Py_ssize_t src_stride, void *dst, int dst_kind,
+                                     Py_ssize_t dst_stride, Py_ssize_t first, Py_ssize_t cols, const double *m) {
+#define LEFT(s, ss, d, ds, f, c, b, sk, dk) left_block_avx512_kinds(s, sk, ss, d, dk, ds, f, c, b)
+    BY_KINDS(LEFT, src_kind, dst_kind, src, src_stride, dst, dst_stride, first, cols, m);
+#undef LEFT
+}
+#endif
+
+/* What each build of the kernels needs of the CPU; `level` picks the best this CPU runs, at most `wanted`. */
+enum level { SCALAR = 0, WITH_AVX2 = 1, WITH_AVX512 = 2 };
+
+static int best_level(void) {
+#ifdef HAVE_X86_KERNELS
+    static int level = -1;
+    if (level < 0) {
+        __builtin_cpu_init();
+        level = SCALAR;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            level = WITH_AVX2;
+        if (level == WITH_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512bw"))
+            level = WITH_AVX512;
+    }
+    return level;
 #else
-    return 0;
+    return SCALAR;
 #endif
 }
 
 typedef struct {
     unsigned long long src, dst, blocks;
-    int src_kind, dst_kind, vector;
+    int src_kind, dst_kind, level;
     Py_ssize_t src_stride, dst_stride, rows, cols;
 } fold_args;
 
 static int parse(PyObject *args, fold_args *a) {
-    a->vector = 1;
-    if (!PyArg_ParseTuple(args, "KinKinnnK|p", &a->src, &a->src_kind, &a->src_stride, &a->dst, &a->dst_kind,
-                          &a->dst_stride, &a->rows, &a->cols, &a->blocks, &a->vector))
+    a->level = WITH_AVX512;
+    if (!PyArg_ParseTuple(args, "KinKinnnK|i", &a->src, &a->src_kind, &a->src_stride, &a->dst, &a->dst_kind,
+                          &a->dst_stride, &a->rows, &a->cols, &a->blocks, &a->level))
         return 0;
-    a->vector = a->vector && use_avx2();
+    if (a->level < SCALAR || a->level > WITH_AVX512) {
+        PyErr_SetString(PyExc_ValueError, "level is 0 (scalar), 1 (AVX2) or 2 (AVX-512)");
+        return 0;
+    }
+    if (a->level > best_level())
+        a->level = best_level();
     if ((a->src_kind != F32 && a->src_kind != BF16) || (a->dst_kind != F32 && a->dst_kind != BF16)) {
         PyErr_SetString(PyExc_ValueError, "dtype kinds are 0 (float32) or 1 (bfloat16)");
         return 0;
@@ -275,20 +407,27 @@ static PyObject *right(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "columns must be a multiple of 8");
         return NULL;
     }
-    double *row = malloc(sizeof(double) * 4 * (size_t)(a.cols + 8));
-    if (!row)
+    double *tile = malloc(sizeof(double) * 8 * (size_t)(a.cols + 8)); /* up to 8 rows in float64 */
+    if (!tile)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-#ifdef HAVE_AVX2_KERNELS
-    if (a.vector)
+    switch (a.level) {
+#ifdef HAVE_X86_KERNELS
+    case WITH_AVX512:
+        right_avx512((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride, a.rows,
+                     a.cols, (const double *)a.blocks, tile);
+        break;
+    case WITH_AVX2:
         right_avx2((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride, a.rows, a.cols,
-                   (const double *)a.blocks, row);
-    else
+                   (const double *)a.blocks, tile);
+        break;
 #endif
+    default:
         right_scalar((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride, a.rows,
-                     a.cols, (const double *)a.blocks, row);
+                     a.cols, (const double *)a.blocks, tile);
+    }
     Py_END_ALLOW_THREADS
-    free(row);
+    free(tile);
     Py_RETURN_NONE;
 }
 
@@ -303,30 +442,36 @@ static PyObject *left(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t first = 0; first < a.rows; first += 8) {
         const double *m = (const double *)a.blocks + 8 * first;
-#ifdef HAVE_AVX2_KERNELS
-        if (a.vector) {
+        switch (a.level) {
+#ifdef HAVE_X86_KERNELS
+        case WITH_AVX512:
+            left_block_avx512((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride,
+                              first, a.cols, m);
+            break;
+        case WITH_AVX2:
             left_block_avx2((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride, first,
                             a.cols, m);
-            continue;
-        }
+            break;
 #endif
-        left_block_scalar((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride, first,
-                          a.cols, m);
+        default:
+            left_block_scalar((void *)a.src, a.src_kind, a.src_stride, (void *)a.dst, a.dst_kind, a.dst_stride,
+                              first, a.cols, m);
+        }
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-static PyObject *vectorized(PyObject *self, PyObject *unused) {
-    return PyBool_FromLong(use_avx2());
+static PyObject *level(PyObject *self, PyObject *unused) {
+    return PyLong_FromLong(best_level());
 }
 
 static PyMethodDef methods[] = {
     {"right", right, METH_VARARGS,
-     "right(src, src_kind, src_stride, dst, dst_kind, dst_stride, rows, cols, blocks, vector=True): dst <- src M"},
+     "right(src, src_kind, src_stride, dst, dst_kind, dst_stride, rows, cols, blocks, level=2): dst <- src M"},
     {"left", left, METH_VARARGS,
-     "left(src, src_kind, src_stride, dst, dst_kind, dst_stride, rows, cols, blocks, vector=True): dst <- M src"},
-    {"vectorized", vectorized, METH_NOARGS, "Whether this CPU runs the AVX2 kernels (else the scalar ones)."},
+     "left(src, src_kind, src_stride, dst, dst_kind, dst_stride, rows, cols, blocks, level=2): dst <- M src"},
+    {"level", level, METH_NOARGS, "The best kernels this CPU runs: 0 scalar, 1 AVX2 with FMA, 2 AVX-512."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,8 +6,8 @@ a weight and a block entry is exact in float64; the 8 products are summed in flo
 starting from the first; the sum is rounded to float32, then to the output dtype. `torch.bmm` in
 float32 leaves its summation order to the BLAS, and runs at about 1 GB/s per core here.
 
-`_blockfold` (`_blockfold.c`, built with the package) runs this at memory speed, with AVX2 where
-the CPU has it. Without it (a build with no C compiler, a GPU, a strided view) the torch code here
+`_blockfold` (`_blockfold.c`, built with the package) runs this at memory speed, with AVX-512 or
+AVX2 where the CPU has it. Without it (a build with no C compiler, a GPU, a strided view) the torch code here
 computes the same bits, several times slower. tests/test_blockfold.py holds the two to each other.
 """
 
@@ -26,13 +26,22 @@ except ImportError:  # pragma: no cover - an install built without a C compiler
     _blockfold = None
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}
-# The implementations, for tests: "auto" is the fastest there is; "scalar" the compiled kernel without AVX2.
-Implementation = Literal["auto", "vector", "scalar", "torch"]
+# The implementations, for tests: "auto" is the fastest there is; the others name the compiled kernel's builds
+# (which the CPU must run) and the torch reference.
+Implementation = Literal["auto", "avx512", "avx2", "scalar", "torch"]
+_LEVELS = {"auto": 2, "avx512": 2, "avx2": 1, "scalar": 0}
 
 
 def compiled() -> bool:
     """Whether the compiled kernel is installed."""
     return _blockfold is not None
+
+
+def implementations() -> tuple[Implementation, ...]:
+    """Every implementation this install and CPU run, the fastest first."""
+    level = _blockfold.level() if _blockfold is not None else -1
+    names: tuple[Implementation, ...] = ("avx512", "avx2", "scalar")
+    return (*names[2 - level:], "torch") if level >= 0 else ("torch",)
 
 
 def exact_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -84,7 +93,7 @@ def _compiled_runs(source: torch.Tensor, target: torch.Tensor, blocks: torch.Ten
     applies = (_blockfold is not None and source.dtype in _KINDS and target.dtype in _KINDS
                and source.device.type == target.device.type == blocks.device.type == "cpu"
                and source.stride(1) == 1 and target.stride(1) == 1 and blocks.is_contiguous())
-    if implementation in ("vector", "scalar") and not applies:
+    if implementation not in ("auto", "torch") and not (applies and implementation in implementations()):
         raise ValueError(f"the compiled kernel does not run here ({implementation})")
     return applies and implementation != "torch"
 
@@ -93,4 +102,4 @@ def _call(kernel: Callable[..., None], source: torch.Tensor, target: torch.Tenso
           implementation: Implementation) -> None:
     kernel(source.data_ptr(), _KINDS[source.dtype], source.stride(0),
            target.data_ptr(), _KINDS[target.dtype], target.stride(0),
-           source.shape[0], source.shape[1], blocks.data_ptr(), implementation != "scalar")
+           source.shape[0], source.shape[1], blocks.data_ptr(), _LEVELS[implementation])

@@ -1,9 +1,9 @@
 """Where a bake's time goes: per phase, the CPU time of the threads that ran it, and their wall time.
 
 Phases run on several threads at once (a read-ahead thread hashes and checks, fold threads fold,
-the main thread writes), so the wall times add up to more than the bake's; CPU time is what each
-phase really cost. The two differ where a thread waits: a write held back until the disk catches
-up, an fsync, a thread that had no core.
+the main thread copies into the write buffers, a writer thread hands them to the disk), so the wall
+times add up to more than the bake's; CPU time is what each phase really cost. The two differ where
+a thread waits: for a free write buffer, for the disk, for an fsync, for a core.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ class AppendFile:
                 if not self.direct:
                     start_writeback(self._fd, offset, len(view))
         finally:
-            view.release()  # the buffer can be closed once no view of it is left
+            view.release()  # this view's hold on the buffer ends here, even if a traceback keeps the view
 
     def _leave_direct_io(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)

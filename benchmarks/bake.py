@@ -300,7 +300,7 @@ def step_bake(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, di
     from so8t_deploy.bake.bake import bake_model
     from so8t_deploy.manifest.schema import Scales
 
-    return bake_model(model_dir, [(None, adapter_dir)], out_dir, Scales(), "auto").phases
+    return bake_model(model_dir, [(None, adapter_dir)], out_dir, Scales()).phases
 
 
 def step_naive(model_dir: Path, adapter_dir: Path, out_dir: Path) -> dict[str, dict[str, float]] | None:

@@ -254,13 +254,13 @@ def test_the_library_names_the_setting_and_the_cli_its_flag(tiny_model, tmp_path
     from so8t_deploy.errors import SettingError, UsageError
 
     with pytest.raises(SettingError) as error:
-        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, dtype="int8")
     assert str(error.value).startswith("dtype: must be auto") and error.value.setting == "dtype"
     with pytest.raises(UsageError) as mapped, flags(dtype="--dtype"):
-        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, dtype="int8")
     assert str(mapped.value).startswith("--dtype: must be auto") and not isinstance(mapped.value, SettingError)
     with pytest.raises(SettingError), flags(outtype="--outtype"):  # another setting passes through as it is
-        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, "int8")
+        bake_model(tiny_model("phi3"), [], tmp_path / "o", FULL, dtype="int8")
 
 
 def test_adapter_digest_is_the_one_the_build_keys_on(tiny_model, so8t_adapter, tmp_path):

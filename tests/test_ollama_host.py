@@ -20,6 +20,7 @@ from so8t_deploy.external.ollama_host import (
     CREATE_BASE_TIMEOUT_S,
     Clock,
     CreateFailed,
+    CreateRequest,
     OllamaHost,
     create_read_timeout,
 )
@@ -191,7 +192,7 @@ def test_ordinary_calls_time_out_but_a_create_waits_and_is_not_streamed(scripted
     with OllamaHost("h", url, timeout=0.5, retries=1) as host:
         with pytest.raises(HostUnreachableError, match="timed out"):
             host.tags()
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }}", None, {}, size=10)
+        host.create(CreateRequest("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }}"), size=10)
     [create] = [r for r in seen if r["method"] == "POST"]
     assert create["path"] == "/api/create" and json.loads(create["body"])["stream"] is False
 
@@ -199,10 +200,10 @@ def test_ordinary_calls_time_out_but_a_create_waits_and_is_not_streamed(scripted
 def test_create_errors_are_never_retried(scripted):
     url, seen = scripted({("POST", "/api/create"): ok_json({"error": "template: :1: unexpected \"}\""}, 400)})
     with OllamaHost("h", url) as host, pytest.raises(CreateFailed, match=r"unexpected .*\(HTTP 400\)"):
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }", None, {}, size=10)
+        host.create(CreateRequest("m:t", {"m.gguf": "sha256:" + "0" * 64}, "{{ .Prompt }"), size=10)
     url2, seen2 = scripted({("POST", "/api/create"): ok_json({"error": "boom"}, 500)})
     with OllamaHost("h", url2) as host, pytest.raises(CreateFailed, match=r"boom \(HTTP 500\)"):
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t", None, {}, size=10)
+        host.create(CreateRequest("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t"), size=10)
     assert len(seen) == 1 and len(seen2) == 1
 
 
@@ -242,7 +243,7 @@ def test_a_create_whose_answer_is_lost_is_not_resent_and_is_found_by_polling(scr
                "not success": ok_json({"status": "writing manifest"})}
     url, seen = scripted({("POST", "/api/create"): replies[answer], ("GET", "/api/tags"): tags_after(3, "m:t")})
     with OllamaHost("h", url, clock=FakeClock()) as host:
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t", None, {}, size=10)
+        host.create(CreateRequest("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t"), size=10)
     assert [r["path"] for r in seen] == ["/api/create", "/api/tags", "/api/tags", "/api/tags"]
 
 
@@ -250,7 +251,7 @@ def test_a_lost_create_that_never_appears_fails_at_its_deadline(scripted):
     url, seen = scripted({("POST", "/api/create"): drop_connection, ("GET", "/api/tags"): ok_json({"models": []})})
     clock = FakeClock()
     with OllamaHost("h", url, clock=clock) as host, pytest.raises(CreateFailed, match="did not appear"):
-        host.create("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t", None, {}, size=80 << 20)
+        host.create(CreateRequest("m:t", {"m.gguf": "sha256:" + "0" * 64}, "t"), size=80 << 20)
     assert clock.monotonic() == pytest.approx(create_read_timeout(80 << 20))  # 10 min + 10 s for 80 MiB
     assert [r["path"] for r in seen].count("/api/create") == 1
 

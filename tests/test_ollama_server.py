@@ -55,7 +55,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny-gguf")
     model = write_tiny_model(tmp / "model", "phi3", hidden_size=64)
     out = tmp / "model-f16.gguf"
-    convert_to_gguf(locate_converter(), model, out, "f16", bake_output_metadata(model))
+    convert_to_gguf(locate_converter(), model, out, "f16", metadata=bake_output_metadata(model))
     return out
 
 

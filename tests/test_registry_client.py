@@ -18,7 +18,7 @@ from so8t_deploy.errors import RegistryError
 from so8t_deploy.external.gguf_info import GgufInfo
 from so8t_deploy.external.registry import MANIFEST_MEDIA_TYPE, RegistryClient
 from so8t_deploy.manifest.deploy_schema import Registry, RegistryAuth
-from so8t_deploy.rollout.image import CONFIG_MEDIA_TYPE, build_image, parameter_size
+from so8t_deploy.rollout.image import CONFIG_MEDIA_TYPE, ImageContent, build_image, parameter_size
 
 SECRET = "s3cret-registry-password"
 
@@ -32,8 +32,9 @@ def image(tmp_path: Path, url: str, *, template: str = "{{ .Prompt }}", system: 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
     info = GgufInfo(path=gguf, architecture="phi3", file_type=15, n_params=3_821_079_552, tensor_bytes=0)
-    return build_image(settings(url), "demo:full-q4_k_m", gguf, hashlib.sha256(gguf.read_bytes()).hexdigest(), info,
-                       template, system, {"temperature": 0.7, "stop": ["<|end|>"]}, {"gguf.sha256": "abc"})
+    content = ImageContent(gguf, hashlib.sha256(gguf.read_bytes()).hexdigest(), info, template, system,
+                           {"temperature": 0.7, "stop": ["<|end|>"]})
+    return build_image(settings(url), "demo:full-q4_k_m", content, {"gguf.sha256": "abc"})
 
 
 @pytest.mark.parametrize(("count", "shown"), [(0, "0"), (999, "999"), (1000, "1K"), (1001, "1K"), (10**6, "1M"),

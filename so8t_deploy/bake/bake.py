@@ -159,9 +159,19 @@ def bake_device() -> torch.device | None:
     return device
 
 
-def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Path, digests: DigestCache,
-                  on_progress: ProgressCallback | None, times: PhaseTimes,
-                  device: torch.device | None) -> _ShardResults:
+@dataclass(frozen=True)
+class _Run:
+    """How one bake runs: its output dtype, where folds run (None: the host's threads), the digests of known
+    inputs, a progress callback, and where each phase's time is added up."""
+
+    dtype: str
+    device: torch.device | None
+    digests: DigestCache
+    on_progress: ProgressCallback | None
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+
+
+def _write_shards(model: ModelDirectory, plan: BakePlan, staging: Path, run: _Run) -> _ShardResults:
     results = _ShardResults()
     buffers = (_OutputBuffer(), _OutputBuffer())
     # Parallelise over row chunks with our own threads, one torch thread each: torch's OpenMP
@@ -171,15 +181,16 @@ def _write_shards(model: ModelDirectory, plan: BakePlan, dtype: str, staging: Pa
     try:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="so8t-fold",
                                 initializer=leave_interrupts_to_the_main_thread) as folders:
-            for file_name, items in _shard_layout(model, plan, dtype).items():
+            for file_name, items in _shard_layout(model, plan, run.dtype).items():
                 source = model.path / file_name
                 stamp = Stamp.of(source)  # taken before reading: a file changed meanwhile is hashed again
-                known = digests.identity(source, stamp)
-                reader = ShardReader(source, items, known, _verbatim(items, plan), times)
-                shard = _ShardWriting(plan, results, buffers, times, folders if device is None else None, device)
-                shard.write(reader, staging / file_name, on_progress)
+                known = run.digests.identity(source, stamp)
+                reader = ShardReader(source, items, known, _verbatim(items, plan), run.times)
+                shard = _ShardWriting(plan, results, buffers, run.times, folders if run.device is None else None,
+                                      run.device)
+                shard.write(reader, staging / file_name, run.on_progress)
                 if known is None:
-                    digests.record(source, reader.identity, BLAKE3, stamp)
+                    run.digests.record(source, reader.identity, BLAKE3, stamp)
     finally:
         torch.set_num_threads(torch_threads)
     return results
@@ -381,9 +392,9 @@ def _check_arguments(model_dir: Path, out_dir: Path, dtype: str) -> tuple[Path, 
     return model_dir, out_dir
 
 
-def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
-               scales: Scales, dtype: str = "auto", on_progress: ProgressCallback | None = None,
-               digests: DigestCache | None = None, device: torch.device | None | str = "auto") -> BakeResult:
+def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path, scales: Scales, *, dtype: str = "auto",
+               on_progress: ProgressCallback | None = None, digests: DigestCache | None = None,
+               device: torch.device | None | str = "auto") -> BakeResult:
     """Fold every adapter, in order, into the model at model_dir; write a plain model to out_dir.
 
     `adapter_dirs`: AdapterSpec or (kind, path[, allow_base_mismatch]) items, in fold order.
@@ -398,9 +409,9 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
 
     staging = _prepare_destination(out_dir)
     try:
-        times = PhaseTimes()
         fold_device = bake_device() if device == "auto" else torch.device(device) if isinstance(device, str) else device
-        shards = _write_shards(model, plan, dtype, staging, digests, on_progress, times, fold_device)
+        run = _Run(dtype, fold_device, digests, on_progress)
+        shards = _write_shards(model, plan, staging, run)
         config_updates = _config_updates(model, plan, dtype)
         _copy_other_files(model, staging, config_updates, prepared.tokenizer)
         _write_index(model, shards, staging)
@@ -423,4 +434,4 @@ def bake_model(model_dir: Path, adapter_dirs: AdapterSpecs, out_dir: Path,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return BakeResult(out_dir, shards.folded, shards.copied, provenance, times.as_dict())
+    return BakeResult(out_dir, shards.folded, shards.copied, provenance, run.times.as_dict())

@@ -72,8 +72,8 @@ def _bake(step: BakeStep, progress: Progress) -> BakeResult:
         if advance is not None:
             advance(n)
 
-    result = bake_model(step.model_dir, adapters, step.out_dir, step.scales, step.dtype, count,
-                        DigestCache(step.digests_file))
+    result = bake_model(step.model_dir, adapters, step.out_dir, step.scales, dtype=step.dtype, on_progress=count,
+                        digests=DigestCache(step.digests_file))
     if advance is not None and written[0] < total:
         advance(total - written[0])
     return BakeResult(folded=result.folded, copied=result.copied)
@@ -94,8 +94,8 @@ def _percent(progress: Progress, label: str) -> Callable[[int], None]:
 def _convert(step: ConvertStep, progress: Progress, converter_root: Path | None) -> GgufRecord:
     from ..external.llamacpp import convert_to_gguf, locate_converter
 
-    convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype, step.metadata,
-                    on_progress=_percent(progress, f"convert -> {step.out_file.name}"))
+    convert_to_gguf(locate_converter(converter_root), step.model_dir, step.out_file, step.outtype,
+                    metadata=step.metadata, on_progress=_percent(progress, f"convert -> {step.out_file.name}"))
     return gguf_record(_split(step.out_file, step.split_max_size))
 
 

@@ -60,7 +60,8 @@ def bake(
     adapters = [(None, a, allow_base_mismatch) for a in adapter]
     total = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     with ConsoleProgress() as progress, flags(dtype="--dtype"):
-        result = bake_model(model, adapters, out, parse_scales(scales), dtype, progress.transfer("bake", total))
+        result = bake_model(model, adapters, out, parse_scales(scales), dtype=dtype,
+                            on_progress=progress.transfer("bake", total))
     typer.echo(f"{result.out_dir}: {result.folded} tensors folded, {result.copied} copied unchanged")
 
 
@@ -100,7 +101,7 @@ def convert(
 
     converter = locate_converter()
     with flags(outtype="--outtype"):
-        convert_to_gguf(converter, baked, out, outtype, bake_output_metadata(baked))
+        convert_to_gguf(converter, baked, out, outtype, metadata=bake_output_metadata(baked))
     typer.echo(f"{out}: written by {converter.version}")
 
 

@@ -21,6 +21,7 @@ from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile
 from ..rollout.smoke import SmokeResult, run_smoke_tests
+from ..run_context import RunContext
 from ..store.workspace import Workspace
 from .execute import ApplyOptions, ApplyResult, apply_plan
 from .plan import DeployPlan, make_plan
@@ -39,7 +40,7 @@ def apply_manifest(manifest: Manifest, manifest_path: Path, workspace: Workspace
     options = ApplyOptions(force=force, verify_cache=verify_cache)
     if plan_file is not None:
         options = replace(options, saved=load_plan(plan_file), saved_path=plan_file)
-    return apply_plan(manifest, manifest_path, workspace, progress, cancel or CancelToken(), options)
+    return apply_plan(RunContext(manifest, workspace, progress, cancel or CancelToken()), manifest_path, options)
 
 
 def build_manifest(manifest: Manifest, workspace: Workspace, progress: Progress = SILENT, *,

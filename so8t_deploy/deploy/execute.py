@@ -19,18 +19,15 @@ from ..build.inputs import resolve_inputs
 from ..build.pipeline import BuildReport, Pipeline
 from ..build.plan import plan_builds
 from ..build.runner import Runner, runner_for
-from ..cancel import CancelToken
 from ..chat.setup import resolve_chat
 from ..errors import EXIT_DRIFT, EXIT_INTERRUPTED, EXIT_OK, EXIT_OPERATIONAL, RegistryError
-from ..manifest.schema import Manifest
-from ..progress import Progress
 from ..quality.evaluate import evaluate, gate_failures
 from ..rollout.desired import DesiredModel, desired_models, write_release
 from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
 from ..rollout.host_plan import TagKind, new_models, tag_spellings
 from ..rollout.publish import PublishReport, publish
-from ..store.workspace import Workspace
+from ..run_context import RunContext
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_steps, check_unchanged
 
@@ -74,11 +71,12 @@ class ApplyResult:
         return EXIT_DRIFT if self.changed else EXIT_OK
 
 
-def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel], tags: list[str],
-           workspace: Workspace, progress: Progress, verify_cache: bool) -> tuple[BuildReport, Runner]:
+def _build(run: RunContext, plan: DeployPlan, models: dict[str, DesiredModel], tags: list[str],
+           verify_cache: bool) -> tuple[BuildReport, Runner]:
     """Run the plan's build steps that the creates need and fill the built GGUFs into `models`; where the plan
     could not know the keys (the hub was out of reach), the steps and every model are derived from the inputs
     now downloaded."""
+    manifest, workspace, progress = run.manifest, run.workspace, run.progress
     inputs = resolve_inputs(manifest, workspace, progress, download_model=True, hub_commit=plan.hub_commit,
                             manifest_path=Path(plan.manifest), verify_cache=verify_cache)
     if manifest.quality.gated:  # the gate measures on the eval text: it must not be the calibration data
@@ -95,10 +93,10 @@ def _build(manifest: Manifest, plan: DeployPlan, models: dict[str, DesiredModel]
     return report, runner
 
 
-def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, progress: Progress,
-               cancel: CancelToken, options: ApplyOptions = ApplyOptions()) -> ApplyResult:
+def apply_plan(run: RunContext, manifest_path: Path, options: ApplyOptions = ApplyOptions()) -> ApplyResult:
     """Derive the plan now (pinned to a saved plan's hub commit, running its build steps), check it against the
     saved plan, and execute it."""
+    manifest, workspace, progress, cancel = run.manifest, run.workspace, run.progress, run.cancel
     saved, force, verify_cache = options.saved, options.force, options.verify_cache
     if saved is not None:
         check_fits(saved, manifest, options.saved_path)
@@ -119,7 +117,7 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
     to_build = sorted(creating | set(failing) if force else creating)
     hosts = plan.hosts
     if to_build:
-        result.build, runner = _build(manifest, plan, models, to_build, workspace, progress, verify_cache)
+        result.build, runner = _build(run, plan, models, to_build, verify_cache)
         if plan.unknown_keys:  # known only now: a tag that turns out unchanged is left alone, never re-created
             hosts = plan_hosts(manifest, list(models.values()), workspace)
         unknown = [a for a in result.build.artifacts if plan.planned(a.tag).gate is None]
@@ -142,7 +140,7 @@ def apply_plan(manifest: Manifest, manifest_path: Path, workspace: Workspace, pr
         result.published, published = publish(registry, [models[t] for t in pulled], progress, cancel,
                                               tag_spellings(manifest, hosts))
         models.update(published)
-    result.hosts = apply_rollout(manifest, hosts, models, workspace, progress, cancel)
+    result.hosts = apply_rollout(run, hosts, models)
     result.interrupted = cancel.cancelled
     return result
 

@@ -231,11 +231,10 @@ def download(revision: HubRevision, cache_dir: Path, digests: FileDigests, *, or
 def _download_once(revision: HubRevision, cache_dir: Path, digests: FileDigests, origin: str,
                    patterns: list[str]) -> Path:
     hub = _hub()
-    storage = cache_dir / cache_repo_dir_name(revision.repo)
     try:
         for path, digest in revision.files.items():
             if digest.startswith("sha256:"):
-                _fetch_lfs_file(revision, path, digest.removeprefix("sha256:"), cache_dir, storage, digests, origin)
+                _fetch_lfs_file(revision, path, cache_dir, digests, origin)
         return _with_retries(lambda: Path(hub.snapshot_download(
             revision.repo, revision=revision.commit, cache_dir=cache_dir, allow_patterns=patterns,
             endpoint=_endpoint())))
@@ -258,12 +257,13 @@ def _with_retries(call: Callable[[], T]) -> T:
 
 # --- LFS files: resumable, verified --------------------------------------------------------------------------
 
-def _fetch_lfs_file(revision: HubRevision, path: str, sha256: str, cache_dir: Path, storage: Path,
-                    digests: FileDigests, origin: str) -> None:
-    """Put the file into huggingface_hub's blob store (named by its ETag, the sha256), resuming what earlier
-    attempts and runs left in `.partial/<sha256>`; a file whose sha256 is not the hub's never gets there."""
+def _fetch_lfs_file(revision: HubRevision, path: str, cache_dir: Path, digests: FileDigests, origin: str) -> None:
+    """Put an LFS file (its digest `sha256:<hex>` in `revision.files`) into huggingface_hub's blob store (named by
+    its ETag, the sha256), resuming what earlier attempts and runs left in `.partial/<sha256>`; a file whose
+    sha256 is not the hub's never gets there."""
     hub = _hub()
-    blob = storage / "blobs" / sha256  # checked: 64 hex digits, never a path of the hub's choosing
+    sha256 = revision.files[path].removeprefix("sha256:")  # 64 hex digits: checked when the revision was resolved
+    blob = cache_dir / cache_repo_dir_name(revision.repo) / "blobs" / sha256  # never a path of the hub's choosing
     if blob.exists():
         return
     url = hub.hf_hub_url(revision.repo, path, revision=revision.commit, endpoint=_endpoint())

@@ -196,7 +196,7 @@ def _extract_models_unlocked(root: Path, names: list[str], directory: str) -> No
         raise BuildError(f"{sdist}: no vendor/llama.cpp/{directory}/{sorted(pending)[0]} inside")
 
 
-def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str,
+def convert_to_gguf(converter: Converter, model_dir: Path, out_file: Path, outtype: str, *,
                     metadata: dict[str, str] | None = None,
                     on_progress: Callable[[int], None] | None = None) -> None:
     """Run the pinned converter; the GGUF appears at out_file only if it fully succeeded.

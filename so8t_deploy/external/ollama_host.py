@@ -22,7 +22,7 @@ import functools
 import ssl
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,6 +119,18 @@ class _ExactHeaders(httpx.Auth):
         request.headers.pop("authorization", None)
         request.headers.update(self.headers)
         yield request
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """One /api/create: the model's name, its files (file name -> blob digest), and the Modelfile's template,
+    system prompt and parameters."""
+
+    model: str
+    files: dict[str, str]
+    template: str
+    system: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 class OllamaHost:
@@ -270,20 +282,19 @@ class OllamaHost:
 
         return self._call(f"upload {path.name}", call)
 
-    def create(self, model: str, files: dict[str, str], template: str, system: str | None,
-               parameters: dict[str, Any], *, size: int) -> None:
+    def create(self, request: CreateRequest, *, size: int) -> None:
         """Create `model` with `"stream": false` and return once the host holds it; never sent twice.
 
         Only a refused connection (nothing was sent) is retried. A create the server refuses raises
         CreateFailed; one whose answer is lost is waited for in /api/tags until its deadline.
         """
+        model = request.model
         what, deadline = f"create {model}", create_read_timeout(size)
         started = self._clock.monotonic()
         for attempt in range(1, self._retries + 1):
             with self._transport(deadline) as transport:
                 try:
-                    lost = self._send_create(self._ollama_client(transport), what, model, files, template, system,
-                                             parameters)
+                    lost = self._send_create(self._ollama_client(transport), what, request)
                 except (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout) as e:
                     if attempt == self._retries:
                         raise self._error(what, f"unreachable ({_transport_reason(e)})", HostUnreachableError) from e
@@ -293,12 +304,11 @@ class OllamaHost:
                 self._await_model(what, model, lost, started + deadline)
             return
 
-    def _send_create(self, client: ollama.Client, what: str, model: str, files: dict[str, str], template: str,
-                     system: str | None, parameters: dict[str, Any]) -> str | None:
+    def _send_create(self, client: ollama.Client, what: str, request: CreateRequest) -> str | None:
         """Send the create once; None when the server answered success, else why the answer is unknown."""
         try:
-            response = client.create(model=model, files=files, template=template, system=system,
-                                     parameters=parameters, stream=False)
+            response = client.create(model=request.model, files=request.files, template=request.template,
+                                     system=request.system, parameters=request.parameters, stream=False)
         except ollama.ResponseError as e:
             if e.status_code in GATEWAY_STATUSES:  # a proxy's answer: the server behind it may be at work
                 return f"HTTP {e.status_code}: {_short(e.error)}"

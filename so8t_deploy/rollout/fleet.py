@@ -15,12 +15,12 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ..cancel import CancelToken, leave_interrupts_to_the_main_thread
+from ..cancel import leave_interrupts_to_the_main_thread
 from ..errors import HostError, HostUnreachableError, Interrupted
 from ..manifest.deploy_schema import Target
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
-from ..progress import Progress
+from ..run_context import RunContext
 from ..store.workspace import Workspace
 from .desired import DesiredModel
 from .host_apply import HostReport, HostRollout, HostStatus, InFlight, connect
@@ -48,9 +48,9 @@ def plan_hosts(manifest: Manifest, desired: list[DesiredModel], workspace: Works
         return list(pool.map(observe, manifest.targets))
 
 
-def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, DesiredModel],
-                  workspace: Workspace, progress: Progress, cancel: CancelToken) -> list[HostReport]:
+def apply_rollout(run: RunContext, plans: list[HostPlan], models: dict[str, DesiredModel]) -> list[HostReport]:
     """Execute each host's plan, canaries first, by the failure policy."""
+    manifest, cancel = run.manifest, run.cancel
     policy = manifest.rollout.on_failure
     canaries, rest = manifest.targets[:manifest.rollout.canary], manifest.targets[manifest.rollout.canary:]
     by_target = {p.target: p for p in plans}
@@ -67,8 +67,7 @@ def apply_rollout(manifest: Manifest, plans: list[HostPlan], models: dict[str, D
         elif policy == "halt" and failed_so_far():
             report = _skipped(target, "not attempted: the rollout halted after a failure")
         else:
-            report = HostRollout(manifest, target, by_target[target.name], models, workspace, progress, cancel,
-                                 inflight).run()
+            report = HostRollout(run, target, by_target[target.name], models, inflight).run()
         with lock:
             reports[target.name] = report
         return report

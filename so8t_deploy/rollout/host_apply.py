@@ -32,14 +32,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from ..cancel import CancelToken
 from ..errors import BuildError, HostChangedError, HostError, HostUnreachableError, Interrupted
-from ..external.ollama_host import OllamaHost
+from ..external.ollama_host import CreateRequest, OllamaHost
 from ..manifest.deploy_schema import Target
-from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
-from ..progress import Progress
-from ..store.workspace import Workspace
+from ..run_context import RunContext
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
 from .host_plan import HostPlan, TagDecision, TagKind, as_named, changed_since, matches_shown, pulled_copy_of
 from .records import HostRecords, TagRecord
@@ -150,14 +147,15 @@ def ticking(every: float, tick: Callable[[float], None]) -> Iterator[None]:
 class HostRollout:
     """Execute one host's plan. `models` holds every desired tag, built where the plan creates it."""
 
-    def __init__(self, manifest: Manifest, target: Target, plan: HostPlan, models: dict[str, DesiredModel],
-                 workspace: Workspace, progress: Progress, cancel: CancelToken, inflight: InFlight | None = None):
+    def __init__(self, run: RunContext, target: Target, plan: HostPlan, models: dict[str, DesiredModel],
+                 inflight: InFlight | None = None):
+        manifest = run.manifest
         self.manifest, self.target, self.plan, self.models = manifest, target, plan, models
-        self.workspace, self.progress, self.cancel = workspace, progress, cancel
+        self.workspace, self.progress, self.cancel = run.workspace, run.progress, run.cancel
         self.inflight = inflight or InFlight()
         self.report = HostReport(target.name, target.host, warnings=list(plan.warnings))
         self.redact = Redactor.for_manifest(manifest)  # every message taken from an exception passes through it
-        self.records = HostRecords(workspace.hosts, target.host)
+        self.records = HostRecords(run.workspace.hosts, target.host)
         self.registry = manifest.distribution.registry
         self.expected = dict(plan.observed)  # what the host holds, as observed and then changed by this run
         self._candidates: list[DesiredModel] = []  # created or reused by this run, not yet promoted
@@ -308,8 +306,8 @@ class HostRollout:
         self.progress.step(f"{host.name}: create {model.candidate_tag}")
         line = f"{host.name}: create {model.candidate_tag}: the host is still working ({{:.0f}} s)"
         with ticking(WAITING_LINE_EVERY_S, lambda elapsed: self.progress.step(line.format(elapsed))):
-            host.create(model.candidate_tag, {path.name: digest}, model.template, model.system, model.parameters,
-                        size=size)
+            host.create(CreateRequest(model.candidate_tag, {path.name: digest}, model.template, model.system,
+                                      model.parameters), size=size)
         self.expected[model.candidate_tag] = self._tags(host).get(model.candidate_tag, "?")
         self.report.created.append(model.tag)
 

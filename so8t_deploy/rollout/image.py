@@ -95,17 +95,30 @@ def file_type_name(file_type: int | None) -> str:
     return next((q.name.upper() for q in QUANT_TYPES.values() if q.ftype == file_type), "unknown")
 
 
-def build_image(registry: Registry, tag: str, gguf: Path, gguf_sha256: str, info: GgufInfo, template: str,
-                system: str | None, parameters: dict[str, object], annotations: dict[str, str]) -> OllamaImage:
+@dataclass(frozen=True)
+class ImageContent:
+    """What an image holds: the GGUF (its file, sha256 and header facts), then the Modelfile's template, system
+    prompt and parameters."""
+
+    gguf: Path
+    gguf_sha256: str
+    info: GgufInfo
+    template: str
+    system: str | None
+    parameters: dict[str, object]
+
+
+def build_image(registry: Registry, tag: str, content: ImageContent, annotations: dict[str, str]) -> OllamaImage:
     """The image of one tag: the GGUF as its model layer, then template, system and params, as a create makes."""
-    layers = [ImageBlob(media_type=MEDIA + "model", digest=f"sha256:{gguf_sha256}", size=gguf.stat().st_size,
-                        path=gguf)]
-    if template:
-        layers.append(_text_blob(MEDIA + "template", template.encode()))
-    if system:
-        layers.append(_text_blob(MEDIA + "system", system.encode()))
-    if parameters:
-        layers.append(_text_blob(MEDIA + "params", json.dumps(parameters, sort_keys=True).encode()))
+    gguf, info = content.gguf, content.info
+    layers = [ImageBlob(media_type=MEDIA + "model", digest=f"sha256:{content.gguf_sha256}",
+                        size=gguf.stat().st_size, path=gguf)]
+    if content.template:
+        layers.append(_text_blob(MEDIA + "template", content.template.encode()))
+    if content.system:
+        layers.append(_text_blob(MEDIA + "system", content.system.encode()))
+    if content.parameters:
+        layers.append(_text_blob(MEDIA + "params", json.dumps(content.parameters, sort_keys=True).encode()))
     family = info.architecture or "unknown"
     config = {"model_format": "gguf", "model_family": family, "model_families": [family],
               "model_type": parameter_size(info.n_params), "file_type": file_type_name(info.file_type),

@@ -22,7 +22,7 @@ from ..external.registry import RegistryClient, RegistryProbe
 from ..manifest.deploy_schema import Registry
 from ..progress import Progress
 from .desired import DesiredModel, PublishedImage
-from .image import OllamaImage, build_image, repository
+from .image import ImageContent, OllamaImage, build_image, repository
 
 
 class RegistryPlan(RegistryProbe):
@@ -52,8 +52,9 @@ def image_of(model: DesiredModel, registry: Registry) -> OllamaImage:
     annotations = {"gguf.sha256": model.sha256 or "", "build.key": model.build_key or "",
                    "bake.key": identity.get("so8t.bake_key", ""), "llama-cpp": identity.get("so8t.llama_cpp", ""),
                    "modelfile.sha256": model.modelfile_digest}
-    return build_image(registry, model.tag, path, model.sha256 or "", read_gguf_info(path), model.template,
-                       model.system, model.parameters, {k: v for k, v in annotations.items() if v})
+    content = ImageContent(path, model.sha256 or "", read_gguf_info(path), model.template, model.system,
+                           model.parameters)
+    return build_image(registry, model.tag, content, {k: v for k, v in annotations.items() if v})
 
 
 def publish(registry: Registry, models: list[DesiredModel], progress: Progress, cancel: CancelToken,

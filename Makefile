@@ -62,7 +62,8 @@ $(LLAMA_WHEEL_DIR)/.complete: | $(LLAMA_SDIST)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) scripts/build_llama_wheel.py $(LLAMA_SDIST) $(LLAMA_WHEEL_DIR)
 
 # The sdist stays beside the wheel: the converter is extracted from it.
-$(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml setup.py so8t_deploy/bake/_blockfold.c $(LLAMA_WHEEL_DIR)/.complete | $(LLAMA_SDIST)
+$(VENV)/.installed: $(VENV)/.torch-spec pyproject.toml setup.py so8t_deploy/bake/_blockfold.c \
+		so8t_deploy/bake/_blockfold_isa.h $(LLAMA_WHEEL_DIR)/.complete | $(LLAMA_SDIST)
 	$(PIP) install -q "$(TORCH_SPEC)" $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl -e ".[bake,dev]"
 	touch $@
 

@@ -6,4 +6,5 @@
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("so8t_deploy.bake._blockfold", ["so8t_deploy/bake/_blockfold.c"],
+                             depends=["so8t_deploy/bake/_blockfold_isa.h"],
                              extra_compile_args=["-O3", "-fno-fast-math"], optional=True)])

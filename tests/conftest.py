@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import json
@@ -116,6 +117,20 @@ def instant_retries(monkeypatch) -> list[float]:
     monkeypatch.setattr(ollama_host, "DEFAULT_CLOCK", ollama_host.Clock(monotonic=monotonic, sleep=sleep))
     monkeypatch.setattr(hub_module, "retry_sleep", sleep)
     return pauses
+
+
+@pytest.fixture
+def refuse_direct_io(monkeypatch) -> Callable[[], None]:
+    """Call it, and from then on every open with O_DIRECT fails with EINVAL, as on tmpfs and some FUSE and
+    network file systems."""
+    plain_open = os.open
+
+    def refusing(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return plain_open(path, flags, *args)
+
+    return lambda: monkeypatch.setattr(os, "open", refusing)
 
 
 @pytest.fixture

@@ -67,15 +67,8 @@ def test_the_file_holds_exactly_what_was_appended(tmp_path, source, direct):
     assert (tmp_path / "out").read_bytes() == expected
 
 
-def test_a_file_system_that_refuses_o_direct_at_open_gets_the_page_cache(tmp_path, source, monkeypatch):
-    plain_open = os.open
-
-    def no_direct_io(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return plain_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct_io)
+def test_a_file_system_that_refuses_o_direct_at_open_gets_the_page_cache(tmp_path, source, refuse_direct_io):
+    refuse_direct_io()
     file = AppendFile(tmp_path / "out", buffer_bytes=BUFFER)
     assert not file.direct
     expected = append_pieces(file, source, seed=3)

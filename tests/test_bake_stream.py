@@ -93,21 +93,14 @@ def attention_only(so8t_adapter) -> Path:
 
 
 def test_a_bake_writes_the_same_bytes_past_the_page_cache_or_through_it(tiny_model, so8t_adapter, tmp_path,
-                                                                         monkeypatch):
+                                                                         refuse_direct_io):
     """Shards go to disk with O_DIRECT where the file system takes it, and through the page cache where it
     refuses the flag (tmpfs, some network file systems): the same bytes either way, copied tensors included."""
     model = tiny_model("llama")
     adapter = attention_only(so8t_adapter)
     direct = bake_model(model, [(None, adapter)], tmp_path / "direct", Scales(), digests=DigestCache(tmp_path / "a"))
     assert direct.copied > 0 and direct.phases["disk"]["wall_s"] > 0
-    plain_open = os.open
-
-    def no_direct_io(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return plain_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct_io)
+    refuse_direct_io()
     cached = bake_model(model, [(None, adapter)], tmp_path / "cached", Scales(), digests=DigestCache(tmp_path / "b"))
     assert cached.copied == direct.copied
     assert shard_bytes(tmp_path / "direct") == shard_bytes(tmp_path / "cached")

@@ -147,7 +147,9 @@ def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cach
     proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp",
                        sigint_ignored=receiver.endswith("ignored"))
     with ended(proc):
-        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner")
+        # At work in the cache, so past its start-up: a child stopped before it asks to die with its parent
+        # (die_with_parent) would outlive the build, as no child that runs does.
+        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner", working_in=cache / "objects")
         os.kill(quantizer, signal.SIGSTOP)  # mid-quantize, for certain
         if receiver != "another thread":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
@@ -170,7 +172,7 @@ def test_sigterm_during_quantize_is_an_interrupt_too(built_demo, cache_without, 
     cache = cache_without("quantize")
     proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp")
     with ended(proc):
-        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner")
+        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner", working_in=cache / "objects")
         os.kill(quantizer, signal.SIGSTOP)
         proc.send_signal(signal.SIGTERM)  # only the build: a CI runner cancelling the job
         out, err = proc.communicate(timeout=60)

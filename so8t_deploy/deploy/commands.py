@@ -20,8 +20,8 @@ from ..quality.evaluate import QuantQuality, evaluate
 from ..rollout.desired import DesiredModel
 from ..rollout.host_apply import connect, redact_smoke
 from ..rollout.render import render_modelfile
+from ..rollout.run_context import RunContext
 from ..rollout.smoke import SmokeResult, run_smoke_tests
-from ..run_context import RunContext
 from ..store.workspace import Workspace
 from .execute import ApplyOptions, ApplyResult, apply_plan
 from .plan import DeployPlan, make_plan

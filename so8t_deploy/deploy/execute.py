@@ -27,7 +27,7 @@ from ..rollout.fleet import apply_rollout, plan_hosts
 from ..rollout.host_apply import HostReport, HostStatus
 from ..rollout.host_plan import TagKind, new_models, tag_spellings
 from ..rollout.publish import PublishReport, publish
-from ..run_context import RunContext
+from ..rollout.run_context import RunContext
 from .plan import DeployPlan, derive_plan
 from .saved_plan import check_fits, check_steps, check_unchanged
 

@@ -20,12 +20,12 @@ from ..errors import HostError, HostUnreachableError, Interrupted
 from ..manifest.deploy_schema import Target
 from ..manifest.schema import Manifest
 from ..manifest.secrets import Redactor
-from ..run_context import RunContext
 from ..store.workspace import Workspace
 from .desired import DesiredModel
 from .host_apply import HostReport, HostRollout, HostStatus, InFlight, connect
 from .host_plan import HostPlan, observe_host
 from .records import HostRecords
+from .run_context import RunContext
 
 OBSERVE_PARALLELISM = 16  # hosts observed at once: reading, so not bounded by rollout.parallelism
 

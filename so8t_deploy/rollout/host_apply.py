@@ -36,10 +36,10 @@ from ..errors import BuildError, HostChangedError, HostError, HostUnreachableErr
 from ..external.ollama_host import CreateRequest, OllamaHost
 from ..manifest.deploy_schema import Target
 from ..manifest.secrets import Redactor
-from ..run_context import RunContext
 from .desired import CANDIDATE_SUFFIX, ROLLBACK_SUFFIX, DesiredModel
 from .host_plan import HostPlan, TagDecision, TagKind, as_named, changed_since, matches_shown, pulled_copy_of
 from .records import HostRecords, TagRecord
+from .run_context import RunContext
 from .smoke import CANNOT_RENDER, SmokeResult, run_smoke_tests
 
 WAITING_LINE_EVERY_S = 30.0  # how often a create the host is still working on shows an elapsed-time line

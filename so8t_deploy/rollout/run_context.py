@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cancel import CancelToken
-from .manifest.schema import Manifest
-from .progress import SILENT, Progress
-from .store.workspace import Workspace
+from ..cancel import CancelToken
+from ..manifest.schema import Manifest
+from ..progress import SILENT, Progress
+from ..store.workspace import Workspace
 
 
 @dataclass(frozen=True)

@@ -72,28 +72,21 @@ class AppendFile:
         with self.times.phase("write"):
             done = 0
             while done < len(data):
-                buffer = self._buffers[self._current]
-                n = min(len(data) - done, len(buffer) - self._fill)
-                buffer[self._fill:self._fill + n] = data[done:done + n]
-                self._fill += n
-                done += n
-                if self._fill == len(buffer):
-                    self._hand_over(self._fill)
+                space = self._space(len(data) - done)
+                space[:] = data[done:done + len(space)]
+                self._filled(len(space))
+                done += len(space)
 
     def copy_from(self, fd: int, offset: int, nbytes: int) -> None:
         """Append bytes [offset, offset + nbytes) of an open file, read straight into the buffers."""
         with self.times.phase("write"):
             done = 0
             while done < nbytes:
-                buffer = self._buffers[self._current]
-                want = min(nbytes - done, len(buffer) - self._fill)
-                n = os.preadv(fd, [memoryview(buffer)[self._fill:self._fill + want]], offset + done)
+                n = os.preadv(fd, [self._space(nbytes - done)], offset + done)
                 if n == 0:
                     raise ModelError(f"file descriptor {fd}: unexpected end of file at byte {offset + done}")
-                self._fill += n
+                self._filled(n)
                 done += n
-                if self._fill == len(buffer):
-                    self._hand_over(self._fill)
 
     def close(self) -> None:
         """Write what is buffered, cut the file to its length, fsync and close. Raises what any write raised."""
@@ -119,6 +112,17 @@ class AppendFile:
             pass
         finally:
             self._release()
+
+    def _space(self, most: int) -> memoryview:
+        """The current buffer's next free bytes, at most `most`: fill them, then say how many with `_filled`."""
+        buffer = self._buffers[self._current]
+        return memoryview(buffer)[self._fill:min(self._fill + most, len(buffer))]
+
+    def _filled(self, n: int) -> None:
+        """`n` more bytes are in the current buffer: once it is full, it goes to the writer thread."""
+        self._fill += n
+        if self._fill == len(self._buffers[self._current]):
+            self._hand_over(self._fill)
 
     def _hand_over(self, length: int) -> None:
         """Queue the current buffer's first `length` bytes for writing, then fill the other once it is free."""

@@ -3,8 +3,8 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header that maps each
 tensor to its dtype, shape and [start, end) byte range, then the data. Because the header
 fully describes the data, a writer that knows every output tensor's dtype and shape can
-emit the header first and then stream tensors one by one; untouched tensors are copied
-file-to-file by the kernel without ever becoming Python objects.
+emit the header first and then stream tensors one by one; untouched tensors are read from
+their file straight into the output's write buffers, without ever becoming Python objects.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, tensors: list[OutputTensor], metadata: dict[str, str] | None = None,
-                 times: PhaseTimes | None = None, direct: bool = True):
+                 times: PhaseTimes | None = None):
         self.path = path
         self._expected = [t.name for t in tensors]
         self._by_name = {t.name: t for t in tensors}
@@ -189,7 +189,7 @@ class ShardWriter:
             offset += t.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
-        self._file = AppendFile(path, times, direct=direct)
+        self._file = AppendFile(path, times)
         self._next = 0
         self._file.write(memoryview(struct.pack("<Q", len(encoded)) + encoded))
 

@@ -7,8 +7,8 @@ starting from the first; the sum is rounded to float32, then to the output dtype
 float32 leaves its summation order to the BLAS, and runs at about 1 GB/s per core here.
 
 `_blockfold` (`_blockfold.c`, built with the package) runs this at memory speed, with AVX-512 or
-AVX2 where the CPU has it. Without it (a build with no C compiler, a GPU, a strided view) the torch code here
-computes the same bits, several times slower. tests/test_blockfold.py holds the two to each other.
+AVX2 where the CPU has it. Without it (a build with no C compiler, a GPU, a strided view) the torch
+code here computes the same bits, several times slower. tests/test_blockfold.py holds them to each other.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ _KINDS = {torch.float32: 0, torch.bfloat16: 1}
 # The implementations, for tests: "auto" is the fastest there is; the others name the compiled kernel's builds
 # (which the CPU must run) and the torch reference.
 Implementation = Literal["auto", "avx512", "avx2", "scalar", "torch"]
-_LEVELS = {"auto": 2, "avx512": 2, "avx2": 1, "scalar": 0}
+# Each build's level in the kernel (the most it may use; it runs the best this CPU has up to that), fastest first.
+_LEVELS: dict[Implementation, int] = {"avx512": 2, "avx2": 1, "scalar": 0}
 
 
 def compiled() -> bool:
@@ -39,9 +40,8 @@ def compiled() -> bool:
 
 def implementations() -> tuple[Implementation, ...]:
     """Every implementation this install and CPU run, the fastest first."""
-    level = _blockfold.level() if _blockfold is not None else -1
-    names: tuple[Implementation, ...] = ("avx512", "avx2", "scalar")
-    return (*names[2 - level:], "torch") if level >= 0 else ("torch",)
+    best = _blockfold.level() if _blockfold is not None else -1
+    return (*(name for name, level in _LEVELS.items() if level <= best), "torch")
 
 
 def exact_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,7 @@ def _compiled_runs(source: torch.Tensor, target: torch.Tensor, blocks: torch.Ten
 
 def _call(kernel: Callable[..., None], source: torch.Tensor, target: torch.Tensor, blocks: torch.Tensor,
           implementation: Implementation) -> None:
+    level = max(_LEVELS.values()) if implementation == "auto" else _LEVELS[implementation]
     kernel(source.data_ptr(), _KINDS[source.dtype], source.stride(0),
            target.data_ptr(), _KINDS[target.dtype], target.stride(0),
-           source.shape[0], source.shape[1], blocks.data_ptr(), _LEVELS[implementation])
+           source.shape[0], source.shape[1], blocks.data_ptr(), level)

@@ -4,8 +4,8 @@
 
 A random bf16 checkpoint with Phi-3.5-mini's real shapes (2 safetensors shards, ~7.6 GB at
 32 layers) and a full SO8T adapter (every site, every layer, all three triality reps, final)
-are synthesized once and cached in the work directory. Three steps then produce a complete
-model directory from it, each in its own child process so that its peak RSS is its own:
+are synthesized once and cached in the work directory. Each step then produces a complete
+model directory from it, in its own child process so that its peak RSS is its own:
 
     cp         copy the model directory file by file (`shutil.copyfile`, through the page cache): the
                IO floor the targets are set against
@@ -22,8 +22,8 @@ model directory from it, each in its own child process so that its peak RSS is i
 cp, cp-direct, bake and bake-warm run --repeat times (default 2), in rounds of one run each, and
 report their best run: the page-cache copy on these VMs varies 5x from run to run.
 
-Every step fsyncs what it writes, as the bake does, so all three pay for the same durable
-write. A warm-up read puts the checkpoint in the page cache first, so all three read from
+Every step fsyncs what it writes, as the bake does, so all of them pay for the same durable
+write. A warm-up read puts the checkpoint in the page cache first, so all of them read from
 memory equally; each step's output is deleted (or evicted from the cache, when kept) before
 the next so it does not crowd the checkpoint out. Wall time is the step's work alone:
 interpreter start-up and imports happen before the clock starts. Peak RSS is the child's

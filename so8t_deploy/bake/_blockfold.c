@@ -142,7 +142,8 @@ static inline AVX2 v8_avx2 times_add_avx2(__m256d s, v8_avx2 x, v8_avx2 acc) {
 }
 static inline AVX2 v8_avx2 widen_avx2(const void *p, int kind) {
     __m256 values = load8_ps(p, kind);
-    return (v8_avx2){_mm256_cvtps_pd(_mm256_castps256_ps128(values)), _mm256_cvtps_pd(_mm256_extractf128_ps(values, 1))};
+    return (v8_avx2){_mm256_cvtps_pd(_mm256_castps256_ps128(values)),
+                     _mm256_cvtps_pd(_mm256_extractf128_ps(values, 1))};
 }
 static inline AVX2 void narrow_avx2(void *p, int kind, v8_avx2 v) {
     __m256 values = _mm256_set_m128(_mm256_cvtpd_ps(v.hi), _mm256_cvtpd_ps(v.lo));

@@ -2,8 +2,9 @@
 
 Each test starts from a copy of the session's built demo cache with the later stages removed, so the
 build goes straight to the step under test. The child doing the work (llama.cpp's converter or
-quantizer, each in its own process) is frozen with SIGSTOP as soon as it appears: the signal then
+quantizer, each in its own process) is frozen with SIGSTOP once it is at work: the signal then
 surely arrives while that step is in progress, however fast the tiny model would have finished.
+The quantize tests build one variant, so one quantizer runs and nothing at all may be published.
 """
 
 from __future__ import annotations
@@ -74,14 +75,40 @@ def uses(pid: int, directory: Path) -> bool:
     return str(directory) in maps or any(fd.startswith(str(directory)) for fd in fds)
 
 
-def wait_for_child(proc: subprocess.Popen, module: str, working_in: Path | None = None,
-                   timeout: float = 120) -> int:
-    """The child running `module`; with `working_in`, once it reads or writes a file there."""
+def stopped(pid: int, timeout: float = 10) -> None:
+    """Wait until the SIGSTOP sent to `pid` has taken hold (state T), or it has died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state in ("T", "Z"):
+            return
+        time.sleep(0.0005)
+    raise AssertionError(f"{pid} did not stop")
+
+
+def stop_child_at_work(proc: subprocess.Popen, module: str, working_in: Path, timeout: float = 120) -> int:
+    """The child running `module`, frozen (SIGSTOP) once it has a file under `working_in` open: past its
+    start-up (a child stopped before it asks to die with its parent would outlive the build, as no child that
+    runs does) and mid-step.
+
+    A tiny model's step can be over between two looks at /proc, so the child, once seen, only runs in slices
+    of a millisecond and is stopped while it is looked at: it cannot finish unseen.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the build ended ({proc.returncode}) before {module} was seen at work"
         for pid in children_running(proc.pid, module):
-            if working_in is None or uses(pid, working_in):
+            os.kill(pid, signal.SIGSTOP)
+            stopped(pid)
+            while alive(pid) and not uses(pid, working_in) and time.monotonic() < deadline:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.001)
+                os.kill(pid, signal.SIGSTOP)
+                stopped(pid)
+            if alive(pid) and uses(pid, working_in):
                 return pid
         time.sleep(0.002)
     raise AssertionError(f"{module} was never seen at work")
@@ -127,6 +154,11 @@ def start_build(manifest: Path, cache: Path, tmp: Path, *, sigint_ignored: bool 
             signal.signal(signal.SIGINT, previous)
 
 
+def one_variant(tmp_path: Path, demo_dir: Path) -> Path:
+    """The demo manifest with one variant (the built demo's `full`, cached up to its GGUF): one quantizer."""
+    return write_demo_manifest(tmp_path / "m.yaml", demo_dir, [], variants="{full: {}}")
+
+
 def published(cache: Path, stage: str) -> list[str]:
     """A stage's artifacts that a later run would trust: not the hidden staging of a killed writer."""
     directory = cache / "objects" / stage
@@ -144,13 +176,10 @@ def signal_thread(pid: int, tid: int, signum: int) -> None:
 def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cache_without, tmp_path, receiver):
     demo_dir, _ = built_demo
     cache = cache_without("quantize")
-    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp",
+    proc = start_build(one_variant(tmp_path, demo_dir), cache, tmp_path / "tmp",
                        sigint_ignored=receiver.endswith("ignored"))
     with ended(proc):
-        # At work in the cache, so past its start-up: a child stopped before it asks to die with its parent
-        # (die_with_parent) would outlive the build, as no child that runs does.
-        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner", working_in=cache / "objects")
-        os.kill(quantizer, signal.SIGSTOP)  # mid-quantize, for certain
+        quantizer = stop_child_at_work(proc, "so8t_deploy.external.quantize_runner", cache / "objects")
         if receiver != "another thread":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
         else:
@@ -170,10 +199,9 @@ def test_ctrl_c_during_quantize_exits_130_and_publishes_nothing(built_demo, cach
 def test_sigterm_during_quantize_is_an_interrupt_too(built_demo, cache_without, tmp_path):
     demo_dir, _ = built_demo
     cache = cache_without("quantize")
-    proc = start_build(write_demo_manifest(tmp_path / "m.yaml", demo_dir, []), cache, tmp_path / "tmp")
+    proc = start_build(one_variant(tmp_path, demo_dir), cache, tmp_path / "tmp")
     with ended(proc):
-        quantizer = wait_for_child(proc, "so8t_deploy.external.quantize_runner", working_in=cache / "objects")
-        os.kill(quantizer, signal.SIGSTOP)
+        quantizer = stop_child_at_work(proc, "so8t_deploy.external.quantize_runner", cache / "objects")
         proc.send_signal(signal.SIGTERM)  # only the build: a CI runner cancelling the job
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -189,8 +217,7 @@ def test_a_killed_build_leaves_no_converter_running_and_no_temp_file(built_demo,
     proc = start_build(manifest, cache, tmp_path / "tmp")
     # Frozen once it is reading the baked model: mid-conversion, when its parent dies.
     with ended(proc):
-        converter = wait_for_child(proc, "so8t_deploy.external.convert_runner", working_in=cache / "objects")
-        os.kill(converter, signal.SIGSTOP)
+        converter = stop_child_at_work(proc, "so8t_deploy.external.convert_runner", cache / "objects")
         proc.kill()
         proc.communicate(timeout=60)
     assert not outlived(converter), "the converter outlived the build that started it"

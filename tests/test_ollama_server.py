@@ -498,7 +498,9 @@ def test_create_rule_silence(url, client, server, tiny_gguf):
     lines = create_lines(url, {"model": "t-quiet", "files": {"model.gguf": upload(url, tiny_gguf)}})
     seen = statuses(lines)
     at = seen.index("verifying conversion")
-    assert lines[at + 1][0] - lines[at][0] >= 1.5  # nothing while the rewritten GGUF is copied and hashed
+    # Nothing while the rewritten GGUF is copied and hashed. The times are the client's: a line it reads late
+    # (a busy machine) shortens the gap after it, so the gap is held to most of the silence, not all of it.
+    assert lines[at + 1][0] - lines[at][0] >= 1.2
     assert seen[at + 1].startswith(("creating new layer", "using existing layer")) and seen[-1] == "success"
     gaps = [b - a for (a, _), (b, _) in zip(lines, lines[1:], strict=False)]
     assert max(gaps[:at] + gaps[at + 1:]) < 1.5

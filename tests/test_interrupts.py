@@ -31,29 +31,34 @@ pytestmark = pytest.mark.llamacpp
 _SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after "(comm)": state, ppid, ...; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def children_running(parent: int, module: str) -> list[int]:
     """PIDs of live children of `parent` whose command line names `module`, from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or (fields := stat_fields(entry.name)) is None:
+            continue
+        if int(fields[1]) != parent or fields[0] == "Z":
             continue
         try:
-            stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
-        if int(fields[1]) == parent and fields[0] != "Z" and module in cmdline:
+        if module in cmdline:
             found.append(int(entry.name))
     return found
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def outlived(pid: int, timeout: float = 10) -> bool:
@@ -75,15 +80,13 @@ def uses(pid: int, directory: Path) -> bool:
     return str(directory) in maps or any(fd.startswith(str(directory)) for fd in fds)
 
 
-def stopped(pid: int, timeout: float = 10) -> None:
-    """Wait until the SIGSTOP sent to `pid` has taken hold (state T), or it has died."""
+def freeze(pid: int, timeout: float = 10) -> None:
+    """SIGSTOP `pid` and wait until the stop has taken hold (state T), or it has died."""
+    os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state in ("T", "Z"):
+        fields = stat_fields(pid)
+        if fields is None or fields[0] in ("T", "Z"):
             return
         time.sleep(0.0005)
     raise AssertionError(f"{pid} did not stop")
@@ -101,13 +104,11 @@ def stop_child_at_work(proc: subprocess.Popen, module: str, working_in: Path, ti
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"the build ended ({proc.returncode}) before {module} was seen at work"
         for pid in children_running(proc.pid, module):
-            os.kill(pid, signal.SIGSTOP)
-            stopped(pid)
+            freeze(pid)
             while alive(pid) and not uses(pid, working_in) and time.monotonic() < deadline:
                 os.kill(pid, signal.SIGCONT)
                 time.sleep(0.001)
-                os.kill(pid, signal.SIGSTOP)
-                stopped(pid)
+                freeze(pid)
             if alive(pid) and uses(pid, working_in):
                 return pid
         time.sleep(0.002)
